@@ -1,0 +1,67 @@
+"""The editor contract: `edit(batches)` returns parameter shifts; `apply_shifts` applies them.
+
+Shifts = {parameter name: delta in the parameter's own layout}. Editors that learn (MALMEN, MEND)
+also implement `meta_step(group)`; the others only `edit`.
+"""
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+Shifts = dict[str, torch.Tensor]
+
+
+def to_param_layout(module: nn.Module, shift: torch.Tensor) -> torch.Tensor:
+    """A (d_out, d_in) shift in the layout of the module's weight (Conv1D stores W transposed)."""
+    return shift.T if isinstance(module, Conv1D) else shift
+
+
+def from_param_layout(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+    """A weight-shaped tensor (e.g. a gradient) as (d_out, d_in)."""
+    return tensor.T if isinstance(module, Conv1D) else tensor
+
+
+def shifted(param: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """W + delta, added in the shift's precision and cast back to W's dtype (bf16 models)."""
+    return (param.to(delta.dtype) + delta.to(param.device)).to(param.dtype)
+
+
+@contextmanager
+def apply_shifts(model: nn.Module, shifts: Shifts):
+    """Apply shifts in place; on exit put the original tensors back, bit for bit (no subtraction)."""
+    saved = {}
+    try:
+        for name, delta in shifts.items():
+            param = model.get_parameter(name)
+            saved[name] = param.data
+            param.data = shifted(param.data, delta)
+        yield model
+    finally:
+        for name, original in saved.items():
+            model.get_parameter(name).data = original
+
+
+class Editor:
+    """Base class: an editor is built from a model and its hyper-parameters."""
+
+    trainable = False  # True for editors with meta-training (MALMEN, MEND)
+    step = 0  # meta-training steps taken
+
+    def __init__(self, model: nn.Module, family: str, device: str | torch.device = "cpu"):
+        self.model, self.family, self.device = model, family, torch.device(device)
+
+    def edit(self, batches: list[dict]) -> Shifts:
+        """Parameter shifts that insert the edit tuples of `batches`."""
+        raise NotImplementedError
+
+    def meta_step(self, group) -> dict[str, float]:
+        """One meta-training step on an EditGroup; returns scalar metrics."""
+        raise NotImplementedError(f"{type(self).__name__} has no meta-training")
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume (empty for editors without learned state)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()`."""

@@ -1,0 +1,185 @@
+"""MALMEN: hyper-network value differences aggregated by the normal equation (paper Alg. 1, 2).
+
+Shapes, per edited layer, with n cached tokens (rows, i.e. the paper's U^T and D^T):
+  keys K (n, d_in), value gradients (n, d_out), value differences D (n, d_out),
+  S* = D^T K (K^T K + lambda I)^{-1}  (d_out, d_in)        [paper: D U^T (U U^T + lambda I)^{-1}]
+Meta-training (Alg. 2): stage 1 computes G = dL_meta/dW~ on the LM alone; stage 2 pulls G back:
+  M = G (K^T K + lambda I)^{-1},  dL/dD = K M^T,  dL/dlambda = -<M, S*>   (Theorems 1, 2)
+and back-propagates the proxy loss <dL/dD, D(theta)> through the hyper-network in batches.
+`meta_grad_end_to_end` is the MEND-style procedure (Fig. 1): one backward through both networks.
+"""
+import torch
+from torch import nn
+
+from editor.base import Editor, Shifts, from_param_layout, shifted, to_param_layout
+from editor.hypernet import HyperNet
+from model.lm import kl, logits, nll, to_device
+from model.trace import trace, weight_shape
+
+
+class MALMEN(Editor):
+    """Massive language model editing network."""
+
+    trainable = True
+
+    def __init__(self, model: nn.Module, family: str, modules: dict[str, nn.Module], *,
+                 rank: int, n_blocks: int, lr_init: float, lambda_init: float, meta_lr: float,
+                 loc_coef: float, max_grad_norm: float, token: str, batch_size: int,
+                 regularize: bool = True, device="cpu", cache_device="cpu",
+                 dtype: torch.dtype = torch.float32):
+        super().__init__(model, family, device)
+        self.modules, self.token, self.batch_size = modules, token, batch_size
+        self.loc_coef, self.max_grad_norm, self.regularize = loc_coef, max_grad_norm, regularize
+        self.cache_device, self.dtype = torch.device(cache_device), dtype
+        # One hyper-network per distinct weight shape; `slots` maps a module to (network, layer index).
+        by_shape: dict[str, list[str]] = {}
+        for name, module in modules.items():
+            d_out, d_in = weight_shape(module)
+            by_shape.setdefault(f"{d_out}x{d_in}", []).append(name)
+        self.slots = {n: (key, i) for key, names in by_shape.items() for i, n in enumerate(names)}
+        self.net = nn.ModuleDict({
+            key: HyperNet(d_in=weight_shape(modules[names[0]])[1], d_out=weight_shape(modules[names[0]])[0],
+                          n_layers=len(names), rank=rank, n_blocks=n_blocks, lr_init=lr_init,
+                          lambda_init=lambda_init)
+            for key, names in by_shape.items()}).to(self.device, dtype)
+        if not regularize:  # ablation "no regularisation": lambda = 0, not learned
+            for net in self.net.values():
+                net.log_lambda.requires_grad_(False)
+        self.opt = torch.optim.Adam([p for p in self.net.parameters() if p.requires_grad], lr=meta_lr)
+        self.step = 0
+
+    # ----- pieces shared by inference and training -----------------------------------------
+    def _net(self, name: str) -> tuple[HyperNet, int]:
+        key, layer = self.slots[name]
+        return self.net[key], layer
+
+    def _lambda(self, net: HyperNet, layer: int) -> torch.Tensor:
+        return net.log_lambda[layer].exp() if self.regularize else net.log_lambda.new_zeros(())
+
+    def _chunks(self, n: int):
+        return (slice(i, i + self.batch_size) for i in range(0, n, self.batch_size))
+
+    def _gram(self, keys: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        """K^T K + lambda I (d_in, d_in), accumulated over hyper-network batches."""
+        d_in = keys.shape[1]
+        gram = lam * torch.eye(d_in, device=self.device, dtype=self.dtype)
+        for s in self._chunks(keys.shape[0]):
+            k = keys[s].to(self.device)
+            gram = gram + k.T @ k
+        return gram
+
+    def cache(self, batches: list[dict]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Keys and value gradients of the edit tuples, per module."""
+        return trace(self.model, self.modules, batches, self.family, self.token, self.device,
+                     self.cache_device, self.dtype)
+
+    def update_norms(self, cache: dict) -> None:
+        """Fold this step's cached tuples into the running input statistics (constants afterwards)."""
+        for name, (keys, grads) in cache.items():
+            net, layer = self._net(name)
+            net.norms[layer].update(torch.cat([keys, grads], -1).to(self.device))
+
+    def aggregate(self, name: str, keys: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+        """S* (d_out, d_in) by the normal equation; differentiable when grad is enabled."""
+        net, layer = self._net(name)
+        gram = self._gram(keys, self._lambda(net, layer))
+        rhs = 0  # K^T D (d_in, d_out)
+        for s in self._chunks(keys.shape[0]):
+            k, g = keys[s].to(self.device), grads[s].to(self.device)
+            rhs = rhs + k.T @ net.value_diffs(k, g, layer)
+        return torch.linalg.solve(gram, rhs).T
+
+    def pull_back(self, name: str, keys: torch.Tensor, grads: torch.Tensor, grad_w: torch.Tensor,
+                  shift: torch.Tensor) -> None:
+        """Stage 2: accumulate dL_meta/dtheta from G = dL_meta/dW~ (d_out, d_in) for one layer."""
+        net, layer = self._net(name)
+        lam = self._lambda(net, layer)
+        with torch.no_grad():
+            m = torch.linalg.solve(self._gram(keys, lam), grad_w.T).T  # G (K^T K + lam I)^{-1}, symmetric
+        if self.regularize:  # dL/dlambda = -<M, S*>, chained through lambda = exp(log_lambda)
+            (-(m * shift).sum() * lam).backward()
+        for s in self._chunks(keys.shape[0]):
+            k, g = keys[s].to(self.device), grads[s].to(self.device)
+            grad_d = k @ m.T  # dL/dD rows (b, d_out)
+            (grad_d * net.value_diffs(k, g, layer)).sum().backward()
+
+    # ----- the editor contract ---------------------------------------------------------------
+    def shifts(self, cache: dict) -> dict[str, torch.Tensor]:
+        """S* per module, (d_out, d_in)."""
+        return {n: self.aggregate(n, *cache[n]) for n in self.modules}
+
+    def edit(self, batches: list[dict]) -> Shifts:
+        cache = self.cache(batches)
+        with torch.no_grad():
+            return {f"{n}.weight": to_param_layout(self.modules[n], s)
+                    for n, s in self.shifts(cache).items()}
+
+    def meta_losses(self, group, params: dict, backward: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """L_gen and L_loc of the edited LM (`params`) over the equivalent and unrelated tuples.
+
+        Per-example losses are summed over LM batches and divided by m, so any data.batch_size gives
+        the same value. With backward=True each batch is back-propagated at once (stage 1)."""
+        m = len(group.records)
+        total_gen, total_loc = 0.0, 0.0
+        for b in group.equiv:
+            b = to_device(b, self.device)
+            loss = nll(logits(self.model, b, self.family, params), b, self.family).sum() / m
+            if backward:
+                loss.backward()
+                loss = loss.detach()
+            total_gen = total_gen + loss
+        for b in group.unrel:
+            b = to_device(b, self.device)
+            with torch.no_grad():
+                ref = logits(self.model, b, self.family)  # the pre-edit model p_W
+            loss = kl(ref, logits(self.model, b, self.family, params), b, self.family).sum() / m
+            if backward:
+                (self.loc_coef * loss).backward()
+                loss = loss.detach()
+            total_loc = total_loc + loss
+        return total_gen, total_loc
+
+    def meta_grad(self, group) -> dict[str, float]:
+        """Accumulate dL_meta/dtheta in .grad by the two-stage procedure (Alg. 2)."""
+        cache = self.cache(group.edit)
+        self.update_norms(cache)
+        with torch.no_grad():
+            shifts = self.shifts(cache)
+        # Stage 1: the LM alone, with W~ as fresh leaves, accumulates G = dL_meta/dW~.
+        leaves = {n: shifted(mod.weight, to_param_layout(mod, shifts[n])).detach().requires_grad_()
+                  for n, mod in self.modules.items()}
+        gen, loc = self.meta_losses(group, {f"{n}.weight": w for n, w in leaves.items()}, backward=True)
+        # Stage 2: the hyper-network alone, on the cached tuples in batches.
+        for n, mod in self.modules.items():
+            grad_w = from_param_layout(mod, leaves[n].grad).to(self.dtype)
+            self.pull_back(n, *cache[n], grad_w, shifts[n])
+        return {"gen_loss": float(gen.detach()), "loc_loss": float(loc.detach())}
+
+    def meta_grad_end_to_end(self, group) -> dict[str, float]:
+        """The same gradient by one backward through hyper-network and LM (Fig. 1, MEND-style)."""
+        cache = self.cache(group.edit)
+        self.update_norms(cache)
+        shifts = self.shifts(cache)
+        params = {f"{n}.weight": shifted(mod.weight, to_param_layout(mod, shifts[n]))
+                  for n, mod in self.modules.items()}
+        gen, loc = self.meta_losses(group, params, backward=False)
+        (gen + self.loc_coef * loc).backward()
+        return {"gen_loss": float(gen.detach()), "loc_loss": float(loc.detach())}
+
+    def meta_step(self, group, end_to_end: bool = False) -> dict[str, float]:
+        """One Adam step on the meta loss of an EditGroup, gradient clipped to max_grad_norm."""
+        self.opt.zero_grad(set_to_none=True)
+        metrics = (self.meta_grad_end_to_end if end_to_end else self.meta_grad)(group)
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
+        self.opt.step()
+        self.step += 1
+        return metrics
+
+    def state_dict(self) -> dict:
+        return {"net": self.net.state_dict(), "opt": self.opt.state_dict(), "step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.net.load_state_dict(state["net"])
+        self.opt.load_state_dict(state["opt"])
+        self.step = state["step"]

@@ -1,0 +1,148 @@
+"""Meta-train an editor and evaluate it: python main.py model=M data=D editor=E [key=value ...]
+
+The one place that reads the Hydra config; everything else takes explicit arguments.
+Writes results.json (and checkpoint.pt for editors that learn) in the Hydra run directory.
+"""
+import itertools
+import logging
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from data.collate import Collator
+from data.groups import edit_groups, n_groups
+from data.records import DataError, load_records
+from editor.base import Editor, apply_shifts
+from editor.ft import FT
+from editor.malmen import MALMEN
+from editor.mend import MEND
+from model.lm import success
+from model.load import load_model, resolve_modules
+from util import Logger, load_checkpoint, peak_memory_mb, save_checkpoint, save_json, seed_everything
+
+log = logging.getLogger("main")
+
+
+def build_editor(cfg: DictConfig, model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> Editor:
+    """The editor named by cfg.editor, on the modules it edits (hyper-network in `dtype`)."""
+    e, family = cfg.editor, cfg.model.family
+    modules = resolve_modules(model, list(e.modules))
+    if e.name == "ft":
+        return FT(model, family, modules, lr=e.lr, weight_decay=e.weight_decay, n_epochs=e.n_epochs,
+                  device=cfg.model_device)
+    if e.name not in ("malmen", "mend"):
+        raise ValueError(f"unknown editor {e.name!r}: choose malmen, mend or ft")
+    if e.aggregation not in ("normal_equation", "sum"):
+        raise ValueError(f"editor.aggregation must be normal_equation or sum, got {e.aggregation!r}")
+    # "Sum of parameter shifts" (Table 1) is exactly the paper's MEND re-implementation.
+    cls = MEND if e.aggregation == "sum" else MALMEN
+    editor = cls(model, family, modules, rank=e.rank, n_blocks=e.n_blocks, lr_init=e.lr_init,
+                 lambda_init=e.lambda_init, meta_lr=e.meta_lr, loc_coef=e.loc_coef,
+                 max_grad_norm=e.max_grad_norm, token=e.token, batch_size=e.batch_size,
+                 regularize=e.regularize, device=cfg.editor_device, cache_device=e.cache_device,
+                 dtype=dtype)
+    if e.checkpoint:
+        editor.load_state_dict(load_checkpoint(e.checkpoint))
+    return editor
+
+
+def evaluate(model, group, family: str, device) -> dict[str, float]:
+    """ES, GS, LS of the model as it is now on one group of m edits."""
+    return {name: float(success(model, batches, family, device).mean())
+            for name, batches in (("ES", group.edit), ("GS", group.equiv), ("LS", group.unrel))}
+
+
+def mean_metrics(rows: list[dict]) -> dict[str, float]:
+    """Mean of ES, GS, LS over validation groups."""
+    return {k: sum(r[k] for r in rows) / len(rows) for k in ("ES", "GS", "LS")}
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    """Train (editors that learn) and validate; return the results dict."""
+    start = time.time()
+    seed_everything(cfg.seed)
+    device = torch.device(cfg.model_device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model, tokenizer = load_model(
+        arch=cfg.model.arch, family=cfg.model.family, name_or_path=cfg.model.name_or_path,
+        tokenizer=cfg.model.tokenizer, dtype=cfg.model.dtype,
+        tiny=OmegaConf.to_container(cfg.model.tiny) if cfg.model.tiny else None,
+        checkpoint=cfg.model.checkpoint, device=cfg.model_device)
+    collator = Collator(tokenizer, cfg.model.family)
+    editor = build_editor(cfg, model)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    logger = Logger(cfg.logger, cfg.wandb.project, cfg.wandb.mode, config, run_dir)
+    m, lm_batch = cfg.data.n_edits, cfg.data.batch_size
+    valid = load_records(cfg.data.valid_path, cfg.data.format)
+
+    train_log = []
+    if editor.trainable and cfg.n_epochs > 0:
+        train = load_records(cfg.data.train_path, cfg.data.format)
+        total = cfg.n_epochs * n_groups(len(train), m)
+        if cfg.max_train_steps is not None:
+            total = min(total, cfg.max_train_steps)
+        bar = tqdm(total=total, desc="meta-train", dynamic_ncols=True)
+        for epoch in range(cfg.n_epochs):
+            groups = edit_groups(train, m, lm_batch, collator, seed=cfg.seed + epoch, shuffle=True,
+                                 path=cfg.data.train_path)
+            for group in itertools.islice(groups, total - len(train_log)):
+                metrics = editor.meta_step(group)
+                train_log.append({"step": editor.step, "epoch": epoch, **metrics})
+                logger.log({f"train/{k}": v for k, v in metrics.items()}, editor.step)
+                bar.set_postfix(gen=f"{metrics['gen_loss']:.3f}", loc=f"{metrics['loc_loss']:.3f}")
+                bar.update()
+                if len(train_log) % cfg.save_every == 0 or len(train_log) == total:
+                    save_checkpoint({**editor.state_dict(), "config": config}, run_dir / "checkpoint.pt")
+        bar.close()
+
+    valid_log = []
+    groups = edit_groups(valid, m, lm_batch, collator, seed=cfg.seed, shuffle=False, path=cfg.data.valid_path)
+    n_valid = n_groups(len(valid), m) if cfg.max_valid_steps is None else min(cfg.max_valid_steps, n_groups(len(valid), m))
+    for group in tqdm(itertools.islice(groups, n_valid), total=n_valid, desc="validate", dynamic_ncols=True):
+        pre = evaluate(model, group, cfg.model.family, device)
+        shifts = editor.edit(group.edit)
+        with apply_shifts(model, shifts):
+            post = evaluate(model, group, cfg.model.family, device)
+        valid_log.append({**post, "pre_edit": pre})
+        logger.log({f"valid/{k}": v for k, v in post.items()}, editor.step + len(valid_log))
+
+    results = {
+        "config": config,
+        "train": train_log,
+        "valid": valid_log,
+        "final": mean_metrics(valid_log),
+        "pre_edit": mean_metrics([v["pre_edit"] for v in valid_log]),
+        "time_s": time.time() - start,
+        "peak_memory_mb": peak_memory_mb(device),
+    }
+    save_json(results, run_dir / "results.json")
+    logger.log({f"final/{k}": v for k, v in results["final"].items()}, editor.step + len(valid_log) + 1)
+    logger.finish()
+    return results
+
+
+@hydra.main(version_base="1.3", config_path="config", config_name="config")
+def main(cfg: DictConfig) -> None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        results = run(cfg, run_dir)
+    except (DataError, FileNotFoundError, ValueError) as err:  # bad input: one message, no traceback
+        log.debug("error", exc_info=True)
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    f, p = results["final"], results["pre_edit"]
+    print(f"\n{'':8}{'ES':>8}{'GS':>8}{'LS':>8}")
+    print(f"{'pre':8}{p['ES']:8.3f}{p['GS']:8.3f}{p['LS']:8.3f}")
+    print(f"{'post':8}{f['ES']:8.3f}{f['GS']:8.3f}{f['LS']:8.3f}")
+    print(f"time {results['time_s']:.1f} s, peak memory {results['peak_memory_mb']:.0f} MB, results in {run_dir}")
+
+
+if __name__ == "__main__":
+    main()

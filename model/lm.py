@@ -1,0 +1,104 @@
+"""Forward passes, losses and metrics of the three model families on one LM batch.
+
+Batches come from `data.collate.Collator`:
+  causal      input_ids, attention_mask, labels (B, T), labels -100 except on answer tokens
+  seq2seq     input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, labels (B, Td)
+  classifier  input_ids, attention_mask, labels (B,) in {0., 1.}
+
+Every loss is per example (B,) so that callers can sum over any split into batches and divide by
+the total number of examples: the result does not depend on the batch size.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+INPUTS = {
+    "causal": ("input_ids", "attention_mask"),
+    "seq2seq": ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask"),
+    "classifier": ("input_ids", "attention_mask"),
+}
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
+    """Move every tensor of a batch to `device`."""
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def logits(model: nn.Module, batch: dict, family: str, params: dict | None = None) -> torch.Tensor:
+    """Logits (B, T, V) for LMs, (B,) for the classifier; `params` overrides named parameters."""
+    inputs = {k: batch[k] for k in INPUTS[family]}
+    if params:
+        out = torch.func.functional_call(model, params, args=(), kwargs=inputs, strict=False)
+    else:
+        out = model(**inputs)
+    return out if family == "classifier" else out.logits
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 logits to float32 for softmax; float32/float64 kept (the gradient checks run in float64)."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
+def _targets(lg: torch.Tensor, batch: dict, family: str):
+    """Align logits with the answer tokens they predict: (B, T', V) logits, (B, T') targets, mask."""
+    labels = batch["labels"]
+    if family == "causal":  # position t predicts token t + 1
+        lg, labels = lg[:, :-1], labels[:, 1:]
+    mask = labels != -100
+    return _upcast(lg), labels.clamp(min=0), mask
+
+
+def answer_mask(batch: dict, family: str) -> torch.Tensor:
+    """(B, T) positions whose output is an answer: they predict an answer token (the first token
+    for the classifier). For seq2seq this is on the decoder side."""
+    if family == "classifier":
+        mask = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
+        mask[:, 0] = True
+        return mask
+    labels = batch["labels"]
+    if family == "seq2seq":
+        return labels != -100
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != -100
+    return mask
+
+
+def nll(lg: torch.Tensor, batch: dict, family: str) -> torch.Tensor:
+    """-log p(y | x) per example (B,): summed over answer tokens (binary CE for the classifier)."""
+    if family == "classifier":
+        return F.binary_cross_entropy_with_logits(_upcast(lg), batch["labels"].to(_upcast(lg).dtype),
+                                                  reduction="none")
+    lg, targets, mask = _targets(lg, batch, family)
+    token_nll = -lg.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, T')
+    return (token_nll * mask).sum(-1)
+
+
+def kl(ref: torch.Tensor, lg: torch.Tensor, batch: dict, family: str) -> torch.Tensor:
+    """KL(p_ref || p) per example (B,), summed over answer positions (Bernoulli for the classifier)."""
+    if family == "classifier":
+        ref, lg = _upcast(ref), _upcast(lg)
+        ref_logp = torch.stack([F.logsigmoid(ref), F.logsigmoid(-ref)], -1)  # (B, 2)
+        logp = torch.stack([F.logsigmoid(lg), F.logsigmoid(-lg)], -1)
+        return (ref_logp.exp() * (ref_logp - logp)).sum(-1)
+    ref, _, mask = _targets(ref, batch, family)
+    lg, _, _ = _targets(lg, batch, family)
+    ref_logp, logp = ref.log_softmax(-1), lg.log_softmax(-1)  # (B, T', V)
+    token_kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)  # (B, T')
+    return (token_kl * mask).sum(-1)
+
+
+def accuracy(lg: torch.Tensor, batch: dict, family: str) -> torch.Tensor:
+    """Per-example success (B,): teacher-forced token accuracy on the answer (binary for FEVER)."""
+    if family == "classifier":
+        return ((lg > 0).float() == batch["labels"].float()).float()
+    lg, targets, mask = _targets(lg, batch, family)
+    hits = (lg.argmax(-1) == targets) & mask
+    return hits.sum(-1).float() / mask.sum(-1).clamp(min=1)
+
+
+@torch.no_grad()
+def success(model: nn.Module, batches: list[dict], family: str, device) -> torch.Tensor:
+    """Per-example success over a list of batches, concatenated (N,)."""
+    out = [accuracy(logits(model, to_device(b, device), family), to_device(b, device), family).cpu()
+           for b in batches]
+    return torch.cat(out)

@@ -1,0 +1,75 @@
+"""Small helpers for main.py: seeding, checkpoints, memory, logging."""
+import json
+import os
+import random
+import resource
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def save_checkpoint(state: dict, path: str | Path) -> None:
+    """Write {net, opt, step, config} atomically (temp file + rename)."""
+    _atomic(Path(path), lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint without running code from it (weights_only=True)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"editor checkpoint {path} does not exist")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def save_json(obj, path: str | Path) -> None:
+    """Write JSON atomically."""
+    _atomic(Path(path), lambda f: f.write(json.dumps(obj, indent=2).encode()))
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated by torch on CUDA; peak resident set size of the process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return kb / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+class Logger:
+    """Metrics to wandb when enabled; namespaced keys such as train/gen_loss."""
+
+    def __init__(self, kind: str | None, project: str, mode: str, config: dict, run_dir: Path):
+        self.run = None
+        if kind == "wandb":
+            import wandb
+            self.run = wandb.init(project=project, mode=mode, config=config, dir=str(run_dir))
+        elif kind is not None:
+            raise ValueError(f"logger must be null or wandb, got {kind!r}")
+
+    def log(self, metrics: dict, step: int) -> None:
+        if self.run is not None:
+            self.run.log(metrics, step=step)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
