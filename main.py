@@ -66,6 +66,8 @@ def mean_metrics(rows: list[dict]) -> dict[str, float]:
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Train (editors that learn) and validate; return the results dict."""
     start = time.time()
+    if cfg.model.family == "classifier" and cfg.data.format != "fever":
+        raise ValueError(f"model={cfg.model.name} is a binary FEVER classifier: it needs data=fever")
     seed_everything(cfg.seed)
     device = torch.device(cfg.model_device)
     if device.type == "cuda":

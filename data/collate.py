@@ -1,0 +1,98 @@
+"""Tokenising (prompt, answer) tuples into LM batches for causal, seq2seq and classifier models."""
+from __future__ import annotations
+
+import torch
+
+FAMILIES = ("causal", "seq2seq", "classifier")
+IGNORE = -100  # label value ignored by the loss
+
+
+class Collator:
+    """Tokenises (prompt, answer) tuples into one LM batch for a model family."""
+
+    def __init__(self, tokenizer, family: str):
+        if family not in FAMILIES:
+            raise ValueError(f"unknown model family {family!r}; expected one of {FAMILIES}")
+        if tokenizer.pad_token_id is None:
+            # GPT-2/GPT-J tokenizers ship without a pad token; the model code must set pad = eos
+            raise ValueError(f"tokenizer {type(tokenizer).__name__} has no pad token (set tokenizer.pad_token first)")
+        self.tok, self.family = tokenizer, family
+        self.pad_id: int = tokenizer.pad_token_id
+        limit = getattr(tokenizer, "model_max_length", None)
+        # HF uses a huge sentinel (~1e30) for "no limit"
+        self.max_len: int | None = limit if isinstance(limit, int) and limit < 1_000_000 else None
+        self.special_ids = set(tokenizer.all_special_ids)
+
+    def __call__(self, prompts: list[str], answers: list[str | bool]) -> dict[str, torch.Tensor]:
+        """Batch of tensors (CPU, right-padded) for `prompts[i]` -> `answers[i]`."""
+        if len(prompts) != len(answers) or not prompts:
+            raise ValueError(f"need equally many prompts and answers, at least one (got {len(prompts)}, {len(answers)})")
+        for p in prompts:
+            _check_text(p, "prompt")
+        if self.family == "classifier":
+            return self._classifier(prompts, answers)
+        # FEVER on a generative LM: the claim is the prompt and the label word is the answer.
+        answers = [("true" if a else "false") if isinstance(a, bool) else a for a in answers]
+        for a in answers:
+            _check_text(a, "answer")
+        return self._causal(prompts, answers) if self.family == "causal" else self._seq2seq(prompts, answers)
+
+    def _ids(self, texts: list[str], special: bool, what: str) -> list[list[int]]:
+        """Token ids per text; refuse texts with no content tokens or beyond the model's limit."""
+        ids = self.tok(texts, add_special_tokens=special)["input_ids"]
+        for text, seq in zip(texts, ids):
+            if not any(i not in self.special_ids for i in seq):
+                raise ValueError(f"{what} tokenises to zero tokens: {text!r}")
+            self._check_len(len(seq), what, text)
+        return ids
+
+    def _check_len(self, n: int, what: str, text: str) -> None:
+        if self.max_len is not None and n > self.max_len:
+            # truncating would silently cut the answer the loss is about; refuse instead
+            raise ValueError(f"{what} is {n} tokens, longer than the tokenizer limit {self.max_len}: {text[:80]!r}")
+
+    def _causal(self, prompts: list[str], answers: list[str]) -> dict[str, torch.Tensor]:
+        p_ids = self._ids(prompts, False, "prompt")
+        a_ids = self._ids([" " + a for a in answers], False, "answer")  # GPT-2 BPE: the space belongs to the word
+        seqs = [p + a for p, a in zip(p_ids, a_ids)]
+        labels = [[IGNORE] * len(p) + a for p, a in zip(p_ids, a_ids)]
+        for s, p, a in zip(seqs, prompts, answers):
+            self._check_len(len(s), "prompt + answer", f"{p} {a}")
+        input_ids, mask = _pad(seqs, self.pad_id)  # (B, T)
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": _pad(labels, IGNORE)[0]}
+
+    def _seq2seq(self, prompts: list[str], answers: list[str]) -> dict[str, torch.Tensor]:
+        input_ids, mask = _pad(self._ids(prompts, True, "prompt"), self.pad_id)  # (B, T), ends in </s>
+        a_ids = self._ids(answers, True, "answer")  # answer + </s>
+        labels, dec_mask = _pad(a_ids, IGNORE)  # (B, Td)
+        # T5 convention: the decoder starts from the pad token; teacher forcing shifts labels right
+        dec_in = _pad([[self.pad_id] + a[:-1] for a in a_ids], self.pad_id)[0]  # (B, Td)
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels,
+                "decoder_input_ids": dec_in, "decoder_attention_mask": dec_mask}
+
+    def _classifier(self, prompts: list[str], answers: list[str | bool]) -> dict[str, torch.Tensor]:
+        for a in answers:
+            if not isinstance(a, bool):
+                raise ValueError(f"classifier answers must be bool labels, got {a!r}")
+        input_ids, mask = _pad(self._ids(prompts, True, "prompt"), self.pad_id)  # (B, T), [CLS] ... [SEP]
+        labels = torch.tensor([float(a) for a in answers], dtype=torch.float32)  # (B,)
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def _check_text(text: object, what: str) -> None:
+    if not isinstance(text, str):
+        raise ValueError(f"{what} must be a string, got {text!r}")
+    if not text.strip():
+        # " " + "" is still one GPT-2 token, so catch empty text before tokenising
+        raise ValueError(f"{what} is empty: {text!r}")
+
+
+def _pad(seqs: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad to the longest sequence: (values (B, T), mask (B, T) with 1 on real positions)."""
+    width = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), width), value, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return out, mask

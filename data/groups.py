@@ -1,0 +1,71 @@
+"""Grouping edit records into m-edit groups, each tokenised lazily into LM batches."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from data.collate import Collator
+from data.records import DataError, EditRecord
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EditGroup:
+    """m edits with their equivalent and unrelated tuples, each split into LM batches."""
+
+    records: list[EditRecord]
+    edit: list[dict[str, torch.Tensor]]  # batches of (prompt, answer)
+    equiv: list[dict[str, torch.Tensor]]  # batches of (one equivalent prompt, answer)
+    unrel: list[dict[str, torch.Tensor]]  # batches of (unrel_prompt, unrel_answer)
+
+
+def n_groups(n_records: int, n_edits: int) -> int:
+    """Number of full groups of `n_edits` records; the remainder is dropped."""
+    if n_edits < 1:
+        raise ValueError(f"n_edits must be >= 1, got {n_edits}")
+    return n_records // n_edits
+
+
+def edit_groups(records: list[EditRecord], n_edits: int, batch_size: int, collator: Collator,
+                *, seed: int, shuffle: bool, path: str = "<records>") -> Iterator[EditGroup]:
+    """Yield groups of exactly `n_edits` records, tokenised only when reached."""
+    # checks, shuffling and the equivalent-prompt draw run now, so errors surface at the call
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n = len(records)
+    if n < n_edits:
+        raise DataError(path, None, None, f"has {n} records, fewer than data.n_edits={n_edits}")
+    k = n_groups(n, n_edits)
+    if n % n_edits:
+        log.warning("%s: %d records beyond the last full group of %d are not used", path, n % n_edits, n_edits)
+    # the same rng draws the equivalent prompts, so validation (shuffle=False) is deterministic too
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n) if shuffle else np.arange(n)
+    used = [records[i] for i in order[: k * n_edits]]
+    picks = rng.integers(0, [len(r.equiv_prompts) for r in used])  # (k * m,)
+    equiv = [r.equiv_prompts[j] for r, j in zip(used, picks.tolist())]
+    return _groups(used, equiv, n_edits, batch_size, collator)
+
+
+def _groups(used: list[EditRecord], equiv: list[str], m: int, batch_size: int,
+            collator: Collator) -> Iterator[EditGroup]:
+    for start in range(0, len(used), m):
+        recs = used[start: start + m]
+        answers = [r.answer for r in recs]
+        yield EditGroup(
+            records=recs,
+            edit=_batches(collator, [r.prompt for r in recs], answers, batch_size),
+            equiv=_batches(collator, equiv[start: start + m], answers, batch_size),
+            unrel=_batches(collator, [r.unrel_prompt for r in recs], [r.unrel_answer for r in recs], batch_size),
+        )
+
+
+def _batches(collator: Collator, prompts: list[str], answers: list, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """Consecutive batches of `batch_size` tuples; the last one may be smaller."""
+    return [collator(prompts[i: i + batch_size], answers[i: i + batch_size])
+            for i in range(0, len(prompts), batch_size)]

@@ -1,0 +1,159 @@
+"""Edit records: loading and validating zsRE and FEVER files into one common form."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+NQ_PREFIX = "nq question: "
+FORMATS = ("zsre", "fever")
+_TRUE = {"supports", "true", "1"}
+_FALSE = {"refutes", "false", "0"}
+_UNSET = object()
+
+
+class DataError(ValueError):
+    """Bad input data: names the file, the record index and the field."""
+
+    def __init__(self, path: str, index: int | None, field: str | None, msg: str):
+        self.path, self.index, self.field, self.msg = path, index, field, msg
+        parts = [str(path)]
+        if index is not None:
+            parts.append(f"record {index}")
+        if field is not None:
+            parts.append(f"field {field!r}")
+        super().__init__(": ".join(parts + [msg]))
+
+
+@dataclass(frozen=True)
+class EditRecord:
+    """One edit: the edit tuple, its equivalent prompts and one unrelated tuple."""
+
+    prompt: str
+    answer: str | bool  # str for QA (zsRE); bool for FEVER (True = SUPPORTS)
+    equiv_prompts: tuple[str, ...]  # >= 1 semantically equivalent prompts; same answer
+    unrel_prompt: str
+    unrel_answer: str | bool
+    subject: str | None = None  # zsRE MEND format carries it (needed later by MEMIT)
+
+
+def load_records(path: str, fmt: str) -> list[EditRecord]:
+    """Load a JSON list or JSONL file of `fmt` ("zsre" or "fever") records; DataError on any bad record."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown data format {fmt!r}; expected one of {FORMATS}")
+    parse = _zsre if fmt == "zsre" else _fever
+    records = []
+    for i, raw in enumerate(_read_objects(path)):
+        if not isinstance(raw, dict):
+            raise DataError(path, i, None, f"not a JSON object (got {type(raw).__name__})")
+        records.append(parse(_Fields(path, i, raw)))
+    if not records:
+        raise DataError(path, None, None, "contains no records")
+    return records
+
+
+def _read_objects(path: str) -> list[Any]:
+    """Parse the file as one JSON list, or as JSONL when it does not start with '['."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(path, None, None, f"cannot read file ({e})") from e
+    if text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(path, None, None, f"line {e.lineno}: invalid JSON ({e.msg})") from e
+        return data
+    objects = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue  # blank lines (e.g. a trailing newline) carry no record
+        try:
+            objects.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise DataError(path, None, None, f"line {lineno}: invalid JSON ({e.msg})") from e
+    return objects
+
+
+class _Fields:
+    """Typed access to one raw record; every failure is a DataError naming file, index and field."""
+
+    def __init__(self, path: str, index: int, raw: dict):
+        self.path, self.index, self.raw = path, index, raw
+
+    def error(self, field: str, msg: str) -> DataError:
+        return DataError(self.path, self.index, field, msg)
+
+    def get(self, field: str) -> Any:
+        if field not in self.raw:
+            raise self.error(field, "missing")
+        return self.raw[field]
+
+    def text(self, field: str, value: Any = _UNSET, *, name: str | None = None) -> str:
+        """A non-empty string; `value`/`name` check an element of a list field."""
+        name = name or field
+        value = self.get(field) if value is _UNSET else value
+        if not isinstance(value, str):
+            raise self.error(name, f"expected a string, got {type(value).__name__}")
+        if not value.strip():
+            raise self.error(name, "empty string")
+        return value
+
+    def texts(self, field: str) -> tuple[str, ...]:
+        """A non-empty list of non-empty strings."""
+        value = self.get(field)
+        if not isinstance(value, list):
+            raise self.error(field, f"expected a list of strings, got {type(value).__name__}")
+        if not value:
+            raise self.error(field, "empty list")
+        return tuple(self.text(field, v, name=f"{field}[{j}]") for j, v in enumerate(value))
+
+    def label(self, field: str) -> bool:
+        """A binary label: bool, 0/1, or SUPPORTS/REFUTES/true/false/1/0 (any case)."""
+        value = self.get(field)
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise self.error(field, f"not a binary label: {value!r} (expected SUPPORTS/REFUTES, true/false or 0/1)")
+
+
+def _zsre(f: _Fields) -> EditRecord:
+    """zsRE record in the paper format {src, rephrase, ans, loc, loc_ans} or the MEND format (answers list)."""
+    if "answers" in f.raw:
+        answer = f.texts("answers")[0]  # the correct answer; the paper does not edit towards `alt`
+    elif "ans" in f.raw:
+        answer = f.text("ans")
+    else:
+        raise f.error("ans", "missing (need 'ans' (paper format) or 'answers' (MEND format))")
+    loc = f.text("loc")
+    if loc.startswith(NQ_PREFIX):
+        loc = loc[len(NQ_PREFIX):]
+        if not loc.strip():
+            raise f.error("loc", f"empty question after the {NQ_PREFIX!r} prefix")
+    subject = f.raw.get("subject")
+    if subject is not None:
+        subject = f.text("subject")
+    return EditRecord(
+        prompt=f.text("src"),
+        answer=answer,
+        equiv_prompts=(f.text("rephrase"),),
+        unrel_prompt=loc,
+        unrel_answer=f.text("loc_ans"),
+        subject=subject,
+    )
+
+
+def _fever(f: _Fields) -> EditRecord:
+    """FEVER record in the paper format {prompt, equiv_prompt[], unrel_prompt, alt, unrel_ans}."""
+    # `alt` is already the edit target (the flipped label) in the paper's files: no flip here
+    return EditRecord(
+        prompt=f.text("prompt"),
+        answer=f.label("alt"),
+        equiv_prompts=f.texts("equiv_prompt"),
+        unrel_prompt=f.text("unrel_prompt"),
+        unrel_answer=f.label("unrel_ans"),
+    )

@@ -1,0 +1,378 @@
+"""Tests for data/: record loading, collation and edit grouping."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from data.collate import Collator
+from data.groups import edit_groups, n_groups
+from data.records import DataError, EditRecord, load_records
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+ZSRE = SHARED / "zsre" / "zsre_mend_train-1k.json"
+FEVER_DEV = SHARED / "fever" / "fever_shared_task_dev.json"
+GPT2 = SHARED / "gpt2-tokenizer"
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"shared data not available: {path}")
+    return path
+
+
+@pytest.fixture(scope="module")
+def zsre_records() -> list[EditRecord]:
+    return load_records(str(_need(ZSRE)), "zsre")
+
+
+@pytest.fixture(scope="module")
+def zsre_raw() -> list[dict]:
+    return json.loads(_need(ZSRE).read_text())
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(_need(GPT2)))
+    tok.pad_token = tok.eos_token  # as the model code does for GPT-2
+    return tok
+
+
+def _byte_tokenizer(specials: list[str], template: str, **names):
+    """Offline byte-level BPE (no merges) with the given special tokens first in the vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    vocab = {t: i for i, t in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=names["unk_token"]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    used = [s for s in specials if s in template]
+    tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=[(s, vocab[s]) for s in used])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **names)
+
+
+@pytest.fixture(scope="module")
+def t5_like():
+    return _byte_tokenizer(["<pad>", "</s>", "<unk>"], "$A </s>", pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def bert_like():
+    return _byte_tokenizer(["[PAD]", "[UNK]", "[CLS]", "[SEP]"], "[CLS] $A [SEP]",
+                           pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]")
+
+
+def _write(path: Path, records: list) -> str:
+    path.write_text(json.dumps(records))
+    return str(path)
+
+
+def _fever_raw(n: int) -> list[dict]:
+    """FEVER-format records from real dev claims with a SUPPORTS/REFUTES label."""
+    claims = [c for c in json.loads(_need(FEVER_DEV).read_text()) if c["label"] != "NOT ENOUGH INFO"][: n + 1]
+    return [{
+        "prompt": c["claim"],
+        # stand-in: the real De Cao et al. rephrasings are not available offline, so the claim is its own rephrasing
+        "equiv_prompt": [c["claim"]],
+        "unrel_prompt": claims[i + 1]["claim"],
+        "alt": c["label"],
+        "unrel_ans": claims[i + 1]["label"],
+    } for i, c in enumerate(claims[:n])]
+
+
+# ---------------------------------------------------------------- records
+
+def test_zsre_real_file(zsre_records, zsre_raw):
+    assert len(zsre_records) == len(zsre_raw) == 1000
+    for rec, raw in zip(zsre_records, zsre_raw):
+        assert rec.answer == raw["answers"][0] and rec.answer.strip()
+        assert rec.answer != raw["alt"] or raw["alt"] == raw["answers"][0]  # correct answer, not the alternative
+        assert not rec.unrel_prompt.startswith("nq question")
+        assert raw["loc"].endswith(rec.unrel_prompt) and rec.unrel_answer == raw["loc_ans"]
+        assert rec.prompt == raw["src"] and rec.equiv_prompts == (raw["rephrase"],)
+        assert rec.subject == raw["subject"] and rec.subject
+
+
+def test_zsre_paper_and_mend_formats_agree(tmp_path, zsre_raw):
+    mend = zsre_raw[:50]
+    paper = [{"src": r["src"], "rephrase": r["rephrase"], "ans": r["answers"][0],
+              "loc": r["loc"][len("nq question: "):], "loc_ans": r["loc_ans"], "subject": r["subject"]} for r in mend]
+    a = load_records(_write(tmp_path / "mend.json", mend), "zsre")
+    b = load_records(_write(tmp_path / "paper.json", paper), "zsre")
+    assert a == b and len(a) == 50
+
+
+def test_jsonl_same_as_json(tmp_path, zsre_raw):
+    (tmp_path / "r.jsonl").write_text("\n".join(json.dumps(r) for r in zsre_raw[:20]) + "\n")
+    assert load_records(str(tmp_path / "r.jsonl"), "zsre") == load_records(_write(tmp_path / "r.json", zsre_raw[:20]), "zsre")
+
+
+def test_fever_real_claims(tmp_path):
+    raw = _fever_raw(200)
+    recs = load_records(_write(tmp_path / "fever.json", raw), "fever")
+    assert len(recs) == 200
+    assert [r.answer for r in recs] == [x["alt"] == "SUPPORTS" for x in raw]
+    assert [r.unrel_answer for r in recs] == [x["unrel_ans"] == "SUPPORTS" for x in raw]
+    assert {r.answer for r in recs} == {True, False}
+    assert all(isinstance(r.answer, bool) and r.subject is None for r in recs)
+
+
+@pytest.mark.parametrize("label,want", [(True, True), (False, False), (1, True), (0, False), ("supports", True),
+                                        ("Refutes", False), ("TRUE", True), ("false", False), ("1", True), ("0", False)])
+def test_fever_label_forms(tmp_path, label, want):
+    raw = _fever_raw(1)
+    raw[0]["alt"] = label
+    assert load_records(_write(tmp_path / "f.json", raw), "fever")[0].answer is want
+
+
+@pytest.mark.parametrize("label", ["NOT ENOUGH INFO", 2, None, "yes", 1.5])
+def test_fever_bad_label(tmp_path, label):
+    raw = _fever_raw(5)
+    raw[3]["unrel_ans"] = label
+    path = _write(tmp_path / "f.json", raw)
+    with pytest.raises(DataError) as e:
+        load_records(path, "fever")
+    assert str(e.value).startswith(f"{path}: record 3: field 'unrel_ans': ")
+
+
+def _mutate(raw: list[dict], index: int, how) -> list:
+    raw = [dict(r) for r in raw]
+    how(raw, index)
+    return raw
+
+
+@pytest.mark.parametrize("how,field", [
+    (lambda r, i: r[i].pop("rephrase"), "rephrase"),
+    (lambda r, i: r[i].update(answers=[""]), "answers[0]"),
+    (lambda r, i: r[i].update(answers=[]), "answers"),
+    (lambda r, i: r[i].update(src="   "), "src"),
+    (lambda r, i: r[i].update(loc_ans=7), "loc_ans"),
+    (lambda r, i: r[i].update(loc="nq question: "), "loc"),
+    (lambda r, i: r[i].pop("answers"), "ans"),
+    (lambda r, i: r.__setitem__(i, ["not", "an", "object"]), None),
+])
+def test_zsre_bad_record(tmp_path, zsre_raw, how, field):
+    path = _write(tmp_path / "bad.json", _mutate(zsre_raw[:30], 17, how))
+    with pytest.raises(DataError) as e:
+        load_records(path, "zsre")
+    assert (e.value.path, e.value.index, e.value.field) == (path, 17, field)
+    want = f"{path}: record 17: " + (f"field '{field}': " if field else "")
+    assert str(e.value).startswith(want)
+
+
+def test_paper_format_empty_answer(tmp_path):
+    rec = {"src": "Q?", "rephrase": "Q again?", "ans": "", "loc": "other q", "loc_ans": "x"}
+    path = _write(tmp_path / "p.json", [rec])
+    with pytest.raises(DataError, match=r"record 0: field 'ans': empty string"):
+        load_records(path, "zsre")
+
+
+def test_fever_empty_equiv_list(tmp_path):
+    raw = _fever_raw(3)
+    raw[2]["equiv_prompt"] = []
+    path = _write(tmp_path / "f.json", raw)
+    with pytest.raises(DataError, match=r"record 2: field 'equiv_prompt': empty list"):
+        load_records(path, "fever")
+
+
+def test_unreadable_file(tmp_path):
+    for path in (tmp_path / "missing.json", tmp_path):  # absent, and a directory
+        with pytest.raises(DataError) as e:
+            load_records(str(path), "zsre")
+        assert str(e.value).startswith(f"{path}: cannot read file")
+
+
+def test_malformed_jsonl_line(tmp_path, zsre_raw):
+    lines = [json.dumps(r) for r in zsre_raw[:5]]
+    lines[3] = lines[3][:-10]  # truncated object on line 4
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines))
+    with pytest.raises(DataError, match=rf"^{path}: line 4: invalid JSON"):
+        load_records(str(path), "zsre")
+
+
+def test_malformed_json_list_line(tmp_path, zsre_raw):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(zsre_raw[:3], indent=1).replace('"src"', '"src', 1))
+    line = 1 + path.read_text().split('"src', 1)[0].count("\n")
+    with pytest.raises(DataError, match=rf"^{path}: line {line}: invalid JSON"):
+        load_records(str(path), "zsre")
+
+
+# ---------------------------------------------------------------- collation
+
+def test_causal_gpt2_labels(gpt2, zsre_records):
+    col = Collator(gpt2, "causal")
+    for start in range(0, 400, 50):
+        recs = zsre_records[start: start + 50]
+        b = col([r.prompt for r in recs], [r.answer for r in recs])
+        ids, mask, labels = b["input_ids"], b["attention_mask"], b["labels"]
+        assert ids.shape == mask.shape == labels.shape and ids.shape[0] == 50
+        for i, r in enumerate(recs):
+            ans = labels[i] != -100
+            assert gpt2.decode(ids[i][ans]) == " " + r.answer
+            assert gpt2.decode(labels[i][ans]) == " " + r.answer
+            n_prompt = int(ans.nonzero()[0])
+            assert gpt2.decode(ids[i][:n_prompt]) == r.prompt  # answer follows the prompt directly
+            # shift: the logit at t predicts token t+1, which must be the label at t+1
+            for t in range(ids.shape[1] - 1):
+                if labels[i, t + 1] != -100:
+                    assert ids[i, t + 1] == labels[i, t + 1] and mask[i, t + 1] == 1
+            n_real = int(mask[i].sum())
+            assert mask[i, :n_real].all() and not mask[i, n_real:].any()  # right padding
+            assert (labels[i, n_real:] == -100).all() and (ids[i, n_real:] == gpt2.pad_token_id).all()
+            assert ans.nonzero()[-1] == n_real - 1  # the answer ends the real sequence
+
+
+def test_causal_refusals(gpt2):
+    col = Collator(gpt2, "causal")
+    for prompts, answers in ((["Q?"], [""]), (["Q?"], ["   "]), ([""], ["a"]), (["Q?", "R?"], ["a"])):
+        with pytest.raises(ValueError):
+            col(prompts, answers)
+    from transformers import AutoTokenizer
+    no_pad = AutoTokenizer.from_pretrained(str(GPT2))
+    with pytest.raises(ValueError, match="pad"):
+        Collator(no_pad, "causal")
+    with pytest.raises(ValueError, match="family"):
+        Collator(gpt2, "encoder")
+
+
+def test_too_long_is_refused(t5_like, gpt2):
+    old = t5_like.model_max_length
+    t5_like.model_max_length = 16
+    try:
+        col = Collator(t5_like, "seq2seq")
+        col(["x" * 15], ["y"])  # 15 bytes + </s> = 16 tokens: fits exactly
+        with pytest.raises(ValueError, match=r"17 tokens, longer than the tokenizer limit 16"):
+            col(["x" * 16], ["y"])
+    finally:
+        t5_like.model_max_length = old
+
+
+def test_seq2seq_batch(t5_like, zsre_records):
+    recs = zsre_records[:40]
+    b = Collator(t5_like, "seq2seq")([r.prompt for r in recs], [r.answer for r in recs])
+    pad, eos = t5_like.pad_token_id, t5_like.eos_token_id
+    labels, dec_in, dec_mask = b["labels"], b["decoder_input_ids"], b["decoder_attention_mask"]
+    assert labels.shape == dec_in.shape == dec_mask.shape
+    for i, r in enumerate(recs):
+        n_in = int(b["attention_mask"][i].sum())
+        assert b["input_ids"][i, n_in - 1] == eos
+        assert t5_like.decode(b["input_ids"][i, : n_in - 1]) == r.prompt
+        n = int((labels[i] != -100).sum())
+        assert labels[i, n - 1] == eos and t5_like.decode(labels[i, : n - 1]) == r.answer
+        assert (labels[i, n:] == -100).all()
+        assert dec_in[i, 0] == pad  # T5 decoder start token
+        assert torch.equal(dec_in[i, 1:n], labels[i, : n - 1])  # shifted right by one
+        assert (dec_in[i, n:] == pad).all()
+        assert dec_mask[i, :n].all() and not dec_mask[i, n:].any()
+
+
+def test_classifier_batch(bert_like, tmp_path):
+    recs = load_records(_write(tmp_path / "f.json", _fever_raw(30)), "fever")
+    b = Collator(bert_like, "classifier")([r.prompt for r in recs], [r.answer for r in recs])
+    assert b["labels"].dtype == torch.float32 and b["labels"].shape == (30,)
+    assert b["labels"].tolist() == [1.0 if r.answer else 0.0 for r in recs]
+    cls, sep = bert_like.cls_token_id, bert_like.sep_token_id
+    for i, r in enumerate(recs):
+        n = int(b["attention_mask"][i].sum())
+        assert b["input_ids"][i, 0] == cls and b["input_ids"][i, n - 1] == sep
+        assert bert_like.decode(b["input_ids"][i, 1: n - 1]) == r.prompt
+        assert (b["input_ids"][i, n:] == bert_like.pad_token_id).all()
+    with pytest.raises(ValueError, match="bool"):
+        Collator(bert_like, "classifier")(["claim"], ["SUPPORTS"])
+
+
+# ---------------------------------------------------------------- groups
+
+class _Counting:
+    """Collator wrapper that counts calls, to observe laziness."""
+
+    def __init__(self, inner: Collator):
+        self.inner, self.calls = inner, 0
+
+    def __call__(self, prompts, answers):
+        self.calls += 1
+        return self.inner(prompts, answers)
+
+
+def _answers(tok, batches) -> list[str]:
+    return [tok.decode(row[row != -100]) for b in batches for row in b["labels"]]
+
+
+def _prompts(tok, batches) -> list[str]:
+    return [tok.decode(ids[lab == -100][: int(m.sum()) - int((lab != -100).sum())])
+            for b in batches for ids, lab, m in zip(b["input_ids"], b["labels"], b["attention_mask"])]
+
+
+def test_groups_cover_every_tuple(gpt2, zsre_records):
+    col = _Counting(Collator(gpt2, "causal"))
+    recs = zsre_records[:35]
+    groups = edit_groups(recs, 10, 3, col, seed=0, shuffle=True)
+    assert col.calls == 0  # nothing tokenised before iteration
+    first = next(groups)
+    assert col.calls == 3 * 4
+    out = [first, *groups]
+    assert len(out) == n_groups(35, 10) == 3
+    seen = []
+    for g in out:
+        assert len(g.records) == 10
+        for batches in (g.edit, g.equiv, g.unrel):
+            assert [b["input_ids"].shape[0] for b in batches] == [3, 3, 3, 1]
+        assert _answers(gpt2, g.edit) == [" " + r.answer for r in g.records]
+        assert _answers(gpt2, g.equiv) == [" " + r.answer for r in g.records]
+        assert _answers(gpt2, g.unrel) == [" " + r.unrel_answer for r in g.records]
+        assert _prompts(gpt2, g.edit) == [r.prompt for r in g.records]
+        assert _prompts(gpt2, g.equiv) == [r.equiv_prompts[0] for r in g.records]
+        assert _prompts(gpt2, g.unrel) == [r.unrel_prompt for r in g.records]
+        seen += g.records
+    assert len(set(map(id, seen))) == 30 and all(r in recs for r in seen)
+
+
+def test_groups_deterministic(gpt2, zsre_records):
+    col = Collator(gpt2, "causal")
+    recs = zsre_records[:60]
+    runs = [list(edit_groups(recs, 20, 8, col, seed=s, shuffle=True)) for s in (3, 3, 4)]
+    order = [[r.prompt for g in run for r in g.records] for run in runs]
+    assert order[0] == order[1] and order[0] != order[2]
+    assert sorted(order[0]) == sorted(r.prompt for r in recs) != order[0]  # a permutation, not the file order
+    for g0, g1 in zip(runs[0], runs[1]):
+        for b0, b1 in zip(g0.edit + g0.equiv + g0.unrel, g1.edit + g1.equiv + g1.unrel):
+            assert all(torch.equal(b0[k], b1[k]) for k in b0)
+    unshuffled = [r for g in edit_groups(recs, 20, 64, col, seed=3, shuffle=False) for r in g.records]
+    assert unshuffled == recs
+
+
+def test_groups_equiv_choice(t5_like):
+    recs = [EditRecord(f"p{i}", f"a{i}", tuple(f"e{i}_{j}" for j in range(4)), f"u{i}", f"ua{i}") for i in range(40)]
+    col = Collator(t5_like, "seq2seq")
+
+    def chosen(seed):
+        out = []
+        for g in edit_groups(recs, 8, 5, col, seed=seed, shuffle=False):
+            for b in g.equiv:
+                for ids, m in zip(b["input_ids"], b["attention_mask"]):
+                    out.append(t5_like.decode(ids[: int(m.sum()) - 1]))
+        return out
+
+    a, b = chosen(0), chosen(1)
+    assert a == chosen(0) and a != b
+    assert all(c in r.equiv_prompts for c, r in zip(a, recs))
+    assert len({c.split("_")[1] for c in a}) > 1  # not always the first rephrasing
+
+
+def test_groups_remainder_warning(gpt2, zsre_records, caplog):
+    with caplog.at_level(logging.WARNING, logger="data.groups"):
+        groups = list(edit_groups(zsre_records, 64, 64, _Counting(Collator(gpt2, "causal")), seed=0, shuffle=False))
+    assert len(groups) == 1000 // 64
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and f"{1000 - 64 * len(groups)} records beyond the last full group of 64" in warnings[0]
+
+
+def test_groups_too_few_records(gpt2, zsre_records):
+    with pytest.raises(DataError, match=r"^data/x\.json: has 5 records, fewer than data.n_edits=6$"):
+        edit_groups(zsre_records[:5], 6, 2, Collator(gpt2, "causal"), seed=0, shuffle=True, path="data/x.json")

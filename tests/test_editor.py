@@ -1,0 +1,83 @@
+"""The normal-equation solve, shift application, and editing behaviour of each editor."""
+import math
+
+import pytest
+import torch
+
+from editor.base import apply_shifts
+from main import build_editor
+from model.trace import weight_shape
+from tests.conftest import build_model, make_cfg, one_group, qa_records
+
+
+@pytest.mark.parametrize("n_tokens", [40, 300])  # fewer and more cached tokens than d_in = 128
+def test_normal_equation_matches_ridge_least_squares(n_tokens):
+    cfg = make_cfg("model=tiny-gpt2", "editor=malmen", "editor.rank=16", "editor.batch_size=7")
+    torch.manual_seed(0)
+    model, _ = build_model(cfg)
+    editor = build_editor(cfg, model, dtype=torch.float64)
+    name = next(iter(editor.modules))
+    net, layer = editor._net(name)
+    with torch.no_grad():
+        net.lr.fill_(0.1)
+        net.log_lambda.fill_(math.log(0.3))
+        for p in net.up.parameters():
+            p.normal_(0, 0.1)
+    keys = torch.randn(n_tokens, net.d_in, dtype=torch.float64)
+    grads = torch.randn(n_tokens, weight_shape(editor.modules[name])[0], dtype=torch.float64)
+    with torch.no_grad():
+        shift = editor.aggregate(name, keys, grads)  # (d_out, d_in)
+        diffs = net.value_diffs(keys, grads, layer)  # (n, d_out)
+    # min_S ||S U - D||^2 + lam ||S||^2 as ordinary least squares on the augmented system
+    # [U^T; sqrt(lam) I] S^T = [D^T; 0]; solved by QR in lstsq, independently of the normal equation.
+    lam = 0.3
+    a = torch.cat([keys, math.sqrt(lam) * torch.eye(net.d_in, dtype=torch.float64)])
+    b = torch.cat([diffs, torch.zeros(net.d_in, diffs.shape[1], dtype=torch.float64)])
+    ref = torch.linalg.lstsq(a, b).solution.T
+    assert shift.shape == ref.shape
+    assert torch.allclose(shift, ref, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("model_name", ["tiny-gpt2", "tiny-gptj"])  # float32 Conv1D, bfloat16 Linear
+def test_apply_and_restore_is_bit_identical(model_name):
+    cfg = make_cfg(f"model={model_name}")
+    torch.manual_seed(0)
+    model, _ = build_model(cfg)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    names = [f"{m}.weight" for m in cfg.model.edit_modules]
+    shifts = {n: 1e-3 * torch.randn(model.get_parameter(n).shape) for n in names}
+    with apply_shifts(model, shifts):
+        for n in names:
+            assert not torch.equal(model.get_parameter(n), before[n])
+    for n, p in model.named_parameters():
+        assert p.dtype == before[n].dtype
+        assert torch.equal(p, before[n]), n  # bit for bit, also in bfloat16
+
+
+def test_apply_restores_after_an_exception():
+    cfg = make_cfg("model=tiny-gpt2")
+    model, _ = build_model(cfg)
+    name = f"{cfg.model.edit_modules[0]}.weight"
+    before = model.get_parameter(name).detach().clone()
+    with pytest.raises(RuntimeError):
+        with apply_shifts(model, {name: torch.ones_like(before)}):
+            raise RuntimeError("interrupted")
+    assert torch.equal(model.get_parameter(name), before)
+
+
+@pytest.mark.parametrize("editor_name", ["ft", "malmen", "mend"])
+def test_edit_changes_only_the_configured_modules(editor_name):
+    cfg = make_cfg("model=tiny-gpt2", f"editor={editor_name}", "data.n_edits=4", "data.batch_size=2",
+                   "editor.n_epochs=1" if editor_name == "ft" else "editor.rank=16")
+    torch.manual_seed(0)
+    model, tokenizer = build_model(cfg)
+    editor = build_editor(cfg, model)
+    group = one_group(cfg, tokenizer, qa_records(4))
+    shifts = editor.edit(group.edit)
+    expected = {f"{m}.{p}" for m in cfg.editor.modules for p, _ in model.get_submodule(m).named_parameters()}
+    if editor_name != "ft":
+        expected = {f"{m}.weight" for m in cfg.editor.modules}
+    assert set(shifts) == expected
+    for n, s in shifts.items():
+        assert s.shape == model.get_parameter(n).shape
+        assert torch.isfinite(s).all() and s.abs().max() > 0, n

@@ -1,0 +1,103 @@
+"""main.py end to end on tiny models: every model x data x editor, checkpoints, bad input."""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from main import run
+from tests.conftest import ROOT, fever_records, make_cfg, qa_records, write_records
+
+TINY = ["tiny-gpt2", "tiny-t5", "tiny-gptj", "tiny-bert"]
+
+
+def data_files(tmp_path, data: str, n_train: int = 8, n_valid: int = 6) -> list[str]:
+    make = fever_records if data == "fever" else qa_records
+    train = write_records(tmp_path / "train.json", make(n_train), data)
+    valid = write_records(tmp_path / "valid.json", make(n_valid, start=1000), data)
+    return [f"data.train_path={train}", f"data.valid_path={valid}"]
+
+
+def smoke_cfg(tmp_path, model, data, editor, *extra):
+    return make_cfg(f"model={model}", f"data={data}", f"editor={editor}", *data_files(tmp_path, data),
+                    "data.n_edits=4", "data.batch_size=3", "max_train_steps=1", "max_valid_steps=1",
+                    *(["editor.rank=32"] if editor != "ft" else []), *extra)
+
+
+@pytest.mark.parametrize("editor", ["malmen", "mend", "ft"])
+@pytest.mark.parametrize("data", ["zsre", "fever"])
+@pytest.mark.parametrize("model", TINY)
+def test_every_combination_runs(tmp_path, model, data, editor):
+    cfg = smoke_cfg(tmp_path, model, data, editor)
+    if model == "tiny-bert" and data == "zsre":
+        with pytest.raises(ValueError, match="data=fever"):
+            run(cfg, tmp_path)
+        return
+    results = run(cfg, tmp_path)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["final"] == results["final"]
+    assert saved["config"]["model"]["name"] == model and saved["config"]["data"]["n_edits"] == 4
+    for key in ("final", "pre_edit"):
+        assert set(saved[key]) == {"ES", "GS", "LS"}
+        assert all(0.0 <= v <= 1.0 for v in saved[key].values())
+    assert len(saved["valid"]) == 1
+    assert saved["time_s"] > 0 and saved["peak_memory_mb"] > 0
+    if editor == "ft":
+        assert saved["train"] == [] and not (tmp_path / "checkpoint.pt").exists()
+    else:
+        assert len(saved["train"]) == 1
+        assert math.isfinite(saved["train"][0]["gen_loss"]) and math.isfinite(saved["train"][0]["loc_loss"])
+        ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+        assert set(ckpt) == {"net", "opt", "step", "config"} and ckpt["step"] == 1
+
+
+def test_checkpoint_reloads_the_trained_editor(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir(), second.mkdir()
+    results = run(smoke_cfg(first, "tiny-gpt2", "zsre", "malmen", "max_train_steps=2"), first)
+    again = run(smoke_cfg(second, "tiny-gpt2", "zsre", "malmen", "n_epochs=0",
+                          f"editor.checkpoint={first / 'checkpoint.pt'}"), second)
+    assert again["train"] == []
+    assert again["valid"] == results["valid"]  # same hyper-network, same edits, same numbers
+
+
+def cli(tmp_path, *overrides):
+    """Run `python main.py` in a subprocess; (returncode, stderr)."""
+    proc = subprocess.run([sys.executable, "main.py", f"hydra.run.dir={tmp_path / 'run'}", *overrides],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return proc.returncode, proc.stderr
+
+
+def test_cli_writes_results(tmp_path):
+    code, err = cli(tmp_path, "model=tiny-gpt2", "data=zsre", "editor=malmen", "editor.rank=32",
+                    *data_files(tmp_path, "zsre"), "data.n_edits=4", "max_train_steps=1")
+    assert code == 0, err
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert len(results["valid"]) == 1  # 6 validation records -> one full group of 4
+
+
+@pytest.mark.parametrize("bad,field", [
+    ({"src": "q?", "rephrase": "q2?", "loc": "l?", "loc_ans": "x"}, "ans"),  # missing answer
+    ({"src": "q?", "rephrase": "q2?", "ans": "  ", "loc": "l?", "loc_ans": "x"}, "ans"),  # empty answer
+    ({"src": "q?", "ans": "a", "loc": "l?", "loc_ans": "x"}, "rephrase"),  # missing field
+])
+def test_bad_record_stops_with_one_message(tmp_path, bad, field):
+    rows = json.loads(open(write_records(tmp_path / "v.json", qa_records(5), "zsre")).read())
+    rows.insert(3, bad)
+    (tmp_path / "v.json").write_text(json.dumps(rows))
+    code, err = cli(tmp_path, "model=tiny-gpt2", "editor=ft", "data.n_edits=2",
+                    f"data.valid_path={tmp_path / 'v.json'}")
+    assert code == 2
+    assert "Traceback" not in err
+    assert "v.json" in err and "record 3" in err and repr(field) in err, err
+
+
+def test_too_few_records_and_unknown_module(tmp_path):
+    args = data_files(tmp_path, "zsre", n_valid=3)
+    code, err = cli(tmp_path, "model=tiny-gpt2", "editor=ft", "data.n_edits=4", *args)
+    assert code == 2 and "valid.json" in err and "fewer than data.n_edits=4" in err, err
+    code, err = cli(tmp_path, "model=tiny-gpt2", "editor=malmen", "data.n_edits=2", *args,
+                    "model.edit_modules=[transformer.h.9.mlp.c_proj]")
+    assert code == 2 and "transformer.h.9.mlp.c_proj" in err and "transformer.h.{0-3}.mlp.c_proj" in err, err
