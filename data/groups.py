@@ -49,23 +49,35 @@ def edit_groups(records: list[EditRecord], n_edits: int, batch_size: int, collat
     used = [records[i] for i in order[: k * n_edits]]
     picks = rng.integers(0, [len(r.equiv_prompts) for r in used])  # (k * m,)
     equiv = [r.equiv_prompts[j] for r, j in zip(used, picks.tolist())]
-    return _groups(used, equiv, n_edits, batch_size, collator)
+    return _groups(used, equiv, n_edits, batch_size, collator, path)
 
 
 def _groups(used: list[EditRecord], equiv: list[str], m: int, batch_size: int,
-            collator: Collator) -> Iterator[EditGroup]:
+            collator: Collator, path: str) -> Iterator[EditGroup]:
     for start in range(0, len(used), m):
         recs = used[start: start + m]
         answers = [r.answer for r in recs]
         yield EditGroup(
             records=recs,
-            edit=_batches(collator, [r.prompt for r in recs], answers, batch_size),
-            equiv=_batches(collator, equiv[start: start + m], answers, batch_size),
-            unrel=_batches(collator, [r.unrel_prompt for r in recs], [r.unrel_answer for r in recs], batch_size),
+            edit=_batches(collator, recs, [r.prompt for r in recs], answers, batch_size, path, "edit"),
+            equiv=_batches(collator, recs, equiv[start: start + m], answers, batch_size, path, "equivalent"),
+            unrel=_batches(collator, recs, [r.unrel_prompt for r in recs], [r.unrel_answer for r in recs],
+                           batch_size, path, "unrelated"),
         )
 
 
-def _batches(collator: Collator, prompts: list[str], answers: list, batch_size: int) -> list[dict[str, torch.Tensor]]:
+def _batches(collator: Collator, recs: list[EditRecord], prompts: list[str], answers: list, batch_size: int,
+             path: str, kind: str) -> list[dict[str, torch.Tensor]]:
     """Consecutive batches of `batch_size` tuples; the last one may be smaller."""
-    return [collator(prompts[i: i + batch_size], answers[i: i + batch_size])
-            for i in range(0, len(prompts), batch_size)]
+    batches = []
+    for i in range(0, len(prompts), batch_size):
+        try:
+            batches.append(collator(prompts[i: i + batch_size], answers[i: i + batch_size]))
+        except ValueError:  # find the record that cannot be tokenised and name it
+            for j in range(i, min(i + batch_size, len(prompts))):
+                try:
+                    collator([prompts[j]], [answers[j]])
+                except ValueError as err:
+                    raise DataError(path, recs[j].index, f"{kind} tuple", str(err)) from err
+            raise
+    return batches

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 NQ_PREFIX = "nq question: "
@@ -35,6 +35,7 @@ class EditRecord:
     unrel_prompt: str
     unrel_answer: str | bool
     subject: str | None = None  # zsRE MEND format carries it (needed later by MEMIT)
+    index: int | None = field(default=None, compare=False)  # position in its file, for error messages
 
 
 def load_records(path: str, fmt: str) -> list[EditRecord]:
@@ -46,7 +47,7 @@ def load_records(path: str, fmt: str) -> list[EditRecord]:
     for i, raw in enumerate(_read_objects(path)):
         if not isinstance(raw, dict):
             raise DataError(path, i, None, f"not a JSON object (got {type(raw).__name__})")
-        records.append(parse(_Fields(path, i, raw)))
+        records.append(replace(parse(_Fields(path, i, raw)), index=i))
     if not records:
         raise DataError(path, None, None, "contains no records")
     return records

@@ -101,3 +101,12 @@ def test_too_few_records_and_unknown_module(tmp_path):
     code, err = cli(tmp_path, "model=tiny-gpt2", "editor=malmen", "data.n_edits=2", *args,
                     "model.edit_modules=[transformer.h.9.mlp.c_proj]")
     assert code == 2 and "transformer.h.9.mlp.c_proj" in err and "transformer.h.{0-3}.mlp.c_proj" in err, err
+
+
+def test_record_too_long_for_the_model_is_named(tmp_path):
+    records = qa_records(4)
+    rows = json.loads(open(write_records(tmp_path / "v.json", records, "zsre")).read())
+    rows[2]["ans"] = "x" * 600  # beyond tiny-gpt2's 512 positions: refused, never truncated
+    (tmp_path / "v.json").write_text(json.dumps(rows))
+    code, err = cli(tmp_path, "model=tiny-gpt2", "editor=ft", "data.n_edits=4", f"data.valid_path={tmp_path / 'v.json'}")
+    assert code == 2 and "v.json: record 2: field 'edit tuple'" in err and "longer than" in err, err

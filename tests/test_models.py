@@ -99,7 +99,7 @@ def test_gpt_tokenizer_specials():
         assert tok.eos_token == tok.bos_token == "<|endoftext|>"
         assert tok.pad_token_id == tok.eos_token_id == len(tok) - 1 == 256
         assert model.config.vocab_size == len(tok)
-        assert tok.model_max_length == 128
+        assert tok.model_max_length == cfg_of(name)["tiny"]["n_positions"]
         ids = tok(["héllo wörld"])["input_ids"][0]
         assert len(ids) == len("héllo wörld".encode())  # one token per byte, no specials added
         assert tok.decode(ids) == "héllo wörld"
@@ -222,7 +222,7 @@ def test_real_gpt2_tokenizer_with_tiny_gpt2():
     model, tok = load(cfg_of("tiny-gpt2"), tokenizer=str(GPT2_TOKENIZER))
     assert len(tok) == 50257 and model.config.vocab_size == 50257
     assert tok.pad_token_id == tok.eos_token_id == 50256
-    assert tok.model_max_length == 128  # clamped to the tiny model's positions
+    assert tok.model_max_length == cfg_of("tiny-gpt2")["tiny"]["n_positions"]  # clamped to the model's positions
     assert tok("Hello world")["input_ids"] == [15496, 995]
     batch = tok(TEXTS, return_tensors="pt", padding=True)
     assert model(**batch).logits.shape == (2, batch["input_ids"].shape[1], 50257)
