@@ -110,3 +110,10 @@ def test_record_too_long_for_the_model_is_named(tmp_path):
     (tmp_path / "v.json").write_text(json.dumps(rows))
     code, err = cli(tmp_path, "model=tiny-gpt2", "editor=ft", "data.n_edits=4", f"data.valid_path={tmp_path / 'v.json'}")
     assert code == 2 and "v.json: record 2: field 'edit tuple'" in err and "longer than" in err, err
+
+
+def test_wandb_offline_logging(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run(smoke_cfg(tmp_path, "tiny-gpt2", "zsre", "malmen", "logger=wandb", "wandb.mode=offline"), tmp_path)
+    logs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(logs) == 1 and logs[0].stat().st_size > 0
