@@ -63,8 +63,62 @@ def mean_metrics(rows: list[dict]) -> dict[str, float]:
     return {k: sum(r[k] for r in rows) / len(rows) for k in ("ES", "GS", "LS")}
 
 
+def load(cfg: DictConfig) -> tuple[torch.nn.Module, object]:
+    """The model and tokenizer of cfg.model on cfg.model_device."""
+    return load_model(
+        arch=cfg.model.arch, family=cfg.model.family, name_or_path=cfg.model.name_or_path,
+        tokenizer=cfg.model.tokenizer, dtype=cfg.model.dtype,
+        tiny=OmegaConf.to_container(cfg.model.tiny) if cfg.model.tiny else None,
+        checkpoint=cfg.model.checkpoint, device=cfg.model_device)
+
+
+def train(cfg: DictConfig, editor: Editor, collator: Collator, logger: Logger, run_dir: Path,
+          config: dict) -> list[dict]:
+    """Meta-train for cfg.n_epochs (capped by max_train_steps); checkpoint to run_dir."""
+    records = load_records(cfg.data.train_path, cfg.data.format)
+    m = cfg.data.n_edits
+    total = cfg.n_epochs * n_groups(len(records), m)
+    if cfg.max_train_steps is not None:
+        total = min(total, cfg.max_train_steps)
+    log_rows = []
+    bar = tqdm(total=total, desc="meta-train", dynamic_ncols=True)
+    for epoch in range(cfg.n_epochs):
+        groups = edit_groups(records, m, cfg.data.batch_size, collator, seed=cfg.seed + epoch, shuffle=True,
+                             path=cfg.data.train_path)
+        for group in itertools.islice(groups, total - len(log_rows)):
+            metrics = editor.meta_step(group)
+            log_rows.append({"step": editor.step, "epoch": epoch, **metrics})
+            logger.log({f"train/{k}": v for k, v in metrics.items()}, editor.step)
+            bar.set_postfix(gen=f"{metrics['gen_loss']:.3f}", loc=f"{metrics['loc_loss']:.3f}")
+            bar.update()
+            if len(log_rows) % cfg.save_every == 0 or len(log_rows) == total:
+                save_checkpoint({**editor.state_dict(), "config": config}, run_dir / "checkpoint.pt")
+    bar.close()
+    return log_rows
+
+
+def validate(cfg: DictConfig, model, editor: Editor, collator: Collator, logger: Logger) -> list[dict]:
+    """Per validation group of m edits: ES/GS/LS before editing, edit all m at once, after."""
+    records = load_records(cfg.data.valid_path, cfg.data.format)
+    m, device = cfg.data.n_edits, torch.device(cfg.model_device)
+    groups = edit_groups(records, m, cfg.data.batch_size, collator, seed=cfg.seed, shuffle=False,
+                         path=cfg.data.valid_path)
+    n_valid = n_groups(len(records), m)
+    if cfg.max_valid_steps is not None:
+        n_valid = min(n_valid, cfg.max_valid_steps)
+    rows = []
+    for group in tqdm(itertools.islice(groups, n_valid), total=n_valid, desc="validate", dynamic_ncols=True):
+        pre = evaluate(model, group, cfg.model.family, device)
+        shifts = editor.edit(group.edit)
+        with apply_shifts(model, shifts):
+            post = evaluate(model, group, cfg.model.family, device)
+        rows.append({**post, "pre_edit": pre})
+        logger.log({f"valid/{k}": v for k, v in post.items()}, editor.step + len(rows))
+    return rows
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict:
-    """Train (editors that learn) and validate; return the results dict."""
+    """Train (editors that learn) and validate; write and return the results dict."""
     start = time.time()
     if cfg.model.family == "classifier" and cfg.data.format != "fever":
         raise ValueError(f"model={cfg.model.name} is a binary FEVER classifier: it needs data=fever")
@@ -72,49 +126,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     device = torch.device(cfg.model_device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    model, tokenizer = load_model(
-        arch=cfg.model.arch, family=cfg.model.family, name_or_path=cfg.model.name_or_path,
-        tokenizer=cfg.model.tokenizer, dtype=cfg.model.dtype,
-        tiny=OmegaConf.to_container(cfg.model.tiny) if cfg.model.tiny else None,
-        checkpoint=cfg.model.checkpoint, device=cfg.model_device)
+    model, tokenizer = load(cfg)
     collator = Collator(tokenizer, cfg.model.family)
     editor = build_editor(cfg, model)
     config = OmegaConf.to_container(cfg, resolve=True)
     logger = Logger(cfg.logger, cfg.wandb.project, cfg.wandb.mode, config, run_dir)
-    m, lm_batch = cfg.data.n_edits, cfg.data.batch_size
-    valid = load_records(cfg.data.valid_path, cfg.data.format)
-
-    train_log = []
-    if editor.trainable and cfg.n_epochs > 0:
-        train = load_records(cfg.data.train_path, cfg.data.format)
-        total = cfg.n_epochs * n_groups(len(train), m)
-        if cfg.max_train_steps is not None:
-            total = min(total, cfg.max_train_steps)
-        bar = tqdm(total=total, desc="meta-train", dynamic_ncols=True)
-        for epoch in range(cfg.n_epochs):
-            groups = edit_groups(train, m, lm_batch, collator, seed=cfg.seed + epoch, shuffle=True,
-                                 path=cfg.data.train_path)
-            for group in itertools.islice(groups, total - len(train_log)):
-                metrics = editor.meta_step(group)
-                train_log.append({"step": editor.step, "epoch": epoch, **metrics})
-                logger.log({f"train/{k}": v for k, v in metrics.items()}, editor.step)
-                bar.set_postfix(gen=f"{metrics['gen_loss']:.3f}", loc=f"{metrics['loc_loss']:.3f}")
-                bar.update()
-                if len(train_log) % cfg.save_every == 0 or len(train_log) == total:
-                    save_checkpoint({**editor.state_dict(), "config": config}, run_dir / "checkpoint.pt")
-        bar.close()
-
-    valid_log = []
-    groups = edit_groups(valid, m, lm_batch, collator, seed=cfg.seed, shuffle=False, path=cfg.data.valid_path)
-    n_valid = n_groups(len(valid), m) if cfg.max_valid_steps is None else min(cfg.max_valid_steps, n_groups(len(valid), m))
-    for group in tqdm(itertools.islice(groups, n_valid), total=n_valid, desc="validate", dynamic_ncols=True):
-        pre = evaluate(model, group, cfg.model.family, device)
-        shifts = editor.edit(group.edit)
-        with apply_shifts(model, shifts):
-            post = evaluate(model, group, cfg.model.family, device)
-        valid_log.append({**post, "pre_edit": pre})
-        logger.log({f"valid/{k}": v for k, v in post.items()}, editor.step + len(valid_log))
-
+    train_log = train(cfg, editor, collator, logger, run_dir, config) if editor.trainable and cfg.n_epochs > 0 else []
+    valid_log = validate(cfg, model, editor, collator, logger)
     results = {
         "config": config,
         "train": train_log,
