@@ -22,6 +22,7 @@ class EditGroup:
     edit: list[dict[str, torch.Tensor]]  # batches of (prompt, answer)
     equiv: list[dict[str, torch.Tensor]]  # batches of (one equivalent prompt, answer)
     unrel: list[dict[str, torch.Tensor]]  # batches of (unrel_prompt, unrel_answer)
+    path: str = "<records>"  # file of the records, for error messages of editors that read them
 
 
 def n_groups(n_records: int, n_edits: int) -> int:
@@ -63,6 +64,7 @@ def _groups(used: list[EditRecord], equiv: list[str], m: int, batch_size: int,
             equiv=_batches(collator, recs, equiv[start: start + m], answers, batch_size, path, "equivalent"),
             unrel=_batches(collator, recs, [r.unrel_prompt for r in recs], [r.unrel_answer for r in recs],
                            batch_size, path, "unrelated"),
+            path=path,
         )
 
 

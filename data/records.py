@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -10,6 +11,7 @@ FORMATS = ("zsre", "fever")
 _TRUE = {"supports", "true", "1"}
 _FALSE = {"refutes", "false", "0"}
 _UNSET = object()
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -42,18 +44,28 @@ def load_records(path: str, fmt: str) -> list[EditRecord]:
     """Load a JSON list or JSONL file of `fmt` ("zsre" or "fever") records; DataError on any bad record."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown data format {fmt!r}; expected one of {FORMATS}")
-    parse = _zsre if fmt == "zsre" else _fever
-    records = []
-    for i, raw in enumerate(_read_objects(path)):
-        if not isinstance(raw, dict):
-            raise DataError(path, i, None, f"not a JSON object (got {type(raw).__name__})")
-        records.append(replace(parse(_Fields(path, i, raw)), index=i))
+    rows = read_objects(path)
+    records = [parse_record(raw, fmt, path, i) for i, raw in enumerate(rows)]
     if not records:
         raise DataError(path, None, None, "contains no records")
+    standins = sum(1 for raw in rows if raw.get("equiv_standin") is True)
+    if standins:  # written by data.convert when no rephrasings were available
+        log.warning("%s: %d of %d records use the claim itself as its equivalent prompt (stand-in, no "
+                    "rephrasing): GS on them measures ES, not generalisation", path, standins, len(rows))
     return records
 
 
-def _read_objects(path: str) -> list[Any]:
+def parse_record(raw: Any, fmt: str, path: str, index: int) -> EditRecord:
+    """One raw record of `fmt` as an EditRecord; DataError naming `path`, `index` and the field."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown data format {fmt!r}; expected one of {FORMATS}")
+    if not isinstance(raw, dict):
+        raise DataError(path, index, None, f"not a JSON object (got {type(raw).__name__})")
+    parse = _zsre if fmt == "zsre" else _fever
+    return replace(parse(_Fields(path, index, raw)), index=index)
+
+
+def read_objects(path: str) -> list[Any]:
     """Parse the file as one JSON list, or as JSONL when it does not start with '['."""
     try:
         with open(path, encoding="utf-8") as f:

@@ -47,6 +47,7 @@ class Editor:
 
     trainable = False  # True for editors with meta-training (MALMEN, MEND)
     step = 0  # meta-training steps taken
+    stats_time_s = 0.0  # seconds spent computing precomputed statistics (MEMIT, EMMET); 0 when cached
 
     def __init__(self, model: nn.Module, family: str, device: str | torch.device = "cpu"):
         self.model, self.family, self.device = model, family, torch.device(device)
@@ -54,6 +55,10 @@ class Editor:
     def edit(self, batches: list[dict]) -> Shifts:
         """Parameter shifts that insert the edit tuples of `batches`."""
         raise NotImplementedError
+
+    def edit_group(self, group) -> Shifts:
+        """Shifts for an EditGroup; editors that need the records themselves (MEMIT's subjects) override it."""
+        return self.edit(group.edit)
 
     def meta_step(self, group) -> dict[str, float]:
         """One meta-training step on an EditGroup; returns scalar metrics."""

@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -10,6 +11,10 @@ from data.collate import Collator
 from data.groups import edit_groups
 from data.records import EditRecord
 from model.load import load_model
+
+# Tiny models gain nothing from intra-op threads, and on a 2-core machine two threads per process
+# spin against any other load: one thread keeps the suite fast and its timing stable.
+torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -33,7 +38,8 @@ def qa_records(n: int, start: int = 0) -> list[EditRecord]:
     """Deterministic zsRE-like records: distinct prompts, answers, rephrasings, unrelated QA."""
     return [EditRecord(prompt=f"Which city is the home of team {i}?", answer=f"Town{i % 7} {chr(97 + i % 26)}",
                        equiv_prompts=(f"Team {i} is based in which city?",),
-                       unrel_prompt=f"Who wrote book number {i}?", unrel_answer=f"Author {i % 5}")
+                       unrel_prompt=f"Who wrote book number {i}?", unrel_answer=f"Author {i % 5}",
+                       subject=f"team {i}")
             for i in range(start, start + n)]
 
 
@@ -62,7 +68,8 @@ def write_records(path: Path, records: list[EditRecord], fmt: str) -> str:
                  "alt": r.answer, "unrel_ans": r.unrel_answer} for r in records]
     else:
         rows = [{"src": r.prompt, "rephrase": r.equiv_prompts[0], "ans": r.answer, "loc": r.unrel_prompt,
-                 "loc_ans": r.unrel_answer} for r in records]
+                 "loc_ans": r.unrel_answer, **({"subject": r.subject} if r.subject is not None else {})}
+                for r in records]
     path.write_text(json.dumps(rows))
     return str(path)
 

@@ -1,16 +1,21 @@
 """main.py end to end on tiny models: every model x data x editor, checkpoints, bad input."""
 import json
 import math
+import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from data.records import DataError
 from main import run
 from tests.conftest import ROOT, fever_records, make_cfg, qa_records, write_records
 
 TINY = ["tiny-gpt2", "tiny-t5", "tiny-gptj", "tiny-bert"]
+SMOKE = {"malmen": ["editor.rank=32"], "mend": ["editor.rank=32"], "ft": [],  # small, fast settings per editor
+         "memit": ["editor.n_steps=3", "editor.n_prefixes=1"], "emmet": ["editor.n_steps=3", "editor.n_prefixes=1"],
+         "locft_bf": ["editor.n_epochs=3"]}
 
 
 def data_files(tmp_path, data: str, n_train: int = 8, n_valid: int = 6) -> list[str]:
@@ -23,16 +28,24 @@ def data_files(tmp_path, data: str, n_train: int = 8, n_valid: int = 6) -> list[
 def smoke_cfg(tmp_path, model, data, editor, *extra):
     return make_cfg(f"model={model}", f"data={data}", f"editor={editor}", *data_files(tmp_path, data),
                     "data.n_edits=4", "data.batch_size=3", "max_train_steps=1", "max_valid_steps=1",
-                    *(["editor.rank=32"] if editor != "ft" else []), *extra)
+                    f"cache_dir={tmp_path / 'cache'}", *SMOKE[editor], *extra)
 
 
-@pytest.mark.parametrize("editor", ["malmen", "mend", "ft"])
+@pytest.mark.parametrize("editor", ["malmen", "mend", "ft", "memit", "emmet", "locft_bf"])
 @pytest.mark.parametrize("data", ["zsre", "fever"])
 @pytest.mark.parametrize("model", TINY)
 def test_every_combination_runs(tmp_path, model, data, editor):
     cfg = smoke_cfg(tmp_path, model, data, editor)
     if model == "tiny-bert" and data == "zsre":
         with pytest.raises(ValueError, match="data=fever"):
+            run(cfg, tmp_path)
+        return
+    if editor in ("memit", "emmet") and cfg.model.family != "causal":
+        with pytest.raises(ValueError, match=f"editor {editor} edits causal LMs"):
+            run(cfg, tmp_path)
+        return
+    if editor in ("memit", "emmet") and data == "fever":  # FEVER claims carry no subject to edit at
+        with pytest.raises(DataError, match="record 0: field 'subject': missing"):
             run(cfg, tmp_path)
         return
     results = run(cfg, tmp_path)
@@ -44,7 +57,8 @@ def test_every_combination_runs(tmp_path, model, data, editor):
         assert all(0.0 <= v <= 1.0 for v in saved[key].values())
     assert len(saved["valid"]) == 1
     assert saved["time_s"] > 0 and saved["peak_memory_mb"] > 0
-    if editor == "ft":
+    assert (saved["stats_time_s"] > 0) == (editor in ("memit", "emmet"))  # a fresh cache_dir: computed
+    if editor not in ("malmen", "mend"):
         assert saved["train"] == [] and not (tmp_path / "checkpoint.pt").exists()
     else:
         assert len(saved["train"]) == 1
@@ -66,7 +80,8 @@ def test_checkpoint_reloads_the_trained_editor(tmp_path):
 def cli(tmp_path, *overrides):
     """Run `python main.py` in a subprocess; (returncode, stderr)."""
     proc = subprocess.run([sys.executable, "main.py", f"hydra.run.dir={tmp_path / 'run'}", *overrides],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # as conftest: one thread
     return proc.returncode, proc.stderr
 
 
@@ -87,7 +102,7 @@ def test_bad_record_stops_with_one_message(tmp_path, bad, field):
     rows = json.loads(open(write_records(tmp_path / "v.json", qa_records(5), "zsre")).read())
     rows.insert(3, bad)
     (tmp_path / "v.json").write_text(json.dumps(rows))
-    code, err = cli(tmp_path, "model=tiny-gpt2", "editor=ft", "data.n_edits=2",
+    code, err = cli(tmp_path, "model=tiny-gpt2", "data=zsre", "editor=ft", "data.n_edits=2",
                     f"data.valid_path={tmp_path / 'v.json'}")
     assert code == 2
     assert "Traceback" not in err
@@ -108,7 +123,8 @@ def test_record_too_long_for_the_model_is_named(tmp_path):
     rows = json.loads(open(write_records(tmp_path / "v.json", records, "zsre")).read())
     rows[2]["ans"] = "x" * 600  # beyond tiny-gpt2's 512 positions: refused, never truncated
     (tmp_path / "v.json").write_text(json.dumps(rows))
-    code, err = cli(tmp_path, "model=tiny-gpt2", "editor=ft", "data.n_edits=4", f"data.valid_path={tmp_path / 'v.json'}")
+    code, err = cli(tmp_path, "model=tiny-gpt2", "data=zsre", "editor=ft", "data.n_edits=4",
+                    f"data.valid_path={tmp_path / 'v.json'}")
     assert code == 2 and "v.json: record 2: field 'edit tuple'" in err and "longer than" in err, err
 
 

@@ -1,0 +1,35 @@
+"""EMMET (Gupta et al., "A Unified Framework for Model Editing"): MEMIT's objective with equality constraints.
+
+Minimise the change on preserved keys, |Delta K_0|^2 with K_0 K_0^T ~ C = lam E[k k^T] (the scaled
+key statistics), subject to Delta K = R for the edited keys. The Lagrangian gives
+    Delta = R (K^T C^{-1} K + lam_e I)^{-1} K^T C^{-1},
+with a small lam_e (0.1) for stability when K^T C^{-1} K is ill-conditioned. Keys, targets, statistics
+and the spreading over layers are MEMIT's (editor.memit).
+
+Multiplying out shows Delta (lam_e C + K K^T) = R K^T: EMMET is MEMIT's closed form with the
+preservation weight lam_e lam instead of lam. The tests check this identity on real edits.
+"""
+import torch
+
+from editor.memit import MEMIT
+
+
+def emmet_delta(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, lam_e: float) -> torch.Tensor:
+    """Delta = R (K^T C^-1 K + lam_e I)^-1 K^T C^-1 (d_out, d_in); K (d_in, n), R (d_out, n), C (d_in, d_in)."""
+    c_inv_k = torch.linalg.solve(cov, keys)  # (d_in, n)
+    gram = keys.T @ c_inv_k + lam_e * torch.eye(keys.shape[1], dtype=keys.dtype, device=keys.device)  # (n, n)
+    # R gram^{-1} = (gram^{-1} R^T)^T (gram is symmetric); (C^{-1} K)^T = K^T C^{-1} (C is symmetric)
+    return torch.linalg.solve(gram, resid.T).T @ c_inv_k.T
+
+
+class EMMET(MEMIT):
+    """EMMET: MEMIT's keys, targets and statistics; the equality-constrained closed form per layer."""
+
+    name = "emmet"
+
+    def __init__(self, *args, lam_e: float, **kwargs):
+        super().__init__(*args, **kwargs)  # kwargs["lam"] scales C: the "scaled key covariance"
+        self.lam_e = lam_e
+
+    def layer_delta(self, keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+        return emmet_delta(keys, resid, self.lam * cov, self.lam_e)

@@ -1,0 +1,88 @@
+"""LocFT-BF ("Fine-tuning Done Right in Model Editing"): breadth-first fine-tuning of one module.
+
+All edits are shuffled into mini-batches (100) and the whole set is visited once per epoch (up to 25),
+instead of fitting each batch of edits in turn. Adam (lr 5e-4) tunes the weight of one localised
+module on the target tokens plus an end-of-sequence token (causal LMs; T5's answers already end in
+</s>; the classifier has one label). A step whose batch loss is under `loss_threshold` (1e-2) is
+skipped, and training stops once an epoch's mean batch loss is under it.
+
+The EOS target is added here, to the tensors of the edit batches (`with_eos`), so the shared
+Collator and the evaluation keep their answer-only labels.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from data.collate import IGNORE
+from editor.base import Editor, Shifts
+from model.lm import logits, nll, to_device
+from model.load import resolve_modules
+
+
+def concat(batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One batch of all examples; (B, T) tensors right-padded to the longest (labels with IGNORE)."""
+    out = {}
+    for key in batches[0]:
+        parts = [b[key] for b in batches]
+        if parts[0].dim() == 2:  # padding value is irrelevant under the masks, except for labels
+            width = max(p.shape[1] for p in parts)
+            value = IGNORE if key == "labels" else 0
+            parts = [F.pad(p, (0, width - p.shape[1]), value=value) for p in parts]
+        out[key] = torch.cat(parts)
+    return out
+
+
+def with_eos(batch: dict[str, torch.Tensor], eos_id: int) -> dict[str, torch.Tensor]:
+    """A causal batch with `eos_id` appended after each sequence, as input and as a target (B, T + 1)."""
+    ids, mask, labels = (F.pad(batch[k], (0, 1), value=v) for k, v in
+                         (("input_ids", eos_id), ("attention_mask", 0), ("labels", IGNORE)))
+    rows, ends = torch.arange(len(ids)), batch["attention_mask"].sum(1)  # first position after each sequence
+    ids[rows, ends], mask[rows, ends], labels[rows, ends] = eos_id, 1, eos_id
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+class LocFTBF(Editor):
+    """Breadth-first fine-tuning of one module's weight; no meta-training; any model family."""
+
+    def __init__(self, model: nn.Module, family: str, module: str, *, lr: float, batch_size: int, n_epochs: int,
+                 loss_threshold: float, eos_id: int | None, seed: int, device="cpu"):
+        super().__init__(model, family, device)
+        if family == "causal" and eos_id is None:
+            raise ValueError("editor locft_bf: the tokenizer has no EOS token to append to the targets")
+        resolve_modules(model, [module])  # a clear error (listing the modules) on a bad name
+        self.param = f"{module}.weight"
+        self.lr, self.batch_size, self.n_epochs = lr, batch_size, n_epochs
+        self.loss_threshold, self.eos_id, self.seed = loss_threshold, eos_id, seed
+        self.epochs_run = 0  # of the last edit (early stopping)
+
+    def loss(self, batch: dict, params: dict) -> torch.Tensor:
+        """Mean NLL per target token of the batch (binary cross-entropy per example for the classifier)."""
+        lg = logits(self.model, batch, self.family, params)
+        if self.family == "classifier":
+            return nll(lg, batch, self.family).mean()
+        return nll(lg, batch, self.family).sum() / (batch["labels"] != IGNORE).sum()
+
+    def edit(self, batches: list[dict]) -> Shifts:
+        data = concat(batches)
+        if self.family == "causal":
+            data = with_eos(data, self.eos_id)
+        original = self.model.get_parameter(self.param).detach()
+        leaf = original.float().clone().requires_grad_()
+        opt = torch.optim.Adam([leaf], lr=self.lr)
+        gen = torch.Generator().manual_seed(self.seed)
+        n = len(data["input_ids"])
+        for epoch in range(self.n_epochs):
+            losses = []
+            for idx in torch.randperm(n, generator=gen).split(self.batch_size):
+                batch = to_device({k: v[idx] for k, v in data.items()}, self.device)
+                loss = self.loss(batch, {self.param: leaf.to(original.dtype)})
+                losses.append(loss.item())
+                if losses[-1] < self.loss_threshold:
+                    continue  # this mini-batch is already learnt: no step
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            self.epochs_run = epoch + 1
+            if sum(losses) / len(losses) < self.loss_threshold:
+                break
+        return {self.param: leaf.detach() - original.float()}

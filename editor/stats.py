@@ -1,0 +1,131 @@
+"""Key statistics of MEMIT and EMMET: C = E[k k^T] of an edited module's input over generic text.
+
+C is computed once per model, module and text sample, cached on disk and reused. The cache key
+holds everything C depends on (model identity and dtype, module, text source, number of samples,
+digests of the texts themselves and of the tokenizer's vocabulary, truncation length), so a stale
+file is never picked up.
+"""
+import hashlib
+import json
+import logging
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from util import save_checkpoint
+
+log = logging.getLogger(__name__)
+WIKITEXT = ("Salesforce/wikitext", "wikitext-103-raw-v1")  # the other text source (needs the hub)
+
+
+def wikitext_texts() -> list[str]:
+    """Non-empty paragraphs of the wikitext-103 training split, through `datasets` (needs the network)."""
+    try:
+        from datasets import load_dataset
+        rows = load_dataset(*WIKITEXT, split="train")["text"]
+    except Exception as err:  # offline: ConnectionError, hub errors, ... all mean "not available here"
+        raise ValueError(f"editor.stats_source=wikitext: cannot load {'/'.join(WIKITEXT)} through `datasets` "
+                         f"({type(err).__name__}: {str(err)[:200]}); offline, use editor.stats_source=train") from err
+    # heading lines (" = Title = ") are not running text
+    return [t.strip() for t in rows if t.strip() and not t.strip().startswith("=")]
+
+
+def sample_texts(texts: list[str], n_samples: int, source: str) -> list[str]:
+    """A fixed random sample of at most `n_samples` non-empty texts (seed 0 for every run, so runs share
+    the cache); with fewer texts available, all of them and a warning."""
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise ValueError(f"key statistics: the text source {source!r} gave no text")
+    if len(texts) <= n_samples:
+        if len(texts) < n_samples:
+            log.warning("key statistics: source %r has %d texts, fewer than editor.n_samples=%d; using all",
+                        source, len(texts), n_samples)
+        return texts
+    picks = np.random.default_rng(0).choice(len(texts), n_samples, replace=False)
+    return [texts[i] for i in sorted(picks)]
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 over every parameter's name, dtype, shape and bytes: the identity of a random tiny model."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        h.update(f"{name}:{p.dtype}:{tuple(p.shape)}".encode())
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def cache_file(cache_dir: str | Path, key: dict) -> Path:
+    """cache_dir/key_stats/<model>/<module>.<source>.n<samples>.<digest of the whole key>.pt"""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    model = re.sub(r"[^A-Za-z0-9._-]+", "--", key["model"]).strip("-")[-80:]
+    return Path(cache_dir) / "key_stats" / model / f"{key['module']}.{key['source']}.n{key['n_samples']}.{digest}.pt"
+
+
+def key_second_moments(model: nn.Module, tokenizer, modules: dict[str, nn.Module], texts: list[str], *,
+                       source: str, n_samples: int, model_id: str, cache_dir: str | Path, max_len: int,
+                       batch_size: int, device) -> tuple[dict[str, torch.Tensor], float]:
+    """C = E[k k^T] (d_in, d_in) per module, float32 on `device`, and the seconds spent computing them
+    (0 when every one came from the cache). `texts` is the sample (see `sample_texts`)."""
+    digest = hashlib.sha256("\x00".join(texts).encode()).hexdigest()
+    vocab = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
+    dtype = str(next(model.parameters()).dtype)
+    keys = {n: {"model": model_id, "dtype": dtype, "module": n, "source": source, "n_samples": n_samples,
+                "n_texts": len(texts), "texts_sha256": digest, "vocab_sha256": vocab, "max_len": max_len}
+            for n in modules}
+    covs, missing = {}, {}
+    for name, key in keys.items():
+        path = cache_file(cache_dir, key)
+        if path.is_file():
+            saved = torch.load(path, map_location=device, weights_only=True)
+            if saved["key"] == key:  # the digest names the key; this guards against a collision
+                covs[name] = saved["cov"]
+                log.info("key statistics of %s loaded from %s", name, path)
+                continue
+        missing[name] = modules[name]
+    if not missing:
+        return covs, 0.0
+    start = time.time()
+    computed, n_tokens = _second_moments(model, tokenizer, missing, texts, max_len, batch_size, device)
+    seconds = time.time() - start
+    for name, cov in computed.items():
+        path = cache_file(cache_dir, keys[name])
+        save_checkpoint({"cov": cov.cpu(), "n_tokens": n_tokens, "key": keys[name]}, path)  # temp + rename
+        covs[name] = cov
+    log.info("key statistics of %d modules: %d texts, %d tokens in %.1f s, cached under %s",
+             len(missing), len(texts), n_tokens, seconds, Path(cache_dir) / "key_stats")
+    return covs, seconds
+
+
+@torch.no_grad()
+def _second_moments(model: nn.Module, tokenizer, modules: dict[str, nn.Module], texts: list[str],
+                    max_len: int, batch_size: int, device) -> tuple[dict[str, torch.Tensor], int]:
+    """One pass over `texts` for all modules: mean of k k^T over every non-padding token."""
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: seen.__setitem__(n, inp[0]))
+             for n, m in modules.items()]
+    # float64 sums: 100,000 texts of positive terms lose digits in float32
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
+    try:
+        for i in tqdm(range(0, len(texts), batch_size), desc="key statistics", dynamic_ncols=True):
+            enc = tokenizer(texts[i: i + batch_size], truncation=True, max_length=max_len, padding=True,
+                            padding_side="right", return_tensors="pt")
+            mask = enc["attention_mask"].bool().to(device)  # (B, T)
+            model(input_ids=enc["input_ids"].to(device), attention_mask=mask.long())
+            for n in modules:
+                k = seen[n][mask].float()  # (n_tokens, d_in)
+                prod = (k.T @ k).double()  # (d_in, d_in)
+                if n in sums:
+                    sums[n] += prod
+                else:
+                    sums[n] = prod
+            count += int(mask.sum())
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: (s / count).float() for n, s in sums.items()}, count

@@ -1,0 +1,218 @@
+"""MEMIT, EMMET and LocFT-BF on tiny-gpt2: edits succeed, the closed forms hold, key statistics are cached.
+
+The edits are "The home town of {subject}" -> city, read with a word-level tokenizer built here, so
+that the city is one token predicted at the last subject token. Why: a random tiny model attends
+almost uniformly and layer-normalises every position, so a change at the subject reaches a later
+position only diluted; with the byte-level tokenizer (answer " Paris" = 6 tokens after "?") even an
+unconstrained delta at the subject moved the answer's NLL by 0.05 nats, i.e. MEMIT had nothing to
+work with. Its hidden states are also small and carry no facts, so the target vectors need a larger
+clamp (4 |h|) and a weaker norm penalty than GPT-J's (TARGETS), and LocFT-BF, which gets 25 Adam steps
+on one 128 x 32 module here (8 edits = one mini-batch), a larger learning rate.
+"""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+import editor.stats
+from data.records import DataError, EditRecord
+from editor.base import apply_shifts, from_param_layout
+from editor.emmet import EMMET
+from editor.locate import subject_end
+from editor.locft_bf import LocFTBF, with_eos
+from editor.memit import memit_delta
+from editor.stats import key_second_moments
+from main import build_editor, evaluate, run
+from model.lm import nll, logits
+from tests.conftest import build_model, make_cfg, one_group, write_records
+
+SUBJECTS = ["Alma", "Boris", "Cyra", "Dov", "Enzo", "Fay", "Gus", "Hana"]
+CITIES = ["Paris", "Rome", "Oslo", "Lima", "Cairo", "Quito", "Dakar", "Hanoi"]
+TARGETS = ["editor.n_prefixes=0", "editor.clamp_factor=4", "editor.norm_coef=0.01"]
+TINY = {"memit": TARGETS, "emmet": TARGETS, "locft_bf": ["editor.lr=5e-3"]}
+
+
+def edits() -> list[EditRecord]:
+    return [EditRecord(prompt=f"The home town of {s}", answer=CITIES[i], equiv_prompts=(f"{s} was born in",),
+                       unrel_prompt=f"The capital of country {i} is", unrel_answer=CITIES[(i + 1) % 8], subject=s,
+                       index=i) for i, s in enumerate(SUBJECTS)]
+
+
+def stats_records() -> list[EditRecord]:
+    """The training file, the offline text source of the key statistics: ~900 tokens, well above d_in = 128."""
+    templates = ["The home town of {}", "{} was born in the city of", "Where does {} live ?", "The employer of {} is"]
+    return [EditRecord(prompt=templates[j % 4].format(f"Person{j}"), answer=CITIES[j % 8], equiv_prompts=("x",),
+                       unrel_prompt=f"The capital of country {j} is", unrel_answer=CITIES[j % 5]) for j in range(120)]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict:
+    return build_world(tmp_path_factory.mktemp("world"))
+
+
+def build_world(root: Path) -> dict:
+    """A word-level tokenizer over the world's words (saved for model.tokenizer) and the training file."""
+    texts = [t for r in edits() + stats_records() for t in (r.prompt, r.answer, r.unrel_prompt, *r.equiv_prompts)]
+    split = pre_tokenizers.Whitespace()
+    words = sorted({w for t in texts + ["is a"] for w, _ in split.pre_tokenize_str(t)})
+    vocab = {w: i for i, w in enumerate(words + ["<unk>", "<|endoftext|>"])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = split
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|endoftext|>",
+                            model_max_length=512).save_pretrained(root / "tokenizer")
+    return {"tokenizer": str(root / "tokenizer"), "train": write_records(root / "train.json", stats_records(), "zsre")}
+
+
+def world_cfg(world, tmp_path, editor_name: str, *extra: str):
+    return make_cfg("model=tiny-gpt2", f"model.tokenizer={world['tokenizer']}", f"editor={editor_name}",
+                    "data.n_edits=8", "data.batch_size=8", f"data.train_path={world['train']}",
+                    f"cache_dir={tmp_path / 'cache'}", *TINY[editor_name], *extra)
+
+
+def edited(cfg, seed: int = 0):
+    """(editor, group, model, shifts) after editing the 8 world edits on a fresh tiny-gpt2."""
+    torch.manual_seed(seed)
+    model, tokenizer = build_model(cfg)
+    group = one_group(cfg, tokenizer, edits())
+    editor = build_editor(cfg, model, tokenizer=tokenizer)
+    return editor, group, model, editor.edit_group(group)
+
+
+@pytest.mark.parametrize("editor_name", ["memit", "emmet", "locft_bf"])
+def test_edits_succeed(world, tmp_path, editor_name):
+    cfg = world_cfg(world, tmp_path, editor_name)
+    editor, group, model, shifts = edited(cfg)
+    pre = evaluate(model, group, "causal", "cpu")
+    with apply_shifts(model, shifts):
+        post = evaluate(model, group, "causal", "cpu")
+    assert pre["ES"] <= 0.25 and post["ES"] >= 0.9, (pre, post)
+    modules = ([cfg.editor.module.format(i) for i in cfg.editor.layers] if editor_name != "locft_bf"
+               else [cfg.editor.module])
+    assert set(shifts) == {f"{m}.weight" for m in modules}
+
+
+@pytest.mark.parametrize("editor_name", ["memit", "emmet"])
+def test_closed_forms_hold(world, tmp_path, editor_name):
+    """Per layer, on the keys K, residuals R and statistics C of a real edit (float64):
+    MEMIT  Delta (lam C + K K^T) = R K^T.
+    EMMET  Delta = Lambda K^T C_s^-1 and Delta K + lam_e Lambda = R (C_s = lam C): with Lambda from the
+           second, the first reads Delta C_s = Lambda K^T. Together they say Delta (lam_e C_s + K K^T) = R K^T,
+           MEMIT's equation with lam * lam_e, so EMMET must also equal memit_delta with that weight."""
+    # any targets will do for the algebra: few target steps
+    cfg = world_cfg(world, tmp_path, editor_name, "model.dtype=float64", "editor.n_steps=5")
+    editor, _, model, shifts = edited(cfg)
+    assert len(editor.solves) == 2
+    for name, (k, r, c) in editor.solves.items():
+        assert k.dtype == torch.float64 and r.norm() > 0
+        delta = from_param_layout(editor.modules[name], shifts[f"{name}.weight"])  # (d_out, d_in)
+        if editor_name == "memit":
+            lhs, rhs = delta @ (editor.lam * c + k @ k.T), r @ k.T
+        else:
+            assert isinstance(editor, EMMET)
+            c_s = editor.lam * c
+            lagrange = (r - delta @ k) / editor.lam_e  # (d_out, n)
+            lhs, rhs = delta @ c_s, lagrange @ k.T
+            same = memit_delta(k, r, c, editor.lam * editor.lam_e)
+            assert torch.allclose(delta, same, rtol=1e-6, atol=1e-9 * same.abs().max())
+        assert (lhs - rhs).norm() <= 1e-9 * rhs.norm(), (name, (lhs - rhs).norm() / rhs.norm())
+
+
+def test_statistics_are_cached_and_keyed(world, tmp_path, monkeypatch):
+    cfg = world_cfg(world, tmp_path, "memit")
+    torch.manual_seed(0)
+    model, tokenizer = build_model(cfg)
+    first = build_editor(cfg, model, tokenizer=tokenizer)
+    files = sorted((tmp_path / "cache" / "key_stats").rglob("*.pt"))
+    assert first.stats_time_s > 0 and len(files) == 2  # one per critical layer
+    stamps = [f.stat().st_mtime_ns for f in files]
+
+    def no_recompute(*args, **kwargs):
+        raise AssertionError("statistics recomputed although cached")
+    monkeypatch.setattr(editor.stats, "_second_moments", no_recompute)
+    second = build_editor(cfg, model, tokenizer=tokenizer)
+    assert second.stats_time_s == 0.0
+    assert [f.stat().st_mtime_ns for f in files] == stamps
+    for name in first.covs:
+        assert torch.equal(first.covs[name], second.covs[name])
+    monkeypatch.undo()
+
+    # anything C depends on gets its own file: other weights (another random model), other samples
+    torch.manual_seed(1)
+    other, _ = build_model(cfg)
+    assert build_editor(cfg, other, tokenizer=tokenizer).stats_time_s > 0
+    assert build_editor(world_cfg(world, tmp_path, "memit", "editor.n_samples=50"), model,
+                        tokenizer=tokenizer).stats_time_s > 0
+    assert len(list((tmp_path / "cache" / "key_stats").rglob("*.pt"))) == 6
+
+
+def test_second_moment_matches_unpadded_tokens(world, tmp_path):
+    """Batched, padded statistics equal the mean of k k^T over the keys of each text run alone."""
+    cfg = world_cfg(world, tmp_path, "memit", "model.dtype=float64")
+    torch.manual_seed(0)
+    model, tokenizer = build_model(cfg)
+    texts = [r.prompt for r in stats_records()[:9]]
+    name = cfg.editor.module.format(1)
+    module = model.get_submodule(name)
+    covs, _ = key_second_moments(model, tokenizer, {name: module}, texts, source="test", n_samples=9,
+                                 model_id="test", cache_dir=tmp_path, max_len=64, batch_size=4, device="cpu")
+    keys = []
+    handle = module.register_forward_hook(lambda mod, inp, out: keys.append(inp[0][0]))
+    with torch.no_grad():
+        for t in texts:
+            model(**tokenizer(t, return_tensors="pt"))
+    handle.remove()
+    k = torch.cat(keys)  # (n_tokens, d_in)
+    assert torch.allclose(covs[name].double(), k.T @ k / len(k), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("subject,msg", [(None, "missing"), ("Nobody", "does not occur in the prompt")])
+def test_unlocatable_subject_is_named(world, tmp_path, subject, msg):
+    rows = json.loads(open(write_records(tmp_path / "valid.json", edits(), "zsre")).read())
+    if subject is None:
+        del rows[5]["subject"]
+    else:
+        rows[5]["subject"] = subject
+    (tmp_path / "valid.json").write_text(json.dumps(rows))
+    cfg = world_cfg(world, tmp_path, "memit", f"data.valid_path={tmp_path / 'valid.json'}", "editor.n_steps=1")
+    with pytest.raises(DataError, match=msg) as err:
+        run(cfg, tmp_path)
+    assert (err.value.path, err.value.index, err.value.field) == (str(tmp_path / "valid.json"), 5, "subject")
+
+
+def test_subject_is_found_as_a_word_first():
+    prompt = "Where does E live?"
+    assert prompt[:subject_end(prompt, "E")] == "Where does E"  # not the "e" of "Where"
+    assert subject_end("the beatles sang", "The Beatles") == len("the beatles")
+    assert subject_end("Who is it?", "Nobody") is None
+
+
+def test_memit_refuses_other_families(tmp_path):
+    with pytest.raises(ValueError, match="editor emmet edits causal LMs.*seq2seq"):
+        run(make_cfg("model=tiny-t5", "editor=emmet", f"cache_dir={tmp_path}"), tmp_path)
+
+
+def test_locft_eos_target_and_stopping_rules(world, tmp_path):
+    cfg = world_cfg(world, tmp_path, "locft_bf")
+    torch.manual_seed(0)
+    model, tokenizer = build_model(cfg)
+    batch = one_group(cfg, tokenizer, edits()).edit[0]
+    eos = tokenizer.eos_token_id
+    extended = with_eos(batch, eos)
+    lengths = batch["attention_mask"].sum(1)
+    rows = torch.arange(len(lengths))
+    assert (extended["input_ids"][rows, lengths] == eos).all() and (extended["labels"][rows, lengths] == eos).all()
+    assert torch.equal(extended["labels"][:, :-1][batch["labels"] != -100], batch["labels"][batch["labels"] != -100])
+    # the EOS target adds one token's NLL per example
+    assert (nll(logits(model, extended, "causal"), extended, "causal")
+            > nll(logits(model, batch, "causal"), batch, "causal")).all()
+
+    def locft(threshold: float) -> LocFTBF:
+        return LocFTBF(model, "causal", cfg.editor.module, lr=5e-3, batch_size=3, n_epochs=4,
+                       loss_threshold=threshold, eos_id=eos, seed=0)
+    lazy = locft(1e9)  # every batch counts as learnt: all steps skipped, stop after the first epoch
+    assert all((s == 0).all() for s in lazy.edit([batch]).values()) and lazy.epochs_run == 1
+    busy = locft(0.0)  # never learnt: every epoch runs
+    assert any((s != 0).any() for s in busy.edit([batch]).values()) and busy.epochs_run == 4
