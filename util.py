@@ -30,6 +30,11 @@ def _atomic(path: Path, write) -> None:
         raise
 
 
+def atomic_write(path: str | Path, data: str | bytes) -> None:
+    """Write text (UTF-8) or bytes atomically: a reader sees the old file or the new one, never half."""
+    _atomic(Path(path), lambda f: f.write(data.encode() if isinstance(data, str) else data))
+
+
 def save_checkpoint(state: dict, path: str | Path) -> None:
     """Write {net, opt, step, config} atomically (temp file + rename)."""
     _atomic(Path(path), lambda f: torch.save(state, f))
@@ -44,7 +49,7 @@ def load_checkpoint(path: str | Path) -> dict:
 
 def save_json(obj, path: str | Path) -> None:
     """Write JSON atomically."""
-    _atomic(Path(path), lambda f: f.write(json.dumps(obj, indent=2).encode()))
+    atomic_write(path, json.dumps(obj, indent=2))
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from util import atomic_write
+
 # relation -> (object pool kind, templates); {s} is the subject
 RELATIONS = {
     "citizenship": ("country", [
@@ -137,10 +139,8 @@ def write_world(cfg: WorldConfig, root: str | Path) -> dict[str, str]:
     train = [train[i] for i in rng.permutation(len(train))]
     valid = _records(world, world["roles"]["valid"], rng, slice(0, k), slice(k, None), locality, True)
     valid = [valid[i] for i in rng.permutation(len(valid))]
-    out.mkdir(parents=True, exist_ok=True)
+    # world.json first: the three record files mark a complete world (see the check above)
+    atomic_write(out / "world.json", json.dumps({"config": asdict(cfg), **world}, indent=0))
     for name, rows in (("train", train), ("valid", valid), ("facts", pretraining_facts(world))):
-        tmp = Path(paths[name] + ".tmp")
-        tmp.write_text(json.dumps(rows, indent=0))
-        tmp.replace(paths[name])  # atomic: a concurrent run never reads half a file
-    (out / "world.json").write_text(json.dumps({"config": asdict(cfg), **world}, indent=0))
+        atomic_write(paths[name], json.dumps(rows, indent=0))
     return paths

@@ -17,7 +17,6 @@ import http.client
 import json
 import os
 import sys
-import tempfile
 import urllib.request
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from tqdm import tqdm  # noqa: E402
 from data.convert import (MISSING_EQUIV, convert_fever, convert_zsre, dumps_records,  # noqa: E402
                           fever_claims, nq_pairs)
 from data.records import DataError, load_records, read_objects  # noqa: E402
+from util import atomic_write  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = {  # release file name -> URL
@@ -92,7 +92,7 @@ def verify_manifest(raw: Path, names: list[str]) -> dict[str, str]:
     new = {n: h for n, h in hashes.items() if n not in known}
     if new:
         try:
-            _atomic_write(manifest, "".join(f"{h}  {n}\n" for n, h in sorted({**known, **new}.items())))
+            atomic_write(manifest, "".join(f"{h}  {n}\n" for n, h in sorted({**known, **new}.items())))
             print(f"recorded sha256 of {', '.join(sorted(new))} in {manifest}; later runs verify against it")
         except OSError as err:  # e.g. a read-only --from-dir: the conversion report still keeps them
             print(f"warning: cannot write {manifest} ({err}); checksums go to the conversion report only",
@@ -226,7 +226,7 @@ def _convert_fever(raw: Path, paths: tuple[Path, Path], hashes: dict, args) -> N
 
 def _write(dest: Path, rows: list[dict], fmt: str, src: Path, digest: str, stats: dict) -> dict:
     """Write `rows`, read them back as data=`fmt` will, and return the report entry."""
-    _atomic_write(dest, dumps_records(rows))
+    atomic_write(dest, dumps_records(rows))
     n = len(load_records(str(dest), fmt))
     if n != len(rows):
         raise ValueError(f"{dest}: wrote {len(rows)} records but read back {n}")
@@ -237,19 +237,7 @@ def _write(dest: Path, rows: list[dict], fmt: str, src: Path, digest: str, stats
 def _report(folder: Path, name: str, reports: dict, args) -> None:
     report = {"dataset": name, "seed": args.seed, "missing_equiv": args.missing_equiv if name == "fever" else None,
               "nq": args.nq if name == "zsre" else None, "files": reports}
-    _atomic_write(folder / "conversion.json", json.dumps(report, indent=2) + "\n")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write(folder / "conversion.json", json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -25,13 +24,14 @@ import hydra  # noqa: E402
 import torch  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
+from safetensors.torch import save  # noqa: E402
 from torch import nn  # noqa: E402
 
 from data.collate import Collator  # noqa: E402
 from data.records import DataError, EditRecord, load_records  # noqa: E402
 from model.lm import logits, nll, to_device  # noqa: E402
 from model.load import load_model  # noqa: E402
+from util import atomic_write  # noqa: E402
 
 log = logging.getLogger("finetune")
 CHECKPOINT = "classifier.safetensors"
@@ -114,9 +114,7 @@ def finetune(build: Callable[[], tuple[nn.Module, object]], train_set: list[Edit
 def save_classifier(model: nn.Module, path: Path, metadata: dict[str, str]) -> None:
     """The full state dict as safetensors (atomic: temp file + rename); `metadata` goes in its header."""
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(state, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    atomic_write(path, save(state, metadata=metadata))
 
 
 def run(cfg: DictConfig, out_dir: Path) -> tuple[dict, nn.Module]:
