@@ -15,7 +15,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from checkpoint import load_editor_checkpoint, resume, rng_state
 from data.collate import Collator
+from data.facts import fact_group, read_facts, require_subjects
 from data.groups import edit_groups, n_groups
 from data.records import DataError, load_records
 from data.synthetic import WorldConfig, write_world
@@ -27,10 +29,11 @@ from editor.malmen import MALMEN
 from editor.memit import MEMIT
 from editor.mend import MEND
 from editor.stats import wikitext_texts
+from edit_facts import check_out_dir, edit_and_save, reload_overrides, sha256
 from model.lm import success
 from model.load import load_model, resolve_modules
 from model.toy import ensure_toy_model
-from util import Logger, load_checkpoint, peak_memory_mb, save_checkpoint, save_json, seed_everything
+from util import Logger, peak_memory_mb, save_checkpoint, save_json, seed_everything
 
 log = logging.getLogger("main")
 
@@ -91,8 +94,8 @@ def build_editor(cfg: DictConfig, model: torch.nn.Module, dtype: torch.dtype = t
                  max_grad_norm=e.max_grad_norm, token=e.token, batch_size=e.batch_size,
                  regularize=e.regularize, device=cfg.editor_device, cache_device=e.cache_device,
                  dtype=dtype)
-    if e.checkpoint:
-        editor.load_state_dict(load_checkpoint(e.checkpoint))
+    if e.checkpoint:  # refused, saying what differs, if trained for another model or module layout
+        load_editor_checkpoint(e.checkpoint, editor, OmegaConf.to_container(cfg, resolve=True))
     return editor
 
 
@@ -130,26 +133,31 @@ def load(cfg: DictConfig) -> tuple[torch.nn.Module, object]:
 
 
 def train(cfg: DictConfig, editor: Editor, collator: Collator, logger: Logger, run_dir: Path,
-          config: dict) -> list[dict]:
-    """Meta-train for cfg.n_epochs (capped by max_train_steps); checkpoint to run_dir."""
+          config: dict, done: list[dict] | None = None) -> list[dict]:
+    """Meta-train for cfg.n_epochs (capped by max_train_steps); checkpoint to run_dir.
+
+    `done`: the train log of an interrupted run being resumed; its groups are skipped."""
     records = load_records(cfg.data.train_path, cfg.data.format)
     m = cfg.data.n_edits
-    total = cfg.n_epochs * n_groups(len(records), m)
+    per_epoch = n_groups(len(records), m)
+    total = cfg.n_epochs * per_epoch
     if cfg.max_train_steps is not None:
         total = min(total, cfg.max_train_steps)
-    log_rows = []
-    bar = tqdm(total=total, desc="meta-train", dynamic_ncols=True)
-    for epoch in range(cfg.n_epochs):
+    log_rows = list(done or [])
+    bar = tqdm(total=total, initial=min(len(log_rows), total), desc="meta-train", dynamic_ncols=True)
+    for epoch in range(len(log_rows) // max(per_epoch, 1), cfg.n_epochs):
         groups = edit_groups(records, m, cfg.data.batch_size, collator, seed=cfg.seed + epoch, shuffle=True,
                              path=cfg.data.train_path)
-        for group in itertools.islice(groups, total - len(log_rows)):
+        skip = max(0, len(log_rows) - epoch * per_epoch)  # groups of this epoch the resumed run already took
+        for group in itertools.islice(groups, skip, skip + max(0, total - len(log_rows))):
             metrics = editor.meta_step(group)
             log_rows.append({"step": editor.step, "epoch": epoch, **metrics})
             logger.log({f"train/{k}": v for k, v in metrics.items()}, editor.step)
             bar.set_postfix(gen=f"{metrics['gen_loss']:.3f}", loc=f"{metrics['loc_loss']:.3f}")
             bar.update()
             if len(log_rows) % cfg.save_every == 0 or len(log_rows) == total:
-                save_checkpoint({**editor.state_dict(), "config": config}, run_dir / "checkpoint.pt")
+                save_checkpoint({**editor.state_dict(), "config": config, "train_log": log_rows,
+                                 "rng": rng_state()}, run_dir / "checkpoint.pt")
     bar.close()
     return log_rows
 
@@ -166,10 +174,14 @@ def validate(cfg: DictConfig, model, editor: Editor, collator: Collator, logger:
     rows = []
     for group in tqdm(itertools.islice(groups, n_valid), total=n_valid, desc="validate", dynamic_ncols=True):
         pre = evaluate(model, group, cfg.model.family, device)
-        shifts = editor.edit_group(group)
+        extra = {}
+        if isinstance(editor, MALMEN):  # and MEND: the residual of the aggregation (Fig. 8)
+            shifts, extra["residual"] = editor.edit_with_residual(group.edit)
+        else:
+            shifts = editor.edit_group(group)
         with apply_shifts(model, shifts):
             post = evaluate(model, group, cfg.model.family, device)
-        rows.append({**post, "pre_edit": pre})
+        rows.append({**post, "pre_edit": pre, **extra})
         logger.log({f"valid/{k}": v for k, v in post.items()}, editor.step + len(rows))
     return rows
 
@@ -179,6 +191,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     start = time.time()
     if cfg.model.family == "classifier" and cfg.data.format != "fever":
         raise ValueError(f"model={cfg.model.name} is a binary FEVER classifier: it needs data=fever")
+    if cfg.variant != "none" and cfg.editor.name != "malmen":
+        raise ValueError(f"ablation={cfg.variant} is a switch of the MALMEN editor: use editor=malmen, "
+                         f"not editor={cfg.editor.name}")
     materialize(cfg)
     seed_everything(cfg.seed)
     device = torch.device(cfg.model_device)
@@ -189,7 +204,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     editor = build_editor(cfg, model, tokenizer=tokenizer)
     config = OmegaConf.to_container(cfg, resolve=True)
     logger = Logger(cfg.logger, cfg.wandb.project, cfg.wandb.mode, config, run_dir)
-    train_log = train(cfg, editor, collator, logger, run_dir, config) if editor.trainable and cfg.n_epochs > 0 else []
+    # editor.resume: continue the meta-training whose checkpoint is in this run directory
+    done = resume(run_dir / "checkpoint.pt", editor, config) if cfg.editor.get("resume") else []
+    train_log = (train(cfg, editor, collator, logger, run_dir, config, done)
+                 if editor.trainable and cfg.n_epochs > 0 else done)
     valid_log = validate(cfg, model, editor, collator, logger)
     results = {
         "config": config,
@@ -201,21 +219,74 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "stats_time_s": editor.stats_time_s,  # MEMIT/EMMET key statistics; 0 when loaded from the cache
         "peak_memory_mb": peak_memory_mb(device),
     }
+    if valid_log and "residual" in valid_log[0]:
+        results["residual"] = sum(v["residual"] for v in valid_log) / len(valid_log)
     save_json(results, run_dir / "results.json")
     logger.log({f"final/{k}": v for k, v in results["final"].items()}, editor.step + len(valid_log) + 1)
     logger.finish()
     return results
 
 
+def run_edit(cfg: DictConfig, run_dir: Path) -> dict:
+    """mode=edit: edit the model with every fact of cfg.edit.facts at once; save it with provenance.json."""
+    start, e = time.time(), cfg.editor
+    if not cfg.edit.facts:
+        raise ValueError("mode=edit needs edit.facts=PATH (a .json, .jsonl or .csv file of facts; see README)")
+    if e.name in ("malmen", "mend") and not e.checkpoint:
+        raise ValueError(f"editor {e.name} edits with a trained hyper-network: set editor.checkpoint=PATH "
+                         "(the checkpoint.pt of a training run); ft, memit, emmet and locft_bf need none")
+    out_dir = Path(cfg.edit.out_dir or run_dir / "edited")
+    check_out_dir(out_dir)
+    facts = read_facts(cfg.edit.facts, labels=cfg.model.family == "classifier")
+    if e.name in ("memit", "emmet"):
+        require_subjects(facts, cfg.edit.facts, e.name)
+    materialize(cfg)
+    seed_everything(cfg.seed)
+    model, tokenizer = load(cfg)
+    group = fact_group(facts, cfg.data.batch_size, Collator(tokenizer, cfg.model.family), cfg.edit.facts)
+    editor = build_editor(cfg, model, tokenizer=tokenizer)
+    provenance = {
+        "facts": {"path": str(cfg.edit.facts), "sha256": sha256(cfg.edit.facts)},
+        "editor": {"name": e.name, "checkpoint": e.get("checkpoint"),
+                   "checkpoint_sha256": sha256(e.checkpoint) if e.get("checkpoint") else None},
+        "reload": reload_overrides(out_dir, cfg.model.family, cfg.model.tiny is not None),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(start)),
+    }
+    record = edit_and_save(model, tokenizer, editor, group, cfg.model.family, torch.device(cfg.model_device),
+                           out_dir, provenance)
+    return {**record, "out_dir": str(out_dir), "time_s": time.time() - start}
+
+
+def print_edit(results: dict) -> None:
+    """ES/GS of the facts before and after, and where the edited model went."""
+    print(f"\n{results['n_facts']} facts, {results['n_rephrases']} rephrasings")
+    print(f"{'':8}{'ES':>8}{'GS':>8}")
+    for row in ("before", "after"):  # GS is '-' when no fact has rephrasings
+        print(f"{row:8}" + "".join(f"{'-':>8}" if v is None else f"{v:8.3f}" for v in results[row].values()))
+    print(f"edited model in {results['out_dir']} (provenance.json); load it with model={results['config']['model']['name']} "
+          + " ".join(results["reload"]))
+
+
 @hydra.main(version_base="1.3", config_path="config", config_name="config")
 def main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        results = run(cfg, run_dir)
+        if cfg.mode not in ("train", "edit"):
+            raise ValueError(f"mode must be train or edit, got {cfg.mode!r}")
+        results = (run_edit if cfg.mode == "edit" else run)(cfg, run_dir)
     except (DataError, FileNotFoundError, ValueError) as err:  # bad input: one message, no traceback
         log.debug("error", exc_info=True)
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        if cfg.mode == "train" and "resume" in cfg.editor:  # editors that meta-train
+            print(f"\ninterrupted: the last checkpoint is in {run_dir}; continue with the same command plus "
+                  f"hydra.run.dir={run_dir} editor.resume=true", file=sys.stderr)
+        sys.exit(130)
+    if cfg.mode == "edit":
+        print_edit(results)
+        return
     f, p = results["final"], results["pre_edit"]
     print(f"\n{'':8}{'ES':>8}{'GS':>8}{'LS':>8}")
     print(f"{'pre':8}{p['ES']:8.3f}{p['GS']:8.3f}{p['LS']:8.3f}")

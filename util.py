@@ -1,6 +1,7 @@
 """Small helpers for main.py: seeding, checkpoints, memory, logging."""
 import json
 import os
+import pickle
 import random
 import resource
 import sys
@@ -44,7 +45,16 @@ def load_checkpoint(path: str | Path) -> dict:
     """Load a checkpoint without running code from it (weights_only=True)."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"editor checkpoint {path} does not exist")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # the unpickler met an object other than tensors and containers
+        # torch's message is a paragraph of advice around one line of reason; keep the reason
+        skip = ("Weights only load failed", "Check the documentation", "Please file an issue")
+        reason = " ".join(ln.strip() for ln in str(err).splitlines() if ln.strip() and not ln.startswith(skip))
+        raise ValueError(f"refused to load {path}: it holds objects other than tensors and plain containers, "
+                         f"which could run code on load ({reason[:300]})") from err
+    except (RuntimeError, EOFError) as err:  # truncated or not a torch file
+        raise ValueError(f"cannot read checkpoint {path}: {err}") from err
 
 
 def save_json(obj, path: str | Path) -> None:

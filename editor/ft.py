@@ -5,6 +5,7 @@ for `n_epochs` over the edit batches on -log p(y | x), and returned as shifts fr
 """
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from editor.base import Editor, Shifts
 from model.lm import logits, nll, to_device
@@ -23,7 +24,7 @@ class FT(Editor):
         originals = {n: self.model.get_parameter(n).detach() for n in self.names}
         leaves = {n: w.float().clone().requires_grad_() for n, w in originals.items()}
         opt = torch.optim.AdamW(leaves.values(), lr=self.lr, weight_decay=self.weight_decay)
-        for _ in range(self.n_epochs):
+        for _ in tqdm(range(self.n_epochs), desc="FT epochs", leave=False, dynamic_ncols=True):
             for batch in batches:
                 batch = to_device(batch, self.device)
                 params = {n: w.to(originals[n].dtype) for n, w in leaves.items()}

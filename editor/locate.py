@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from data.collate import Collator
 from data.records import DataError, EditRecord
@@ -142,7 +143,8 @@ def target_vectors(model: nn.Module, tokenizer, reqs: list[Request], prefixes: l
     `batch_size` at a time with the same result.
     """
     z = [_targets(model, tokenizer, reqs[i: i + batch_size], prefixes, block, inject, n_steps, lr, kl_coef,
-                  norm_coef, clamp_factor, device) for i in range(0, len(reqs), batch_size)]
+                  norm_coef, clamp_factor, device)
+         for i in tqdm(range(0, len(reqs), batch_size), desc="MEMIT targets", leave=False, dynamic_ncols=True)]
     return torch.cat(z)
 
 

@@ -12,6 +12,7 @@ Collator and the evaluation keep their answer-only labels.
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from data.collate import IGNORE
 from editor.base import Editor, Shifts
@@ -71,7 +72,7 @@ class LocFTBF(Editor):
         opt = torch.optim.Adam([leaf], lr=self.lr)
         gen = torch.Generator().manual_seed(self.seed)
         n = len(data["input_ids"])
-        for epoch in range(self.n_epochs):
+        for epoch in tqdm(range(self.n_epochs), desc="LocFT-BF epochs", leave=False, dynamic_ncols=True):
             losses = []
             for idx in torch.randperm(n, generator=gen).split(self.batch_size):
                 batch = to_device({k: v[idx] for k, v in data.items()}, self.device)

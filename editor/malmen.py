@@ -17,6 +17,14 @@ from model.lm import kl, logits, nll, to_device
 from model.trace import trace, weight_shape
 
 
+class SolveError(ValueError):
+    """The normal equation of one layer has no finite solution."""
+
+    def __init__(self, module: str, lam: float, reason: str):
+        super().__init__(f"normal equation of module {module} (lambda = {lam:.3g}): {reason}; K^T K + lambda I is "
+                         "singular or ill-conditioned: use a larger editor.lambda_init (and editor.regularize=true)")
+
+
 class MALMEN(Editor):
     """Massive language model editing network."""
 
@@ -87,7 +95,13 @@ class MALMEN(Editor):
         for s in self._chunks(keys.shape[0]):
             k, g = keys[s].to(self.device), grads[s].to(self.device)
             rhs = rhs + k.T @ net.value_diffs(k, g, layer)
-        return torch.linalg.solve(gram, rhs).T
+        try:
+            shift = torch.linalg.solve(gram, rhs).T
+        except torch.linalg.LinAlgError as err:  # exactly singular: lambda = 0 and fewer tokens than d_in
+            raise SolveError(name, float(self._lambda(net, layer)), str(err)) from err
+        if not torch.isfinite(shift).all():  # one check per layer; NaN shifts would silently ruin the model
+            raise SolveError(name, float(self._lambda(net, layer)), "non-finite values in S*")
+        return shift
 
     def pull_back(self, name: str, keys: torch.Tensor, grads: torch.Tensor, grad_w: torch.Tensor,
                   shift: torch.Tensor) -> None:
@@ -113,6 +127,33 @@ class MALMEN(Editor):
         with torch.no_grad():
             return {f"{n}.weight": to_param_layout(self.modules[n], s)
                     for n, s in self.shifts(cache).items()}
+
+    def edit_with_residual(self, batches: list[dict]) -> tuple[Shifts, float]:
+        """`edit(batches)` and the mean residual of its shifts (paper Fig. 8), from one trace."""
+        cache = self.cache(batches)
+        with torch.no_grad():
+            shifts = self.shifts(cache)
+            residual = self.residual(cache, shifts)
+        return {f"{n}.weight": to_param_layout(self.modules[n], s) for n, s in shifts.items()}, residual
+
+    @torch.no_grad()
+    def residual(self, cache: dict, shifts: dict[str, torch.Tensor]) -> float:
+        """Mean over layers and cached tokens of ||S* u_j - d_j|| / ||d_j|| (paper 5.2, Fig. 8).
+
+        d_j is the hyper-network's value difference for token j, i.e. what its own rank-one shift does
+        to u_j; the residual measures how much aggregating the m edits into one S* cancels them."""
+        per_layer = []
+        for name, shift in shifts.items():  # shift (d_out, d_in)
+            net, layer = self._net(name)
+            keys, grads = cache[name]
+            total = 0.0
+            for s in self._chunks(keys.shape[0]):
+                k, g = keys[s].to(self.device), grads[s].to(self.device)
+                d = net.value_diffs(k, g, layer)  # (b, d_out)
+                r = (k @ shift.T - d).norm(dim=-1) / d.norm(dim=-1)  # (b,)
+                total += float(r.sum())
+            per_layer.append(total / keys.shape[0])
+        return sum(per_layer) / len(per_layer)
 
     def meta_losses(self, group, params: dict, backward: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """L_gen and L_loc of the edited LM (`params`) over the equivalent and unrelated tuples.

@@ -26,6 +26,7 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from safetensors.torch import save  # noqa: E402
 from torch import nn  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from data.collate import Collator  # noqa: E402
 from data.records import DataError, EditRecord, load_records  # noqa: E402
@@ -68,7 +69,7 @@ def train(model: nn.Module, collator: Collator, prompts: list[str], labels: list
     for epoch in range(n_epochs):
         order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
         total = 0.0
-        for i in range(0, len(order), batch_size):
+        for i in tqdm(range(0, len(order), batch_size), desc=f"fine-tune epoch {epoch + 1}", dynamic_ncols=True):
             idx = order[i: i + batch_size]
             batch = to_device(collator([prompts[j] for j in idx], [labels[j] for j in idx]), device)
             loss = nll(logits(model, batch, "classifier"), batch, "classifier").mean()  # binary CE

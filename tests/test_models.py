@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "config" / "model"
 GPT2_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "data" / "gpt2-tokenizer"
 KEYS = {"name", "arch", "family", "name_or_path", "tokenizer", "dtype", "tiny", "checkpoint",
-        "edit_modules", "ft_modules"}
+        "edit_modules", "first_ffn_modules", "ft_modules"}
 TINY = ["tiny-gpt2", "tiny-gptj", "tiny-bert", "tiny-t5"]
 REAL = ["gpt2", "bert-base", "t5-xl", "gpt-j"]
 TEXTS = ["the capital of France is", "hi"]
@@ -72,7 +72,7 @@ def test_tiny_builds_runs_and_resolves(name):
     else:
         assert logits.shape == (b, t, len(tok))
     assert torch.isfinite(logits.float()).all()
-    for key in ("edit_modules", "ft_modules"):
+    for key in ("edit_modules", "first_ffn_modules", "ft_modules"):
         mods = resolve_modules(model, cfg[key])
         assert list(mods) == cfg[key]
         assert all(mods[n] is model.get_submodule(n) for n in cfg[key])
@@ -271,8 +271,11 @@ def real_structure(arch: str) -> tuple[nn.Module, int]:
 def test_real_config_modules_exist(name):
     cfg = cfg_of(name)
     model, depth = real_structure(cfg["arch"])
-    for key in ("edit_modules", "ft_modules"):
+    for key in ("edit_modules", "first_ffn_modules", "ft_modules"):
         assert len(resolve_modules(model, cfg[key])) == len(cfg[key])
+    # Table 1's "edit first FC in FFN": the first FFN layer of the same blocks as edit_modules
+    blocks = lambda key: {re.match(r"(.*?\.\d+)\.", n).group(1) for n in cfg[key]}  # noqa: E731
+    assert blocks("first_ffn_modules") == blocks("edit_modules")
     # Paper 5.1: the edited layers are the LAST blocks (6; T5: 3 per stack).
     stacks: dict[str, list[int]] = {}
     for n in cfg["edit_modules"]:

@@ -1,0 +1,101 @@
+"""Editor checkpoints: refuse one trained for another model or layout; resume meta-training exactly.
+
+A checkpoint is one dict {net, opt, step, config, train_log, rng}, written atomically by
+util.save_checkpoint and read by util.load_checkpoint (weights_only=True: a file cannot run code).
+`train_log` (the rows of results.json's `train`, one per meta-step taken) and `rng` (python, numpy,
+torch and CUDA generator states) are what resumption needs beyond the hyper-network and optimiser.
+"""
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.trace import weight_shape
+from util import load_checkpoint
+
+# What the hyper-network's weights depend on: the model and the modules it edits.
+LAYOUT_KEYS = ("model.arch", "model.name_or_path", "model.tiny", "editor.name", "editor.aggregation",
+               "editor.regularize", "editor.modules", "editor.rank", "editor.n_blocks")
+# What else fixes the meta-training trajectory: a resumed run must agree on these too.
+TRAJECTORY_KEYS = ("seed", "model.dtype", "data.format", "data.train_path", "data.n_edits", "data.batch_size",
+                   "editor.lr_init", "editor.lambda_init", "editor.meta_lr",
+                   "editor.loc_coef", "editor.max_grad_norm", "editor.token", "editor.batch_size")
+REQUIRED = ("net", "opt", "step", "config")
+_ABSENT = "<absent>"
+
+
+def lookup(config: dict, key: str):
+    """config["a"]["b"] for key "a.b"; "<absent>" where a level is missing."""
+    node = config
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _ABSENT
+        node = node[part]
+    return node
+
+
+def config_differences(saved: dict, current: dict, keys: tuple[str, ...]) -> list[str]:
+    """'key: checkpoint X, this run Y' for every key whose value differs."""
+    return [f"{k}: checkpoint {lookup(saved, k)!r}, this run {lookup(current, k)!r}"
+            for k in keys if lookup(saved, k) != lookup(current, k)]
+
+
+def net_differences(saved: dict, current: dict) -> list[str]:
+    """Hyper-network tensors missing on either side or of another shape."""
+    out = [f"hyper-network tensor {k}: only in the checkpoint {tuple(saved[k].shape)}" for k in saved if k not in current]
+    out += [f"hyper-network tensor {k}: only in this run {tuple(current[k].shape)}" for k in current if k not in saved]
+    out += [f"hyper-network tensor {k}: checkpoint {tuple(saved[k].shape)}, this run {tuple(current[k].shape)}"
+            for k in saved if k in current and saved[k].shape != current[k].shape]
+    return out
+
+
+def load_editor_checkpoint(path: str | Path, editor, config: dict, keys: tuple[str, ...] = LAYOUT_KEYS) -> dict:
+    """Load a checkpoint into `editor` after checking it fits this run (`config`, resolved); returns it."""
+    state = load_checkpoint(path)
+    if not isinstance(state, dict) or any(k not in state for k in REQUIRED):
+        found = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{path} is not an editor checkpoint: expected keys {list(REQUIRED)}, found {found}")
+    saved = state["config"]
+    diffs = config_differences(saved, config, keys) + net_differences(state["net"], editor.net.state_dict())
+    if diffs:
+        shapes = {n: weight_shape(m) for n, m in editor.modules.items()}  # (d_out, d_in)
+        raise ValueError(
+            f"editor checkpoint {path} was trained for model {lookup(saved, 'model.name')} with modules "
+            f"{lookup(saved, 'editor.modules')}; this run uses model {lookup(config, 'model.name')} with modules "
+            f"and weight shapes {shapes}. What differs:\n  " + "\n  ".join(diffs))
+    editor.load_state_dict(state)
+    return state
+
+
+def resume(path: str | Path, editor, config: dict) -> list[dict]:
+    """Restore an interrupted meta-training from its checkpoint: editor, RNG; returns the train log so far."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"editor.resume=true reads {path}, which does not exist: re-run with "
+                                "hydra.run.dir=<the interrupted run's directory>")
+    state = load_editor_checkpoint(path, editor, config, LAYOUT_KEYS + TRAJECTORY_KEYS)
+    if "train_log" not in state or "rng" not in state:
+        raise ValueError(f"{path} has no train_log/rng (written before resumption existed): it can be loaded "
+                         "with editor.checkpoint=..., but not resumed")
+    set_rng_state(state["rng"])
+    return list(state["train_log"])
+
+
+def rng_state() -> dict:
+    """Generator states of python, numpy, torch (and CUDA), in types torch.load(weights_only=True) accepts."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(),
+            "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore `rng_state()`."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

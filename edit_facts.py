@@ -1,0 +1,92 @@
+"""Edit a model with a user's facts, all at once, and save the edited model with its provenance.
+
+main.py (mode=edit) reads the config, the facts (data/facts.py) and builds the editor; this module
+measures ES and GS before and after, applies the shifts, and writes to `out_dir`:
+  the model and tokenizer (`save_pretrained`; the FEVER classifier: its encoder, plus the whole
+  classifier as classifier.safetensors), and provenance.json (where the edit came from).
+The directory is written under a temporary name and renamed, so it is complete or absent.
+"""
+import hashlib
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from data.groups import EditGroup
+from editor.base import Editor, apply_shifts
+from model.lm import success
+from util import save_json
+
+CLASSIFIER_FILE = "classifier.safetensors"
+
+
+def sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Refuse to overwrite an earlier edited model; checked before any work is done."""
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ValueError(f"edit.out_dir {out_dir} already exists and is not empty: choose another edit.out_dir "
+                         "or remove it (an edited model is never overwritten)")
+
+
+def fact_metrics(model: nn.Module, group: EditGroup, family: str, device) -> dict[str, float | None]:
+    """ES on the facts; GS on every rephrasing (None when no fact has one)."""
+    gs = success(model, group.equiv, family, device).mean().item() if group.equiv else None
+    return {"ES": success(model, group.edit, family, device).mean().item(), "GS": gs}
+
+
+def save_model(model: nn.Module, tokenizer, family: str, out_dir: Path) -> None:
+    """save_pretrained of model and tokenizer; the classifier saves its encoder and its full state dict."""
+    if family == "classifier":  # BertClassifier is ours: encoder by HF, encoder + head as model.checkpoint reads it
+        model.bert.save_pretrained(out_dir)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_dir / CLASSIFIER_FILE))
+    else:
+        model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def reload_overrides(out_dir: Path, family: str, tiny: bool) -> list[str]:
+    """Overrides of `python main.py model=<same model> ...` that load the saved model."""
+    out = [f"model.name_or_path={out_dir}", "model.tokenizer=null"]
+    if tiny:
+        out.append("model.tiny=null")
+    if family == "classifier":
+        out.append(f"model.checkpoint={out_dir / CLASSIFIER_FILE}")
+    return out
+
+
+def edit_and_save(model: nn.Module, tokenizer, editor: Editor, group: EditGroup, family: str,
+                  device: torch.device, out_dir: Path, provenance: dict) -> dict:
+    """Edit all facts of `group` at once, save the edited model to `out_dir`; returns provenance.json's dict."""
+    check_out_dir(out_dir)
+    before = fact_metrics(model, group, family, device)
+    start = time.time()
+    shifts = editor.edit_group(group)  # one call: all m facts at once
+    edit_time = time.time() - start
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    try:
+        with apply_shifts(model, shifts):  # the shifted weights are saved; the model in memory is restored
+            after = fact_metrics(model, group, family, device)
+            save_model(model, tokenizer, family, tmp)
+        record = {**provenance, "n_facts": len(group.records),
+                  "n_rephrases": sum(len(r.equiv_prompts) for r in group.records),
+                  "edited_parameters": sorted(shifts), "before": before, "after": after, "edit_time_s": edit_time}
+        save_json(record, tmp / "provenance.json")
+        os.replace(tmp, out_dir)  # POSIX: replaces a missing or empty directory at once
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return record

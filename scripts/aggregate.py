@@ -1,0 +1,284 @@
+"""Aggregate a sweep: every results.json under a directory -> CSV, the paper's plots and tables.
+
+python scripts/aggregate.py SWEEP_DIR [--out DIR]     (DIR defaults to SWEEP_DIR)
+
+Runs are grouped by (paper_result, model, data, editor, variant, m); seeds are the repeats. Writes
+- summary.csv: n, seeds, mean and std (over seeds, numpy's ddof=0) of ES, GS, LS, residual, time_s
+  and peak_memory_mb per group;
+- <result>.png per scaling curve (ES, GS, LS against m on a log2 axis, mean line, std shaded);
+  <result>_residual.png when the runs recorded the Fig. 8 residual; fig8_residual.png for Fig. 8;
+- table1.md and table2.md in the layout of the paper's Tables 1 and 2 (mean (std), in %).
+A results.json that cannot be read or lacks a field stops it with the file and the field (exit 2).
+"""
+import argparse
+import csv
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+METRICS = ("ES", "GS", "LS")
+STATS = METRICS + ("residual", "time_s", "peak_memory_mb")
+TABLES = ("table1", "table2")  # paper_result values written as Markdown tables instead of plots
+VARIANTS = {"sum": "Sum param. shifts", "no_reg": "No regularization", "first_ffn": "Edit first FC in FFN",
+            "all_tokens": "Cache all tokens", "none": "MALMEN"}  # Table 1 row order, MALMEN last
+EDITORS = {"malmen": "MALMEN", "mend": "MEND", "ft": "FT", "memit": "MEMIT", "emmet": "EMMET",
+           "locft_bf": "LocFT-BF"}
+
+
+class AggregateError(ValueError):
+    """A results.json that cannot be aggregated: names the file and the field."""
+
+    def __init__(self, path: Path, field: str | None, msg: str):
+        super().__init__(f"{path}" + (f": field '{field}'" if field else "") + f": {msg}")
+
+
+@dataclass(frozen=True)
+class Run:
+    """The numbers of one results.json that the aggregate needs."""
+
+    path: Path
+    result: str  # paper_result, or <model>_<data> for runs outside an experiment config
+    model: str
+    data: str
+    editor: str
+    variant: str
+    m: int
+    seed: int
+    stats: dict  # STATS -> float (residual only for MALMEN/MEND runs)
+
+    @property
+    def key(self) -> tuple:
+        return self.result, self.model, self.data, self.editor, self.variant, self.m
+
+
+def _field(obj: dict, dotted: str, path: Path, kind: type | tuple):
+    """obj[a][b]... for dotted 'a.b', checked to be of `kind`."""
+    value = obj
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise AggregateError(path, dotted, "missing")
+        value = value[part]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise AggregateError(path, dotted, f"expected {getattr(kind, '__name__', kind)}, got {value!r}")
+    return value
+
+
+def read_run(path: Path) -> Run:
+    """One results.json as a Run; AggregateError naming the file and field if it is unusable."""
+    try:
+        res = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise AggregateError(path, None, f"cannot read JSON ({err})") from err
+    if not isinstance(res, dict):
+        raise AggregateError(path, None, "not a JSON object")
+    num = (int, float)
+    model, data = _field(res, "config.model.name", path, str), _field(res, "config.data.name", path, str)
+    if "paper_result" not in res.get("config", {}):
+        raise AggregateError(path, "config.paper_result", "missing")
+    result = res["config"]["paper_result"] or f"{model}_{data}"
+    stats = {k: float(_field(res, f"final.{k}", path, num)) for k in METRICS}
+    stats.update({k: float(_field(res, k, path, num)) for k in ("time_s", "peak_memory_mb")})
+    if "residual" in res:
+        stats["residual"] = float(_field(res, "residual", path, num))
+    return Run(path=path, result=str(result), model=model, data=data,
+               editor=_field(res, "config.editor.name", path, str),
+               variant=_field(res, "config.variant", path, str),
+               m=_field(res, "config.data.n_edits", path, int), seed=_field(res, "config.seed", path, int),
+               stats=stats)
+
+
+def find_runs(sweep_dir: Path) -> list[Run]:
+    """Every results.json under sweep_dir, sorted by path."""
+    paths = sorted(sweep_dir.rglob("results.json"))
+    if not paths:
+        raise AggregateError(sweep_dir, None, "no results.json under this directory")
+    return [read_run(p) for p in paths]
+
+
+def summarize(runs: list[Run]) -> list[dict]:
+    """One row per (result, model, data, editor, variant, m): n, seeds, mean and std of each stat."""
+    groups: dict[tuple, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(run.key, []).append(run)
+    rows = []
+    for key in sorted(groups):
+        group = sorted(groups[key], key=lambda r: r.seed)
+        for a, b in zip(group, group[1:]):
+            if a.seed == b.seed:  # a re-run in the same tree would be counted twice
+                raise AggregateError(b.path, "config.seed", f"seed {b.seed} of the same setting also in {a.path}")
+        row = dict(zip(("result", "model", "data", "editor", "variant", "m"), key))
+        row.update(n=len(group), seeds=" ".join(str(r.seed) for r in group))
+        for stat in STATS:
+            have = [r for r in group if stat in r.stats]
+            if have and len(have) < len(group):
+                lacking = next(r for r in group if stat not in r.stats)
+                raise AggregateError(lacking.path, stat, f"missing, but present in {have[0].path}")
+            values = np.array([r.stats[stat] for r in have])
+            row[f"{stat}_mean"] = float(values.mean()) if have else None
+            row[f"{stat}_std"] = float(values.std()) if have else None
+        rows.append(row)
+    return rows
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    """summary.csv; absent stats (the residual of editors without one) are empty cells."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def label(row: dict, with_setting: bool = False) -> str:
+    """Legend label: the editor (or the ablation variant of MALMEN), with model/data if needed."""
+    name = EDITORS.get(row["editor"], row["editor"])
+    if row["variant"] != "none":
+        name = VARIANTS.get(row["variant"], row["variant"]) if row["editor"] == "malmen" else f"{name} ({row['variant']})"
+    return f"{name} [{row['model']}/{row['data']}]" if with_setting else name
+
+
+def _lines(rows: list[dict], stat: str) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """label -> (m, mean, std) sorted by m, for the rows that have `stat`."""
+    several = len({(r["model"], r["data"]) for r in rows}) > 1
+    lines: dict[str, list[dict]] = {}
+    for r in rows:
+        if r[f"{stat}_mean"] is not None:
+            lines.setdefault(label(r, several), []).append(r)
+    out = {}
+    for name, rs in lines.items():
+        rs = sorted(rs, key=lambda r: r["m"])
+        out[name] = tuple(np.array([r[k] for r in rs], dtype=float)
+                          for k in ("m", f"{stat}_mean", f"{stat}_std"))
+    return out
+
+
+def _axis(ax, stat: str, log_y: bool = False) -> None:
+    ax.set_xscale("log", base=2)
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_xlabel("number of edits m")
+    ax.set_title(stat)
+    ax.grid(alpha=0.3)
+
+
+def plot_scaling(rows: list[dict], title: str, path: Path) -> None:
+    """ES, GS, LS against m (log2), one line per editor/variant, mean +- std shaded."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharex=True)
+    for ax, stat in zip(axes, METRICS):
+        for name, (m, mean, std) in _lines(rows, stat).items():
+            ax.plot(m, mean, marker="o", ms=3, label=name)
+            ax.fill_between(m, mean - std, mean + std, alpha=0.2)
+        _axis(ax, stat)
+        ax.set_ylim(-0.02, 1.02)
+    axes[-1].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_residual(rows: list[dict], title: str, path: Path) -> None:
+    """Fig. 8: mean residual ||S* u - d|| / ||d|| against m (log2 x, log y), mean +- std shaded."""
+    fig, ax = plt.subplots(figsize=(5, 3.8))
+    for name, (m, mean, std) in _lines(rows, "residual").items():
+        ax.plot(m, mean, marker="o", ms=3, label=name)
+        ax.fill_between(m, np.maximum(mean - std, mean * 1e-3), mean + std, alpha=0.2)  # log axis: stay > 0
+    _axis(ax, "mean residual", log_y=True)
+    ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _cell(row: dict | None, stat: str) -> str:
+    if row is None:
+        return "–"
+    return f"{100 * row[f'{stat}_mean']:.1f} ({100 * row[f'{stat}_std']:.1f})"
+
+
+def ablation_table(rows: list[dict], title: str, with_time: bool) -> str:
+    """Markdown in the layout of Table 1 (with_time=False) or Table 2: variants x (setting, ES/GS/LS[, time])."""
+    settings = sorted({(r["data"], r["model"], r["m"]) for r in rows})
+    order = {v: i for i, v in enumerate(VARIANTS)}
+    variants = sorted({(r["editor"], r["variant"]) for r in rows},
+                      key=lambda ev: (ev[0] == "malmen", order.get(ev[1], -1), ev))
+    by_key = {(r["editor"], r["variant"], r["data"], r["model"], r["m"]): r for r in rows}
+    stats = METRICS + (("time_s",) if with_time else ())
+    head, rule = ["Variant"], ["---"]
+    for data, model, m in settings:
+        for stat in stats:
+            name = "Time (h) ↓" if stat == "time_s" else f"{stat} (%) ↑"
+            head.append(f"{data}, m = {m}: {model} {name}" if stat == "ES" else name)
+            rule.append("---:")
+    lines = [f"**{title}** (mean (std) over seeds)", "", "| " + " | ".join(head) + " |",
+             "| " + " | ".join(rule) + " |"]
+    counts = set()
+    for editor, variant in variants:
+        cells = [label({"editor": editor, "variant": variant})]
+        for data, model, m in settings:
+            row = by_key.get((editor, variant, data, model, m))
+            counts.add(row["n"] if row else None)
+            for stat in stats:
+                if stat == "time_s":
+                    cells.append("–" if row is None else f"{row['time_s_mean'] / 3600:.3g}")
+                else:
+                    cells.append(_cell(row, stat))
+        lines.append("| " + " | ".join(cells) + " |")
+    n = sorted(c for c in counts if c is not None)
+    lines += ["", f"Seeds per cell: {', '.join(map(str, sorted(set(n))))}. – : no run finished."]
+    return "\n".join(lines) + "\n"
+
+
+TITLES = {"fig4_bert_fever": "Fig. 4: BERT-base on FEVER", "fig5_gpt2_zsre": "Fig. 5: GPT-2 on zsRE",
+          "fig6_t5xl_zsre": "Fig. 6: T5-XL on zsRE", "fig7_gptj_zsre": "Fig. 7: GPT-J on zsRE",
+          "fig8_residual": "Fig. 8: cancellation effect", "table1": "Table 1: ablation study",
+          "table2": "Table 2: ablation study on GPT-J"}
+
+
+def aggregate(sweep_dir: Path, out_dir: Path) -> list[Path]:
+    """Read every run under sweep_dir and write the CSV, plots and tables to out_dir; returns the files."""
+    rows = summarize(find_runs(sweep_dir))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [out_dir / "summary.csv"]
+    write_csv(rows, written[0])
+    for result in sorted({r["result"] for r in rows}):
+        part = [r for r in rows if r["result"] == result]
+        title = TITLES.get(result) or f"{result}: " + ", ".join(sorted({f"{r['model']} / {r['data']}" for r in part}))
+        if result in TABLES:
+            written.append(out_dir / f"{result}.md")
+            written[-1].write_text(ablation_table(part, title, with_time=result == "table2"))
+            continue
+        has_residual = any(r["residual_mean"] is not None for r in part)
+        if result != "fig8_residual":
+            written.append(out_dir / f"{result}.png")
+            plot_scaling(part, title, written[-1])
+        if has_residual:
+            written.append(out_dir / ("fig8_residual.png" if result == "fig8_residual" else f"{result}_residual.png"))
+            plot_residual(part, title, written[-1])
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("sweep_dir", type=Path, help="directory searched recursively for results.json")
+    parser.add_argument("--out", type=Path, default=None, help="output directory (default: sweep_dir)")
+    args = parser.parse_args(argv)
+    try:
+        written = aggregate(args.sweep_dir, args.out or args.sweep_dir)
+    except AggregateError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
