@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tokenizers import Tokenizer, models, pre_tokenizers
 from tqdm import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
@@ -35,8 +36,16 @@ def word_tokenizer(texts: list[str], max_length: int) -> PreTrainedTokenizerFast
                                    unk_token=UNK, model_max_length=max_length)
 
 
+def smoothed_nll(lg: torch.Tensor, batch: dict, smoothing: float) -> torch.Tensor:
+    """Mean label-smoothed cross-entropy over the answer tokens of a causal batch."""
+    labels = batch["labels"][:, 1:]  # position t predicts token t + 1
+    mask = labels != -100
+    return F.cross_entropy(lg[:, :-1][mask], labels[mask], label_smoothing=smoothing)
+
+
 def pretrain(facts: list[dict], texts: list[str], *, n_layer: int, n_embd: int, n_head: int,
-             epochs: int, lr: float, batch_size: int, seed: int, out_dir: Path) -> dict:
+             epochs: int, lr: float, weight_decay: float, label_smoothing: float, batch_size: int,
+             seed: int, out_dir: Path) -> dict:
     """Train a GPT-2 on {prompt, answer} facts; save model and tokenizer to out_dir; return stats."""
     torch.manual_seed(seed)
     tok = word_tokenizer(texts, max_length=64)
@@ -48,7 +57,7 @@ def pretrain(facts: list[dict], texts: list[str], *, n_layer: int, n_embd: int, 
     prompts, answers = [f["prompt"] for f in facts], [f["answer"] for f in facts]
     batches = [collator(prompts[i:i + batch_size], answers[i:i + batch_size])
                for i in range(0, len(facts), batch_size)]
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * len(batches), pct_start=0.1)
     gen = torch.Generator().manual_seed(seed)
     model.train()
@@ -56,7 +65,7 @@ def pretrain(facts: list[dict], texts: list[str], *, n_layer: int, n_embd: int, 
     for _ in bar:
         total = 0.0
         for i in torch.randperm(len(batches), generator=gen).tolist():
-            loss = nll(logits(model, batches[i], "causal"), batches[i], "causal").mean()
+            loss = smoothed_nll(logits(model, batches[i], "causal"), batches[i], label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -6,8 +6,8 @@ from tests.conftest import make_cfg
 
 # Few facts, a 1-layer 64-wide toy LM, a few hundred meta-steps. The hyper-network's initial eta and
 # rank are scaled to this model (the paper's 1e-6 and 1920 are sized for GPT-2 and larger).
-TINY_WORLD = ["data.world.n_train_subjects=8", "data.world.n_valid_subjects=4", "data.world.n_locality_subjects=8",
-              "data.world.n_novel_subjects=40", "model.pretrain.n_layer=1", "model.pretrain.n_embd=64",
+TINY_WORLD = ["data.world.n_train_subjects=16", "data.world.n_valid_subjects=4", "data.world.n_objects=10",
+              "model.pretrain.n_layer=1", "model.pretrain.n_embd=64",
               "model.pretrain.n_head=2", "model.pretrain.epochs=60", "model.edit_modules=[transformer.h.0.mlp.c_proj]",
               "data.n_edits=16", "data.batch_size=16", "editor.lr_init=0.1", "editor.meta_lr=1e-4", "editor.rank=64"]
 
@@ -21,8 +21,8 @@ def test_default_config_is_the_synthetic_experiment():
 def test_tiny_default_pipeline_raises_es(tmp_path):
     cache = tmp_path / "cache"
     results = run(make_cfg(*TINY_WORLD, f"cache_dir={cache}", "n_epochs=20"), tmp_path)
-    assert len(results["train"]) == 20 * (8 + 40) * 4 // 16  # every meta-training edit, every epoch
-    assert results["pre_edit"]["LS"] > 0.5  # the toy LM knows the locality facts
+    assert len(results["train"]) == 20 * 16 * 4 // 16  # every meta-training edit, every epoch
+    assert results["pre_edit"]["LS"] > 0.5  # the toy LM knows the locality facts (about objects)
     assert results["final"]["ES"] > results["pre_edit"]["ES"], (results["pre_edit"], results["final"])
     # the world and the toy LM are cached: a second run reuses both
     cached = sorted(p.name for p in cache.iterdir())
@@ -30,4 +30,34 @@ def test_tiny_default_pipeline_raises_es(tmp_path):
     assert sorted(p.name for p in cache.iterdir()) == cached
     assert again["pre_edit"] == results["pre_edit"]  # the same pretrained LM
     pretrain = json.loads(next(cache.glob("toy-*/pretrain.json")).read_text())
-    assert pretrain["n_facts"] == (8 + 4 + 8) * 4 * 4
+    world = json.loads(next(cache.glob("synthetic/world-*/world.json")).read_text())
+    n_object_facts = 3 * sum(len(f) for f in world["object_facts"].values())  # 3 templates each
+    k = make_cfg().data.world.n_train_known_templates  # templates for meta-training people; 4 for the rest
+    assert pretrain["n_facts"] == (16 * k + 4 * 4) * 4 + n_object_facts
+
+
+def test_tuned_settings_apply_to_their_model_and_editor_only():
+    a6 = make_cfg("model=gpt2", "data=zsre")  # no tuned file: the paper's A.6 values
+    assert (a6.editor.lr_init, a6.editor.meta_lr, a6.editor.rank) == (1e-6, 1e-5, 1920)
+    for editor in ("malmen", "mend"):
+        toy = make_cfg(f"editor={editor}")
+        assert toy.editor.lr_init != a6.editor.lr_init and toy.editor.rank != a6.editor.rank
+        assert toy.n_epochs > 1
+    assert make_cfg("editor.rank=7", "n_epochs=3").editor.rank == 7  # the command line still wins
+    assert make_cfg("editor.rank=7", "n_epochs=3").n_epochs == 3
+    assert make_cfg("ablation=sum").editor.rank == make_cfg().editor.rank  # ablations keep the tuning
+
+
+def test_value_bound_script_reaches_the_edits(tmp_path):
+    """scripts/value_bound.py: free value differences through the normal equation raise ES/GS."""
+    import subprocess
+    import sys
+    cache = tmp_path / "cache"
+    out = subprocess.run(
+        [sys.executable, "scripts/value_bound.py", *TINY_WORLD, f"cache_dir={cache}", "+bound.steps=60",
+         f"hydra.run.dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {line.split()[0]: [float(x) for x in line.split()[1:]] for line in out.stdout.splitlines()
+            if line.startswith(("pre ", "bound "))}
+    assert rows["bound"][1] > rows["pre"][1] + 0.3, rows  # GS: its prompts are in the optimised loss

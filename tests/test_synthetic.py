@@ -3,9 +3,10 @@ import json
 from dataclasses import replace
 
 from data.records import load_records
-from data.synthetic import RELATIONS, WorldConfig, build_world, write_world
+from data.synthetic import OBJECT_RELATIONS, RELATIONS, WorldConfig, build_world, write_world
 
-SMALL = WorldConfig(n_train_subjects=8, n_valid_subjects=6, n_locality_subjects=5, n_novel_subjects=10)
+SMALL = WorldConfig(n_train_subjects=8, n_valid_subjects=6, n_locality_subjects=5, n_novel_subjects=10,
+                    locality="people")
 
 
 def test_world_is_a_function_of_its_settings(tmp_path):
@@ -66,5 +67,35 @@ def test_pretraining_facts_cover_known_subjects_only(tmp_path):
     novel = world["roles"]["novel"]
     assert not any(s in f["prompt"] for f in facts for s in novel)
     n_known = SMALL.n_train_subjects + SMALL.n_valid_subjects + SMALL.n_locality_subjects
-    assert len(facts) == n_known * sum(len(t) for _, t in RELATIONS.values())
+    n_object_facts = sum(len(world["object_facts"][r]) * len(t) for r, (_, _, t) in OBJECT_RELATIONS.items())
+    assert len(facts) == n_known * sum(len(t) for _, t in RELATIONS.values()) + n_object_facts
     assert len(load_records(paths["train"], "zsre")) == len(json.loads(open(paths["train"]).read()))
+
+
+def test_object_locality_asks_true_object_facts_no_edit_touches(tmp_path):
+    cfg = replace(SMALL, locality="objects")
+    paths = write_world(cfg, tmp_path)
+    world = json.loads(open(paths["train"].replace("train.json", "world.json")).read())
+    facts = {(t.format(s=s), o) for r, (_, _, temps) in OBJECT_RELATIONS.items() for t in temps
+             for s, o in world["object_facts"][r].items()}
+    pretrained = {(f["prompt"], f["answer"]) for f in json.loads(open(paths["facts"]).read())}
+    rows = json.loads(open(paths["train"]).read()) + json.loads(open(paths["valid"]).read())
+    people = set(world["facts"])
+    for r in rows:
+        assert (r["loc"], r["loc_ans"]) in facts & pretrained  # a true object fact the LM is trained on
+        assert not any(p in r["loc"] for p in people)  # about no person, so about no edited subject
+    capital = world["object_facts"]["capital"]
+    assert all(world["object_facts"]["located_in"][c] == k for k, c in capital.items())
+    assert len({r["loc"] for r in rows}) > 10  # drawn from the whole pool, not one question
+
+
+def test_meta_training_subjects_can_be_taught_with_fewer_templates(tmp_path):
+    cfg = replace(SMALL, n_train_known_templates=1)
+    paths = write_world(cfg, tmp_path)
+    world = json.loads(open(paths["train"].replace("train.json", "world.json")).read())
+    prompts = [f["prompt"] for f in json.loads(open(paths["facts"]).read())]
+    for role, k in (("train", 1), ("valid", 4), ("locality", 4)):
+        for s in world["roles"][role]:
+            for r, (_, temps) in RELATIONS.items():
+                taught = [t.format(s=s) in prompts for t in temps]
+                assert taught == [True] * k + [False] * (4 - k), (role, s, r)
