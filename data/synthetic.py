@@ -68,14 +68,14 @@ SUFFIX = {"country": ["ia", "land", "stan", "ora", "ica"], "company": ["corp", "
 class WorldConfig:
     """Sizes of the synthetic world; everything else follows from `seed`."""
     seed: int = 0
-    n_train_subjects: int = 96      # known subjects with counterfactual meta-training edits
+    n_train_subjects: int = 384     # known subjects with counterfactual meta-training edits
     n_valid_subjects: int = 64      # known subjects with validation edits
     n_locality_subjects: int = 0    # known subjects never edited (LS with locality="people")
     n_novel_subjects: int = 0       # unknown subjects: extra meta-training edits
     n_objects: int = 40             # objects per relation (countries, companies, cities; fields: 20)
     n_train_templates: int = 3      # the rest of the 4 templates per relation is held out for GS
     locality: str = "objects"       # unrelated tuples: facts of objects, or of never-edited people
-    n_train_known_templates: int = 4  # templates the LM learns meta-training subjects' facts with (fewer:
+    n_train_known_templates: int = 1  # templates the LM learns meta-training subjects' facts with (fewer:
                                       # more subjects for the same pretraining cost)
 
 
@@ -150,7 +150,7 @@ def _records(world: dict, subjects: list[str], rng, templates: slice, rephrase_t
     return rows
 
 
-def pretraining_facts(world: dict, n_train_known_templates: int = 4) -> list[dict]:
+def pretraining_facts(world: dict, n_train_known_templates: int) -> list[dict]:
     """Every true fact of every known subject and every object fact: {prompt, answer}. Every template
     is taught, except for meta-training subjects, whose facts come with the first n_train_known_templates."""
     known = [(s, None) for s in world["roles"]["valid"] + world["roles"]["locality"]]

@@ -6,7 +6,7 @@ from data.records import load_records
 from data.synthetic import OBJECT_RELATIONS, RELATIONS, WorldConfig, build_world, write_world
 
 SMALL = WorldConfig(n_train_subjects=8, n_valid_subjects=6, n_locality_subjects=5, n_novel_subjects=10,
-                    locality="people")
+                    locality="people", n_train_known_templates=4)
 
 
 def test_world_is_a_function_of_its_settings(tmp_path):
