@@ -7,7 +7,8 @@ Runs are grouped by (paper_result, model, data, editor, variant, m); seeds are t
   and peak_memory_mb per group;
 - <result>.png per scaling curve (ES, GS, LS against m on a log2 axis, mean line, std shaded);
   <result>_residual.png when the runs recorded the Fig. 8 residual; fig8_residual.png for Fig. 8;
-- table1.md and table2.md in the layout of the paper's Tables 1 and 2 (mean (std), in %).
+- table1.md and table2.md in the layout of the paper's Tables 1 and 2 (mean (std), in %), and
+  toy_table.md in Table 1's layout for the default experiment (scripts/toy_table.sh).
 A results.json that cannot be read or lacks a field stops it with the file and the field (exit 2).
 """
 import argparse
@@ -25,7 +26,7 @@ import numpy as np  # noqa: E402
 
 METRICS = ("ES", "GS", "LS")
 STATS = METRICS + ("residual", "time_s", "peak_memory_mb")
-TABLES = ("table1", "table2")  # paper_result values written as Markdown tables instead of plots
+TABLES = ("table1", "table2", "toy_table")  # paper_result values written as Markdown tables, not plots
 VARIANTS = {"sum": "Sum param. shifts", "no_reg": "No regularization", "first_ffn": "Edit first FC in FFN",
             "all_tokens": "Cache all tokens", "none": "MALMEN"}  # Table 1 row order, MALMEN last
 EDITORS = {"malmen": "MALMEN", "mend": "MEND", "ft": "FT", "memit": "MEMIT", "emmet": "EMMET",
@@ -239,7 +240,8 @@ def ablation_table(rows: list[dict], title: str, with_time: bool) -> str:
 TITLES = {"fig4_bert_fever": "Fig. 4: BERT-base on FEVER", "fig5_gpt2_zsre": "Fig. 5: GPT-2 on zsRE",
           "fig6_t5xl_zsre": "Fig. 6: T5-XL on zsRE", "fig7_gptj_zsre": "Fig. 7: GPT-J on zsRE",
           "fig8_residual": "Fig. 8: cancellation effect", "table1": "Table 1: ablation study",
-          "table2": "Table 2: ablation study on GPT-J"}
+          "table2": "Table 2: ablation study on GPT-J",
+          "toy_table": "Default experiment: toy GPT-2 on the synthetic world"}
 
 
 def aggregate(sweep_dir: Path, out_dir: Path) -> list[Path]:

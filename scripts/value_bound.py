@@ -6,7 +6,14 @@ optimised with Adam on the meta loss of that very group (L_gen on its equivalent
 The ES/GS/LS reached bound what MALMEN's aggregation allows on this model; GS is optimistic (its
 prompts are in the loss) and ES is not in the loss.
 
-    python scripts/value_bound.py [main.py overrides] [+bound.steps=100] [+bound.lr=1.0] [+bound.lam=1.0]
+It also prints, per edited layer, how much room the keys leave for m independent edits: the number of
+eigenvalues of K^T K above lambda, and the mean leverage h_jj = u_j^T (K^T K + lambda I)^{-1} u_j, the
+share of an edit's own value difference that S* gives back at its key (S* u_j = sum_i h_ij d_i).
+
+With +bound.with_edits=true the edit prompts join the loss: the bound then covers ES as well.
+
+    python scripts/value_bound.py [main.py overrides] [+bound.steps=100] [+bound.lr=1.0]
+                                  [+bound.lam=<editor.lambda_init>] [+bound.with_edits=false]
 """
 import sys
 from pathlib import Path
@@ -30,7 +37,8 @@ from model.trace import trace  # noqa: E402
 @hydra.main(version_base="1.3", config_path="../config", config_name="config")
 def main(cfg: DictConfig) -> None:
     bound = cfg.get("bound", {})
-    steps, lr, lam = bound.get("steps", 100), bound.get("lr", 1.0), bound.get("lam", 1.0)
+    steps, lr, lam = bound.get("steps", 100), bound.get("lr", 1.0), bound.get("lam", cfg.editor.lambda_init)
+    with_edits = bool(bound.get("with_edits", False))
     materialize(cfg)
     torch.manual_seed(cfg.seed)
     model, tokenizer = load(cfg)
@@ -48,12 +56,19 @@ def main(cfg: DictConfig) -> None:
         return {f"{n}.weight": to_param_layout(modules[n], torch.linalg.solve(
             k.T @ k + eye[n], k.T @ diffs[n]).T) for n, (k, _) in cache.items()}
 
+    print(f"\nkeys of the first validation group (n = {len(group.records)} edits), lambda = {lam}")
+    for n, (k, _) in cache.items():  # k (n, d_in)
+        gram = k.T @ k + eye[n]
+        leverage = (k * torch.linalg.solve(gram, k.T).T).sum(1)  # h_jj (n,)
+        above = int((torch.linalg.eigvalsh(k.T @ k) > lam).sum())
+        print(f"  {n}: d_in {k.shape[1]}, eigenvalues above lambda {above}, mean leverage {leverage.mean():.3f}")
     with torch.no_grad():
         refs = [logits(model, b, family) for b in group.unrel]
     m = len(group.records)
+    targets = group.equiv + group.edit if with_edits else group.equiv  # batches in L_gen
     for _ in (bar := tqdm(range(steps), desc="optimise D", dynamic_ncols=True)):
         params = {name: shifted(model.get_parameter(name), s) for name, s in shifts().items()}
-        gen = sum(nll(logits(model, b, family, params), b, family).sum() for b in group.equiv) / m
+        gen = sum(nll(logits(model, b, family, params), b, family).sum() for b in targets) / m
         loc = sum(kl(r, logits(model, b, family, params), b, family).sum() for r, b in zip(refs, group.unrel)) / m
         opt.zero_grad(set_to_none=True)
         (gen + cfg.editor.loc_coef * loc).backward()
@@ -62,7 +77,8 @@ def main(cfg: DictConfig) -> None:
     pre = evaluate(model, group, family, device)
     with torch.no_grad(), apply_shifts(model, shifts()):
         post = evaluate(model, group, family, device)
-    print(f"\nm = {m}, lambda = {lam}, {steps} Adam steps on D\n{'':8}{'ES':>8}{'GS':>8}{'LS':>8}")
+    print(f"\nm = {m}, lambda = {lam}, {steps} Adam steps on D, edit prompts in the loss: {with_edits}")
+    print(f"{'':8}{'ES':>8}{'GS':>8}{'LS':>8}")
     for name, row in (("pre", pre), ("bound", post)):
         print(f"{name:8}" + "".join(f"{row[k]:8.3f}" for k in ("ES", "GS", "LS")))
 

@@ -61,3 +61,5 @@ def test_value_bound_script_reaches_the_edits(tmp_path):
     rows = {line.split()[0]: [float(x) for x in line.split()[1:]] for line in out.stdout.splitlines()
             if line.startswith(("pre ", "bound "))}
     assert rows["bound"][1] > rows["pre"][1] + 0.3, rows  # GS: its prompts are in the optimised loss
+    leverage = [float(line.rsplit(" ", 1)[1]) for line in out.stdout.splitlines() if "mean leverage" in line]
+    assert leverage and all(0 < h <= 1 for h in leverage), out.stdout  # one line per edited layer

@@ -139,7 +139,7 @@ def write_run(root, i, *, result, model, data, editor, variant, m, seed, es, gs,
 
 @pytest.fixture
 def sweep(tmp_path):
-    """Scaling runs (2 editors x 3 m x 3 seeds), Table 1 and Table 2 runs, with numbers from a seeded rng."""
+    """Scaling runs (2 editors x 3 m x 3 seeds), Table 1, Table 2 and toy table runs, numbers from a seeded rng."""
     gen = torch.Generator().manual_seed(0)
     rand = lambda: round(float(torch.rand((), generator=gen)), 4)  # noqa: E731
     root, runs, i = tmp_path / "sweep", [], 0
@@ -147,11 +147,13 @@ def sweep(tmp_path):
     settings += [("table1", model, data, "malmen", v, 512) for model, data in (("bert-base", "fever"), ("gpt2", "zsre"))
                  for v in ("none", "sum", "first_ffn", "all_tokens", "no_reg") if (model, v) != ("bert-base", "no_reg")]
     settings += [("table2", "gpt-j", "zsre", "malmen", v, 8192) for v in ("none", "all_tokens")]
+    settings += [("toy_table", "toy-gpt2", "synthetic", e, v, 256)
+                 for e, v in (("malmen", "none"), ("malmen", "sum"), ("malmen", "no_reg"), ("mend", "none"))]
     for result, model, data, editor, variant, m in settings:
         for seed in (0, 1, 2):
             runs.append(write_run(root, i, result=result, model=model, data=data, editor=editor, variant=variant,
                                   m=m, seed=seed, es=rand(), gs=rand(), ls=rand(), time_s=3600 * rand(),
-                                  residual=rand() if editor == "malmen" else None))
+                                  residual=rand() if editor in ("malmen", "mend") else None))
             i += 1
     return root, runs
 
@@ -167,7 +169,7 @@ def test_aggregate_writes_csv_plots_and_tables(sweep, tmp_path, capsys):
     out = tmp_path / "out"
     assert aggregate_main([str(root), "--out", str(out)]) == 0
     rows = list(csv.DictReader(open(out / "summary.csv")))
-    assert len(rows) == 6 + 9 + 2
+    assert len(rows) == 6 + 9 + 2 + 4
     for row in rows:
         group = matching(runs, paper_result=row["result"], model=row["model"], data=row["data"],
                          editor=row["editor"], variant=row["variant"], m=int(row["m"]))
@@ -193,6 +195,11 @@ def test_aggregate_writes_csv_plots_and_tables(sweep, tmp_path, capsys):
     assert cells[1:4] == ["–"] * 3  # no BERT run finished (as in the paper)
     es = [r["final"]["ES"] for r in matching(runs, paper_result="table1", model="gpt2", variant="no_reg")]
     assert cells[4] == f"{100 * statistics.fmean(es):.1f} ({100 * statistics.pstdev(es):.1f})"
+
+    toy = (out / "toy_table.md").read_text().splitlines()  # scripts/toy_table.sh: MEND beside MALMEN's ablations
+    assert [line.split(" | ")[0].strip("| ") for line in toy if line.startswith("| ")][2:] == [
+        "MEND", "Sum param. shifts", "No regularization", "MALMEN"]
+    assert "synthetic, m = 256: toy-gpt2 ES (%) ↑" in toy[2] and not (out / "toy_table.png").exists()
 
     table2 = (out / "table2.md").read_text()
     assert "Time (h)" in table2 and "| Cache all tokens |" in table2
