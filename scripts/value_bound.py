@@ -50,17 +50,16 @@ def main(cfg: DictConfig) -> None:
     cache = trace(model, modules, group.edit, family, cfg.editor.token, device, device)  # keys (n, d_in)
     diffs = {n: torch.zeros_like(g, requires_grad=True) for n, (_, g) in cache.items()}  # D (n, d_out)
     opt = torch.optim.Adam(diffs.values(), lr=lr)
-    eye = {n: lam * torch.eye(k.shape[1], device=device) for n, (k, _) in cache.items()}
+    grams = {n: k.T @ k + lam * torch.eye(k.shape[1], device=device) for n, (k, _) in cache.items()}  # (d_in, d_in)
 
     def shifts() -> dict[str, torch.Tensor]:  # S* per layer in the parameter's layout
-        return {f"{n}.weight": to_param_layout(modules[n], torch.linalg.solve(
-            k.T @ k + eye[n], k.T @ diffs[n]).T) for n, (k, _) in cache.items()}
+        return {f"{n}.weight": to_param_layout(modules[n], torch.linalg.solve(grams[n], k.T @ diffs[n]).T)
+                for n, (k, _) in cache.items()}
 
     print(f"\nkeys of the first validation group (n = {len(group.records)} edits), lambda = {lam}")
     for n, (k, _) in cache.items():  # k (n, d_in)
-        gram = k.T @ k + eye[n]
-        leverage = (k * torch.linalg.solve(gram, k.T).T).sum(1)  # h_jj (n,)
-        above = int((torch.linalg.eigvalsh(k.T @ k) > lam).sum())
+        leverage = (k * torch.linalg.solve(grams[n], k.T).T).sum(1)  # h_jj (n,)
+        above = int((torch.linalg.eigvalsh(grams[n]) > 2 * lam).sum())  # eigenvalues of K^T K above lambda
         print(f"  {n}: d_in {k.shape[1]}, eigenvalues above lambda {above}, mean leverage {leverage.mean():.3f}")
     with torch.no_grad():
         refs = [logits(model, b, family) for b in group.unrel]
