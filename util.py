@@ -1,11 +1,14 @@
 """Small helpers for main.py: seeding, checkpoints, memory, logging."""
+import contextlib
 import json
 import os
 import pickle
 import random
 import resource
+import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -19,16 +22,37 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@contextlib.contextmanager
+def sigint_deferred():
+    """Hold Ctrl-C (SIGINT) until the block ends, then raise it as KeyboardInterrupt.
+
+    A KeyboardInterrupt inside torch.save makes its zip writer fail on exit with a RuntimeError that
+    hides the interrupt; holding the signal lets the file be finished and the interrupt be reported.
+    """
+    if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
 def _atomic(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with sigint_deferred():
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+            os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
+        except BaseException:
+            os.unlink(tmp)
+            raise
 
 
 def atomic_write(path: str | Path, data: str | bytes) -> None:

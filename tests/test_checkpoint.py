@@ -1,5 +1,6 @@
 """Editor checkpoints: code in a checkpoint never runs, a mismatched one is refused, resumption is exact,
 and a normal equation without a finite solution stops with the module's name."""
+import collections
 import os
 import signal
 import subprocess
@@ -12,7 +13,7 @@ import torch
 from editor.malmen import SolveError
 from main import build_editor, run
 from tests.conftest import ROOT, build_model, make_cfg, qa_records, write_records
-from util import load_checkpoint
+from util import load_checkpoint, save_checkpoint
 
 
 def train_cfg(tmp_path, *extra):
@@ -86,6 +87,23 @@ def test_resumed_training_equals_uninterrupted(tmp_path):
         run(train_cfg(cut, "n_epochs=2", "editor.resume=true", "data.n_edits=2"), cut)
     with pytest.raises(FileNotFoundError, match="editor.resume=true reads .*checkpoint.pt, which does not exist"):
         run(train_cfg(tmp_path, "editor.resume=true"), tmp_path / "nowhere")
+
+
+class CtrlC:
+    """Sends SIGINT to this process while torch.save pickles it, then pickles as an empty OrderedDict."""
+
+    def __reduce__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        return collections.OrderedDict, ()
+
+
+def test_ctrl_c_during_a_checkpoint_write_finishes_the_file_then_interrupts(tmp_path):
+    # unheld, the interrupt aborts the write (and inside torch.save's zip writer becomes a RuntimeError)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"step": 7, "net": {"w": torch.ones(3)}, "extra": CtrlC()}, tmp_path / "checkpoint.pt")
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert state["step"] == 7 and torch.equal(state["net"]["w"], torch.ones(3)) and state["extra"] == {}
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]  # no temp file left behind
 
 
 def test_killed_cli_run_resumes_to_the_same_numbers(tmp_path):
