@@ -1,5 +1,8 @@
 """A tiny version of the default experiment (`python main.py`): world, toy LM, MALMEN, end to end."""
 import json
+import os
+import subprocess
+import sys
 
 from main import run
 from tests.conftest import make_cfg
@@ -50,13 +53,11 @@ def test_tuned_settings_apply_to_their_model_and_editor_only():
 
 def test_value_bound_script_reaches_the_edits(tmp_path):
     """scripts/value_bound.py: free value differences through the normal equation raise ES/GS."""
-    import subprocess
-    import sys
     cache = tmp_path / "cache"
     out = subprocess.run(
         [sys.executable, "scripts/value_bound.py", *TINY_WORLD, f"cache_dir={cache}", "+bound.steps=60",
          f"hydra.run.dir={tmp_path / 'run'}"],
-        capture_output=True, text=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
     rows = {line.split()[0]: [float(x) for x in line.split()[1:]] for line in out.stdout.splitlines()
             if line.startswith(("pre ", "bound "))}
