@@ -20,7 +20,8 @@ LAYOUT_KEYS = ("model.arch", "model.name_or_path", "model.tiny", "editor.name", 
 # What else fixes the meta-training trajectory: a resumed run must agree on these too.
 TRAJECTORY_KEYS = ("seed", "model.dtype", "data.format", "data.train_path", "data.n_edits", "data.batch_size",
                    "editor.lr_init", "editor.lambda_init", "editor.meta_lr",
-                   "editor.loc_coef", "editor.max_grad_norm", "editor.token", "editor.batch_size")
+                   "editor.loc_coef", "editor.max_grad_norm", "editor.token", "editor.batch_size",
+                   "editor.loss_reduction")
 REQUIRED = ("net", "opt", "step", "config")
 _ABSENT = "<absent>"
 
@@ -50,12 +51,25 @@ def net_differences(saved: dict, current: dict) -> list[str]:
     return out
 
 
+def refuse_old_network(net: dict, path: str | Path) -> None:
+    """Refuse hyper-networks of the earlier layout (per-layer input statistics `norms.<layer>`, block
+    relu(h A + a) B + b): their tensors mean something else in the current one (editor/hypernet.py)."""
+    old = sorted({k.split(".")[1] for k in net if k.split(".")[1:2] in (["norms"], ["down"], ["up"])})
+    if old:
+        raise ValueError(
+            f"editor checkpoint {path} holds a hyper-network of an earlier version of this project ({', '.join(old)}): "
+            "input statistics per layer and the block relu(h A + a) B + b. The current network shares one "
+            "normaliser per weight shape and uses the authors' block h + s * max(0, h A B + c) + t, so these "
+            "weights cannot be reinterpreted; meta-train the editor again")
+
+
 def load_editor_checkpoint(path: str | Path, editor, config: dict, keys: tuple[str, ...] = LAYOUT_KEYS) -> dict:
     """Load a checkpoint into `editor` after checking it fits this run (`config`, resolved); returns it."""
     state = load_checkpoint(path)
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED):
         found = sorted(state) if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"{path} is not an editor checkpoint: expected keys {list(REQUIRED)}, found {found}")
+    refuse_old_network(state["net"], path)
     saved = state["config"]
     diffs = config_differences(saved, config, keys) + net_differences(state["net"], editor.net.state_dict())
     if diffs:

@@ -33,7 +33,7 @@ from edit_facts import check_out_dir, edit_and_save, reload_overrides, sha256
 from model.lm import success
 from model.load import load_model, resolve_modules
 from model.toy import ensure_toy_model
-from util import Logger, peak_memory_mb, save_checkpoint, save_json, seed_everything
+from util import Logger, peak_memory_mb, run_environment, save_checkpoint, save_json, seed_everything, set_threads
 
 log = logging.getLogger("main")
 
@@ -92,6 +92,7 @@ def build_editor(cfg: DictConfig, model: torch.nn.Module, dtype: torch.dtype = t
     editor = cls(model, family, modules, rank=e.rank, n_blocks=e.n_blocks, lr_init=e.lr_init,
                  lambda_init=e.lambda_init, meta_lr=e.meta_lr, loc_coef=e.loc_coef,
                  max_grad_norm=e.max_grad_norm, token=e.token, batch_size=e.batch_size,
+                 loss_reduction=e.loss_reduction,
                  regularize=e.regularize, device=cfg.editor_device, cache_device=e.cache_device,
                  dtype=dtype)
     if e.checkpoint:  # refused, saying what differs, if trained for another model or module layout
@@ -166,7 +167,7 @@ def validate(cfg: DictConfig, model, editor: Editor, collator: Collator, logger:
     """Per validation group of m edits: ES/GS/LS before editing, edit all m at once, after."""
     records = load_records(cfg.data.valid_path, cfg.data.format)
     m, device = cfg.data.n_edits, torch.device(cfg.model_device)
-    groups = edit_groups(records, m, cfg.data.batch_size, collator, seed=cfg.seed, shuffle=False,
+    groups = edit_groups(records, m, cfg.data.batch_size, collator, seed=cfg.seed, shuffle=True,
                          path=cfg.data.valid_path)
     n_valid = n_groups(len(records), m)
     if cfg.max_valid_steps is not None:
@@ -189,6 +190,7 @@ def validate(cfg: DictConfig, model, editor: Editor, collator: Collator, logger:
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Train (editors that learn) and validate; write and return the results dict."""
     start = time.time()
+    set_threads(cfg.threads)  # before the toy LM's pretraining, whose weights depend on it
     if cfg.model.family == "classifier" and cfg.data.format != "fever":
         raise ValueError(f"model={cfg.model.name} is a binary FEVER classifier: it needs data=fever")
     if cfg.variant != "none" and cfg.editor.name != "malmen":
@@ -218,6 +220,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "time_s": time.time() - start,
         "stats_time_s": editor.stats_time_s,  # MEMIT/EMMET key statistics; 0 when loaded from the cache
         "peak_memory_mb": peak_memory_mb(device),
+        "environment": run_environment(),  # commit, machine, threads, load: the README tables' provenance
     }
     if valid_log and "residual" in valid_log[0]:
         results["residual"] = sum(v["residual"] for v in valid_log) / len(valid_log)
@@ -230,6 +233,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 def run_edit(cfg: DictConfig, run_dir: Path) -> dict:
     """mode=edit: edit the model with every fact of cfg.edit.facts at once; save it with provenance.json."""
     start, e = time.time(), cfg.editor
+    set_threads(cfg.threads)
     if not cfg.edit.facts:
         raise ValueError("mode=edit needs edit.facts=PATH (a .json, .jsonl or .csv file of facts; see README)")
     if e.name in ("malmen", "mend") and not e.checkpoint:

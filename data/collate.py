@@ -1,4 +1,12 @@
-"""Tokenising (prompt, answer) tuples into LM batches for causal, seq2seq and classifier models."""
+"""Tokenising (prompt, answer) tuples into LM batches for causal, seq2seq and classifier models.
+
+`labels` are aligned with the positions that PREDICT them (IGNORE elsewhere), for every LM family:
+  causal   input prompt + answer[:-1]; labels[t] = the answer token after position t. The last answer
+           token is never an input (methods.md, "Where the paper is silent"): a position after it
+           would predict nothing, and with editor.token=all it would cache a (key, 0) pair.
+  seq2seq  encoder input prompt + </s>; decoder input start + answer[:-1]; labels = the answer
+           tokens, without </s> (as the authors' runs).
+"""
 from __future__ import annotations
 
 import torch
@@ -54,16 +62,16 @@ class Collator:
     def _causal(self, prompts: list[str], answers: list[str]) -> dict[str, torch.Tensor]:
         p_ids = self._ids(prompts, False, "prompt")
         a_ids = self._ids([" " + a for a in answers], False, "answer")  # GPT-2 BPE: the space belongs to the word
-        seqs = [p + a for p, a in zip(p_ids, a_ids)]
-        labels = [[IGNORE] * len(p) + a for p, a in zip(p_ids, a_ids)]
+        seqs = [p + a[:-1] for p, a in zip(p_ids, a_ids)]  # (T,) the last answer token is never an input
+        labels = [[IGNORE] * (len(p) - 1) + a for p, a in zip(p_ids, a_ids)]  # (T,) position t predicts t + 1
         for s, p, a in zip(seqs, prompts, answers):
-            self._check_len(len(s), "prompt + answer", f"{p} {a}")
+            self._check_len(len(s), "prompt + answer (the input)", f"{p} {a}")
         input_ids, mask = _pad(seqs, self.pad_id)  # (B, T)
         return {"input_ids": input_ids, "attention_mask": mask, "labels": _pad(labels, IGNORE)[0]}
 
     def _seq2seq(self, prompts: list[str], answers: list[str]) -> dict[str, torch.Tensor]:
         input_ids, mask = _pad(self._ids(prompts, True, "prompt"), self.pad_id)  # (B, T), ends in </s>
-        a_ids = self._ids(answers, True, "answer")  # answer + </s>
+        a_ids = self._ids(answers, False, "answer")  # the answer tokens, no </s> (as the authors' runs)
         labels, dec_mask = _pad(a_ids, IGNORE)  # (B, Td)
         # T5 convention: the decoder starts from the pad token; teacher forcing shifts labels right
         dec_in = _pad([[self.pad_id] + a[:-1] for a in a_ids], self.pad_id)[0]  # (B, Td)

@@ -9,7 +9,9 @@ FEVER: KILT ({id, input, output: [{answer}]}; De Cao et al.'s augmented KILT fil
 `filtered_rephrases`), the original FEVER release and the shared-task dev dump ({id, claim, label})
 become the paper's {prompt, equiv_prompt[], unrel_prompt, alt, unrel_ans} records. `alt` is the
 opposite of the gold label (the paper edits against the fine-tuning labels); the unrelated claim is
-another FEVER claim with its gold label. NOT ENOUGH INFO claims have no binary label: excluded, counted.
+a FEVER 2.0 claim (`fever2_pool`: the adversarial claims, never seen when fine-tuning the classifier)
+with its gold label, as the authors ran them. NOT ENOUGH INFO claims have no binary label: excluded,
+counted.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from data.records import NQ_PREFIX, DataError, parse_record
+from data.records import NQ_PREFIX, NQ_RULE, DataError, parse_record
 
 SUPPORTS, REFUTES, NEI = "SUPPORTS", "REFUTES", "NOT ENOUGH INFO"
 REPHRASE_FIELD = "filtered_rephrases"  # De Cao et al.'s augmented KILT files
@@ -58,7 +60,7 @@ def convert_zsre(rows: Sequence[Any], path: str, nq: Sequence[tuple[str, str]] |
         parse_record(raw, "zsre", path, i)  # every field of every record, as data=zsre will read it
     pairs = [(r["src"], r["answers"][0] if "answers" in r else r["ans"]) for r in out]
     stats = {"records": len(rows), "written": len(out), "loc_from": "nq" if nq is not None else "records",
-             "repeated_src_answer": len(pairs) - len(set(pairs))}
+             "unrel_prompt": NQ_RULE, "repeated_src_answer": len(pairs) - len(set(pairs))}
     return out, stats
 
 
@@ -106,6 +108,21 @@ def fever_claims(rows: Sequence[Any], path: str) -> tuple[list[Claim], int]:
     if not rows:
         raise DataError(path, None, None, "contains no records")
     return claims, n_nei
+
+
+def fever2_pool(rows: Sequence[Any], path: str, edit_claims: Sequence[Claim]) -> tuple[list[Claim], dict]:
+    """The SUPPORTS/REFUTES claims of a FEVER 2.0 file, to draw unrelated claims from, and counts.
+
+    A claim whose text is also one of `edit_claims` is left out (FEVER 2.0 claims are meant to be new;
+    one the classifier was fine-tuned on would not measure locality), counted.
+    """
+    claims, n_nei = fever_claims(rows, path)
+    edit_texts = {c.text for c in edit_claims}
+    pool = [c for c in claims if c.text not in edit_texts]
+    if not pool:
+        raise DataError(path, None, None, "no SUPPORTS/REFUTES claim to draw unrelated claims from")
+    return pool, {"unrel_claims": len(pool), "unrel_not_enough_info_excluded": n_nei,
+                  "unrel_also_edit_claim_excluded": len(claims) - len(pool)}
 
 
 def convert_fever(claims: Sequence[Claim], path: str, *, seed: int = 0,

@@ -34,7 +34,11 @@ def n_groups(n_records: int, n_edits: int) -> int:
 
 def edit_groups(records: list[EditRecord], n_edits: int, batch_size: int, collator: Collator,
                 *, seed: int, shuffle: bool, path: str = "<records>") -> Iterator[EditGroup]:
-    """Yield groups of exactly `n_edits` records, tokenised only when reached."""
+    """Yield groups of exactly `n_edits` records, tokenised only when reached.
+
+    shuffle: records in a `seed`-ed random order (training and validation: the same seed gives the same
+    groups, another seed another choice of edits); False keeps the file order.
+    """
     # checks, shuffling and the equivalent-prompt draw run now, so errors surface at the call
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -44,7 +48,8 @@ def edit_groups(records: list[EditRecord], n_edits: int, batch_size: int, collat
     k = n_groups(n, n_edits)
     if n % n_edits:
         log.warning("%s: %d records beyond the last full group of %d are not used", path, n % n_edits, n_edits)
-    # the same rng draws the equivalent prompts, so validation (shuffle=False) is deterministic too
+    # one seeded rng orders the records and draws the equivalent prompts: the groups are a function of
+    # the seed, so validation (shuffled by cfg.seed) and its max_valid_steps prefix repeat exactly
     rng = np.random.default_rng(seed)
     order = rng.permutation(n) if shuffle else np.arange(n)
     used = [records[i] for i in order[: k * n_edits]]

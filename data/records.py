@@ -1,4 +1,10 @@
-"""Edit records: loading and validating zsRE and FEVER files into one common form."""
+"""Edit records: loading and validating zsRE and FEVER files into one common form.
+
+zsRE unrelated prompt: a `loc` carrying the NQ prefix ("nq question: ", the MEND/MEMIT release) is the
+NQ question with the prefix removed and "?" appended, as the authors ran them (NQ questions carry no
+question mark). A `loc` without the prefix (the paper's own files, the synthetic world) was written in
+final form and is kept as it is.
+"""
 from __future__ import annotations
 
 import json
@@ -7,6 +13,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 NQ_PREFIX = "nq question: "
+# how data.records reads a zsRE `loc` (conversion reports quote it)
+NQ_RULE = f"the NQ question: loc without its {NQ_PREFIX!r} prefix, with '?' appended (data.records, at load)"
 FORMATS = ("zsre", "fever")
 _TRUE = {"supports", "true", "1"}
 _FALSE = {"refutes", "false", "0"}
@@ -135,7 +143,10 @@ class _Fields:
 
 
 def _zsre(f: _Fields) -> EditRecord:
-    """zsRE record in the paper format {src, rephrase, ans, loc, loc_ans} or the MEND format (answers list)."""
+    """zsRE record in the paper format {src, rephrase, ans, loc, loc_ans} or the MEND format (answers list).
+
+    unrel_prompt: "nq question: Q" -> "Q?" (no "?" doubled); a loc without the prefix unchanged.
+    """
     if "answers" in f.raw:
         answer = f.texts("answers")[0]  # the correct answer; the paper does not edit towards `alt`
     elif "ans" in f.raw:
@@ -143,10 +154,11 @@ def _zsre(f: _Fields) -> EditRecord:
     else:
         raise f.error("ans", "missing (need 'ans' (paper format) or 'answers' (MEND format))")
     loc = f.text("loc")
-    if loc.startswith(NQ_PREFIX):
-        loc = loc[len(NQ_PREFIX):]
-        if not loc.strip():
+    if loc.startswith(NQ_PREFIX):  # see the module docstring: the authors' form of the NQ prompt
+        loc = loc[len(NQ_PREFIX):].rstrip()
+        if not loc:
             raise f.error("loc", f"empty question after the {NQ_PREFIX!r} prefix")
+        loc = loc if loc.endswith("?") else loc + "?"
     subject = f.raw.get("subject")
     if subject is not None:
         subject = f.text("subject")

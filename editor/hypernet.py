@@ -1,10 +1,12 @@
 """The hyper-network g_theta with MEND's architecture (Mitchell et al. 2022; paper A.1).
 
 One network per distinct weight shape (d_out, d_in), shared by every edited layer of that shape.
-Input z = concat(u, dL/dv) (d_in + d_out), normalised per layer with running statistics; then
-`n_blocks` residual low-rank MLP blocks, each modulated by a per-layer scale and shift; the output
-splits back into a pseudo key u~ (d_in) and a pseudo value gradient g~ (d_out). Per layer it also
-holds the learning rate eta and, for MALMEN, the regulariser lambda = exp(log_lambda) > 0.
+Input z = concat(u, dL/dv) (d_in + d_out), normalised with running statistics shared by those layers;
+then `n_blocks` residual blocks h <- h + s_l * max(0, h A B + c) + t_l, each modulated by a per-layer
+scale s_l and shift t_l; the output splits back into a pseudo key u~ (d_in) and a pseudo value
+gradient g~ (d_out). Per layer it also holds the learning rate eta and, for MALMEN, the regulariser
+lambda = exp(log_lambda) > 0. The block, its initialisation and the shared normaliser are those of
+the runs behind the paper's numbers (methods.md, "Where the paper is silent").
 """
 import math
 
@@ -13,7 +15,9 @@ from torch import nn
 
 
 class RunningNorm(nn.Module):
-    """Feature-wise running mean/variance (Chan et al. merge), applied as constants."""
+    """Feature-wise running mean and standard deviation (n - 1 denominator; Chan et al. merge),
+    applied as constants. MALMEN.update_norms folds in meta-training batches only: validation and
+    mode=edit never change the editor (the authors' runs also folded validation batches in)."""
 
     def __init__(self, dim: int, eps: float = 1e-8):
         super().__init__()
@@ -46,16 +50,13 @@ class HyperNet(nn.Module):
                  lr_init: float, lambda_init: float):
         super().__init__()
         self.d_in, d = d_in, d_in + d_out
-        self.norms = nn.ModuleList(RunningNorm(d) for _ in range(n_layers))
-        # Block k: h + scale * (relu(h A + a) B + b) + shift. B starts at zero so every block starts
-        # as the identity; the relu sits between the factors so that B still gets a gradient.
-        self.down = nn.ModuleList(nn.Linear(d, rank) for _ in range(n_blocks))
-        self.up = nn.ModuleList(nn.Linear(rank, d) for _ in range(n_blocks))
-        for up in self.up:
-            nn.init.zeros_(up.weight)
-            nn.init.zeros_(up.bias)
-        for down in self.down:
-            nn.init.zeros_(down.bias)
+        self.norm = RunningNorm(d)  # one per network: every layer of this shape feeds it (as MEND)
+        # Block k: h + s * max(0, h A B + c) + t. A ~ N(0, 1) unscaled, B = 0 and c = 0, so every block
+        # starts as the identity. The non-linearity follows the whole low-rank product; clamp(min=0)
+        # passes the gradient at exactly 0 (relu would not), so B learns from the first step.
+        self.A = nn.Parameter(torch.randn(n_blocks, d, rank))
+        self.B = nn.Parameter(torch.zeros(n_blocks, rank, d))
+        self.c = nn.Parameter(torch.zeros(n_blocks, d))
         self.scale = nn.Parameter(torch.ones(n_layers, n_blocks, d))
         self.shift = nn.Parameter(torch.zeros(n_layers, n_blocks, d))
         self.lr = nn.Parameter(torch.full((n_layers,), float(lr_init)))
@@ -63,9 +64,10 @@ class HyperNet(nn.Module):
 
     def forward(self, keys: torch.Tensor, grads: torch.Tensor, layer: int):
         """keys (n, d_in), grads (n, d_out) -> pseudo keys (n, d_in), pseudo grads (n, d_out)."""
-        h = self.norms[layer](torch.cat([keys, grads], -1))  # (n, d_in + d_out)
-        for k, (down, up) in enumerate(zip(self.down, self.up)):
-            h = h + self.scale[layer, k] * up(torch.relu(down(h))) + self.shift[layer, k]
+        h = self.norm(torch.cat([keys, grads], -1))  # (n, d_in + d_out)
+        for k in range(self.A.shape[0]):
+            h = h + self.scale[layer, k] * torch.clamp(h @ self.A[k] @ self.B[k] + self.c[k], min=0) \
+                + self.shift[layer, k]
         return h[:, :self.d_in], h[:, self.d_in:]
 
     def value_diffs(self, keys: torch.Tensor, grads: torch.Tensor, layer: int) -> torch.Tensor:

@@ -2,8 +2,8 @@
 
 All edits are shuffled into mini-batches (100) and the whole set is visited once per epoch (up to 25),
 instead of fitting each batch of edits in turn. Adam (lr 5e-4) tunes the weight of one localised
-module on the target tokens plus an end-of-sequence token (causal LMs; T5's answers already end in
-</s>; the classifier has one label). A step whose batch loss is under `loss_threshold` (1e-2) is
+module on the target tokens plus an end-of-sequence token (EOS for causal LMs, </s> for T5; the
+classifier has one label). A step whose batch loss is under `loss_threshold` (1e-2) is
 skipped, and training stops once an epoch's mean batch loss is under it.
 
 The EOS target is added here, to the tensors of the edit batches (`with_eos`), so the shared
@@ -33,13 +33,17 @@ def concat(batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return out
 
 
-def with_eos(batch: dict[str, torch.Tensor], eos_id: int) -> dict[str, torch.Tensor]:
-    """A causal batch with `eos_id` appended after each sequence, as input and as a target (B, T + 1)."""
+def with_eos(batch: dict[str, torch.Tensor], eos_id: int, family: str = "causal") -> dict[str, torch.Tensor]:
+    """The batch with targets that go on to `eos_id` after the answer ((B, T + 1) on the side that
+    predicts): the last answer token, which the Collator never feeds in, becomes the input that
+    predicts EOS. Causal: the input; seq2seq: the decoder input."""
+    ids_key, mask_key = ("input_ids", "attention_mask") if family == "causal" else \
+        ("decoder_input_ids", "decoder_attention_mask")
     ids, mask, labels = (F.pad(batch[k], (0, 1), value=v) for k, v in
-                         (("input_ids", eos_id), ("attention_mask", 0), ("labels", IGNORE)))
-    rows, ends = torch.arange(len(ids)), batch["attention_mask"].sum(1)  # first position after each sequence
-    ids[rows, ends], mask[rows, ends], labels[rows, ends] = eos_id, 1, eos_id
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+                         ((ids_key, eos_id), (mask_key, 0), ("labels", IGNORE)))
+    rows, ends = torch.arange(len(ids)), batch[mask_key].sum(1)  # first position after each sequence
+    ids[rows, ends], mask[rows, ends], labels[rows, ends] = labels[rows, ends - 1], 1, eos_id
+    return {**batch, ids_key: ids, mask_key: mask, "labels": labels}
 
 
 class LocFTBF(Editor):
@@ -48,7 +52,7 @@ class LocFTBF(Editor):
     def __init__(self, model: nn.Module, family: str, module: str, *, lr: float, batch_size: int, n_epochs: int,
                  loss_threshold: float, eos_id: int | None, seed: int, device="cpu"):
         super().__init__(model, family, device)
-        if family == "causal" and eos_id is None:
+        if family != "classifier" and eos_id is None:
             raise ValueError("editor locft_bf: the tokenizer has no EOS token to append to the targets")
         resolve_modules(model, [module])  # a clear error (listing the modules) on a bad name
         self.param = f"{module}.weight"
@@ -65,8 +69,8 @@ class LocFTBF(Editor):
 
     def edit(self, batches: list[dict]) -> Shifts:
         data = concat(batches)
-        if self.family == "causal":
-            data = with_eos(data, self.eos_id)
+        if self.family != "classifier":
+            data = with_eos(data, self.eos_id, self.family)
         original = self.model.get_parameter(self.param).detach()
         leaf = original.float().clone().requires_grad_()
         opt = torch.optim.Adam([leaf], lr=self.lr)

@@ -13,8 +13,15 @@ from torch import nn
 
 from editor.base import Editor, Shifts, from_param_layout, shifted, to_param_layout
 from editor.hypernet import HyperNet
-from model.lm import kl, logits, nll, to_device
+from model.lm import answer_tokens, kl, logits, nll, to_device
 from model.trace import trace, weight_shape
+
+
+# How L_gen, L_loc and the edit loss reduce over a group (editor.loss_reduction):
+#   token_mean  mean over all answer tokens of the group: the batch-size-free form of the authors' runs
+#               (each LM batch's token mean, added; clipping removes the common scale)
+#   sum         the paper's written formulas: sums over answer tokens, divided by m
+REDUCTIONS = ("token_mean", "sum")
 
 
 class SolveError(ValueError):
@@ -33,10 +40,13 @@ class MALMEN(Editor):
     def __init__(self, model: nn.Module, family: str, modules: dict[str, nn.Module], *,
                  rank: int, n_blocks: int, lr_init: float, lambda_init: float, meta_lr: float,
                  loc_coef: float, max_grad_norm: float, token: str, batch_size: int,
-                 regularize: bool = True, device="cpu", cache_device="cpu",
+                 loss_reduction: str = "token_mean", regularize: bool = True, device="cpu", cache_device="cpu",
                  dtype: torch.dtype = torch.float32):
         super().__init__(model, family, device)
+        if loss_reduction not in REDUCTIONS:
+            raise ValueError(f"editor.loss_reduction must be one of {REDUCTIONS}, got {loss_reduction!r}")
         self.modules, self.token, self.batch_size = modules, token, batch_size
+        self.loss_reduction = loss_reduction
         self.loc_coef, self.max_grad_norm, self.regularize = loc_coef, max_grad_norm, regularize
         self.cache_device, self.dtype = torch.device(cache_device), dtype
         # One hyper-network per distinct weight shape; `slots` maps a module to (network, layer index).
@@ -79,13 +89,18 @@ class MALMEN(Editor):
     def cache(self, batches: list[dict]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Keys and value gradients of the edit tuples, per module."""
         return trace(self.model, self.modules, batches, self.family, self.token, self.device,
-                     self.cache_device, self.dtype)
+                     self.cache_device, self.dtype, token_mean=self.loss_reduction == "token_mean")
+
+    def _denominator(self, group, batches: list[dict]) -> int:
+        """What the summed per-example losses of `batches` are divided by (editor.loss_reduction)."""
+        return answer_tokens(batches, self.family) if self.loss_reduction == "token_mean" else len(group.records)
 
     def update_norms(self, cache: dict) -> None:
-        """Fold this step's cached tuples into the running input statistics (constants afterwards)."""
+        """Fold this meta-training step's cached tuples into the running input statistics of each
+        layer's network (shared by the layers of one shape); constants afterwards."""
         for name, (keys, grads) in cache.items():
-            net, layer = self._net(name)
-            net.norms[layer].update(torch.cat([keys, grads], -1).to(self.device))
+            net, _ = self._net(name)
+            net.norm.update(torch.cat([keys, grads], -1).to(self.device))
 
     def aggregate(self, name: str, keys: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
         """S* (d_out, d_in) by the normal equation; differentiable when grad is enabled."""
@@ -158,13 +173,14 @@ class MALMEN(Editor):
     def meta_losses(self, group, params: dict, backward: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """L_gen and L_loc of the edited LM (`params`) over the equivalent and unrelated tuples.
 
-        Per-example losses are summed over LM batches and divided by m, so any data.batch_size gives
-        the same value. With backward=True each batch is back-propagated at once (stage 1)."""
-        m = len(group.records)
+        Per-example losses are summed over LM batches and divided by a total of the whole group
+        (answer tokens or m, `loss_reduction`), so any data.batch_size gives the same value. With
+        backward=True each batch is back-propagated at once (stage 1)."""
+        n_gen, n_loc = self._denominator(group, group.equiv), self._denominator(group, group.unrel)
         total_gen, total_loc = 0.0, 0.0
         for b in group.equiv:
             b = to_device(b, self.device)
-            loss = nll(logits(self.model, b, self.family, params), b, self.family).sum() / m
+            loss = nll(logits(self.model, b, self.family, params), b, self.family).sum() / n_gen
             if backward:
                 loss.backward()
                 loss = loss.detach()
@@ -173,7 +189,7 @@ class MALMEN(Editor):
             b = to_device(b, self.device)
             with torch.no_grad():
                 ref = logits(self.model, b, self.family)  # the pre-edit model p_W
-            loss = kl(ref, logits(self.model, b, self.family, params), b, self.family).sum() / m
+            loss = kl(ref, logits(self.model, b, self.family, params), b, self.family).sum() / n_loc
             if backward:
                 (self.loc_coef * loss).backward()
                 loss = loss.detach()

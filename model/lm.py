@@ -1,12 +1,14 @@
 """Forward passes, losses and metrics of the three model families on one LM batch.
 
 Batches come from `data.collate.Collator`:
-  causal      input_ids, attention_mask, labels (B, T), labels -100 except on answer tokens
+  causal      input_ids, attention_mask, labels (B, T): labels[t] is the answer token that position t
+              predicts, -100 elsewhere (the input is prompt + answer[:-1])
   seq2seq     input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, labels (B, Td)
   classifier  input_ids, attention_mask, labels (B,) in {0., 1.}
 
-Every loss is per example (B,) so that callers can sum over any split into batches and divide by
-the total number of examples: the result does not depend on the batch size.
+Every loss is per example (B,), summed over its answer tokens, so that callers can sum over any
+split into batches and divide by a total of the whole group (examples or answer tokens,
+`answer_tokens`): the result does not depend on the batch size.
 """
 import torch
 import torch.nn.functional as F
@@ -40,12 +42,9 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
 
 
 def _targets(lg: torch.Tensor, batch: dict, family: str):
-    """Align logits with the answer tokens they predict: (B, T', V) logits, (B, T') targets, mask."""
-    labels = batch["labels"]
-    if family == "causal":  # position t predicts token t + 1
-        lg, labels = lg[:, :-1], labels[:, 1:]
-    mask = labels != -100
-    return _upcast(lg), labels.clamp(min=0), mask
+    """Logits (B, T, V), the answer tokens they predict (B, T) and the mask of answer positions (B, T)."""
+    labels = batch["labels"]  # aligned with the predicting positions (data.collate)
+    return _upcast(lg), labels.clamp(min=0), labels != -100
 
 
 def answer_mask(batch: dict, family: str) -> torch.Tensor:
@@ -55,12 +54,13 @@ def answer_mask(batch: dict, family: str) -> torch.Tensor:
         mask = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
         mask[:, 0] = True
         return mask
-    labels = batch["labels"]
-    if family == "seq2seq":
-        return labels != -100
-    mask = torch.zeros_like(labels, dtype=torch.bool)
-    mask[:, :-1] = labels[:, 1:] != -100
-    return mask
+    return batch["labels"] != -100
+
+
+def answer_tokens(batches: list[dict], family: str) -> int:
+    """Answer tokens in a list of batches (one per example for the classifier): the denominator of
+    the token-mean losses (editor.loss_reduction=token_mean)."""
+    return sum(int(answer_mask(b, family).sum()) for b in batches)
 
 
 def nll(lg: torch.Tensor, batch: dict, family: str) -> torch.Tensor:

@@ -38,15 +38,16 @@ def word_tokenizer(texts: list[str], max_length: int) -> PreTrainedTokenizerFast
 
 def smoothed_nll(lg: torch.Tensor, batch: dict, smoothing: float) -> torch.Tensor:
     """Mean label-smoothed cross-entropy over the answer tokens of a causal batch."""
-    labels = batch["labels"][:, 1:]  # position t predicts token t + 1
-    mask = labels != -100
-    return F.cross_entropy(lg[:, :-1][mask], labels[mask], label_smoothing=smoothing)
+    mask = batch["labels"] != -100  # (B, T) positions that predict an answer token
+    return F.cross_entropy(lg[mask], batch["labels"][mask], label_smoothing=smoothing)
 
 
 def pretrain(facts: list[dict], texts: list[str], *, n_layer: int, n_embd: int, n_head: int,
              epochs: int, lr: float, weight_decay: float, label_smoothing: float, batch_size: int,
              seed: int, out_dir: Path) -> dict:
-    """Train a GPT-2 on {prompt, answer} facts; save model and tokenizer to out_dir; return stats."""
+    """Train a GPT-2 on {prompt, answer} facts; save model and tokenizer to out_dir; return stats.
+
+    Deterministic for a given torch build and thread count (the caller keys the cache by both)."""
     torch.manual_seed(seed)
     tok = word_tokenizer(texts, max_length=64)
     # No dropout: the toy LM must memorise random facts, which dropout fights.
@@ -79,13 +80,15 @@ def pretrain(facts: list[dict], texts: list[str], *, n_layer: int, n_embd: int, 
              "n_params": sum(p.numel() for p in model.parameters())}
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
-    (out_dir / "pretrain.json").write_text(json.dumps(stats, indent=2))
     return stats
 
 
 def ensure_toy_model(facts_path: str, texts_paths: list[str], settings: dict, cache_dir: str | Path) -> str:
     """Directory of the toy LM for these facts and settings, pretraining it on first use."""
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    # What else changes the weights is part of the key: torch's kernels (its version) and the thread
+    # count (float sums split per thread); same key, same machine kind -> bit-identical weights.
+    build = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+    digest = hashlib.sha256(json.dumps({**settings, **build}, sort_keys=True).encode())
     for p in [facts_path, *texts_paths]:
         digest.update(Path(p).read_bytes())
     out = Path(cache_dir) / f"toy-{digest.hexdigest()[:12]}"
@@ -99,7 +102,8 @@ def ensure_toy_model(facts_path: str, texts_paths: list[str], settings: dict, ca
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".toy-"))
     try:
-        stats = pretrain(facts, texts, out_dir=tmp, **settings)
+        stats = {**pretrain(facts, texts, out_dir=tmp, **settings), **build}
+        (tmp / "pretrain.json").write_text(json.dumps(stats, indent=2))
         try:
             tmp.rename(out)  # atomic: a half-trained model is never picked up
         except OSError:  # another run finished the same model first: keep theirs

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from model.lm import answer_mask, logits, nll, to_device
+from model.lm import answer_mask, answer_tokens, logits, nll, to_device
 
 
 def weight_shape(module: nn.Module) -> tuple[int, int]:
@@ -36,10 +36,12 @@ def token_mask(batch: dict, family: str, module_name: str, token: str) -> torch.
 
 
 def trace(model: nn.Module, modules: dict[str, nn.Module], batches: list[dict], family: str,
-          token: str, device, cache_device, dtype: torch.dtype = torch.float32
+          token: str, device, cache_device, dtype: torch.dtype = torch.float32, token_mean: bool = False
           ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Run the edit tuples, back-propagate L = -sum_i log p(y_i | x_i), and return per module
-    keys (n, d_in) and value gradients (n, d_out) of the selected tokens, in `dtype` on `cache_device`."""
+    """Run the edit tuples, back-propagate L = -sum_i log p(y_i | x_i) (divided by the answer tokens
+    of all `batches` when `token_mean`), and return per module keys (n, d_in) and value gradients
+    (n, d_out) of the selected tokens, in `dtype` on `cache_device`."""
+    scale = 1 / answer_tokens(batches, family) if token_mean else 1.0
     keys = {n: [] for n in modules}
     grads = {n: [] for n in modules}
     for batch in batches:
@@ -55,7 +57,7 @@ def trace(model: nn.Module, modules: dict[str, nn.Module], batches: list[dict], 
         finally:
             for h in hooks:
                 h.remove()
-        loss = nll(lg, batch, family).sum()
+        loss = nll(lg, batch, family).sum() * scale
         names = list(modules)
         value_grads = torch.autograd.grad(loss, [seen[n][1] for n in names])
         for n, g in zip(names, value_grads):

@@ -14,6 +14,7 @@ A results.json that cannot be read or lacks a field stops it with the file and t
 import argparse
 import csv
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,9 @@ class Run:
     m: int
     seed: int
     stats: dict  # STATS -> float (residual only for MALMEN/MEND runs)
+    pre_edit: dict | None = None  # METRICS -> float before editing (None in results.json files without it)
+    environment: dict | None = None  # where and when it ran (util.run_environment; None: not recorded)
+    config: dict | None = None  # the resolved config
 
     @property
     def key(self) -> tuple:
@@ -88,11 +92,13 @@ def read_run(path: Path) -> Run:
     stats.update({k: float(_field(res, k, path, num)) for k in ("time_s", "peak_memory_mb")})
     if "residual" in res:
         stats["residual"] = float(_field(res, "residual", path, num))
+    pre = {k: float(_field(res, f"pre_edit.{k}", path, num)) for k in METRICS} if "pre_edit" in res else None
+    env = _field(res, "environment", path, dict) if res.get("environment") is not None else None
     return Run(path=path, result=str(result), model=model, data=data,
                editor=_field(res, "config.editor.name", path, str),
                variant=_field(res, "config.variant", path, str),
                m=_field(res, "config.data.n_edits", path, int), seed=_field(res, "config.seed", path, int),
-               stats=stats)
+               stats=stats, pre_edit=pre, environment=env, config=res["config"])
 
 
 def find_runs(sweep_dir: Path) -> list[Run]:
@@ -198,18 +204,28 @@ def plot_residual(rows: list[dict], title: str, path: Path) -> None:
     plt.close(fig)
 
 
+def mean_std(mean: float, std: float | None, digits: int, scale: float = 1.0, why: str = "non-finite") -> str:
+    """'mean (std)' (std None: the mean alone); 'n/a (why)' when either is NaN or infinite."""
+    if not all(math.isfinite(v) for v in (mean, std) if v is not None):
+        return f"n/a ({why})"
+    return f"{scale * mean:.{digits}f}" + ("" if std is None else f" ({scale * std:.{digits}f})")
+
+
+def row_order(editor: str, variant: str) -> tuple:
+    """Table 1's row order: other editors first, then MALMEN's ablations, MALMEN itself last."""
+    return editor == "malmen", list(VARIANTS).index(variant) if variant in VARIANTS else -1, editor, variant
+
+
 def _cell(row: dict | None, stat: str) -> str:
     if row is None:
         return "–"
-    return f"{100 * row[f'{stat}_mean']:.1f} ({100 * row[f'{stat}_std']:.1f})"
+    return mean_std(row[f"{stat}_mean"], row[f"{stat}_std"], 1, scale=100)
 
 
 def ablation_table(rows: list[dict], title: str, with_time: bool) -> str:
     """Markdown in the layout of Table 1 (with_time=False) or Table 2: variants x (setting, ES/GS/LS[, time])."""
     settings = sorted({(r["data"], r["model"], r["m"]) for r in rows})
-    order = {v: i for i, v in enumerate(VARIANTS)}
-    variants = sorted({(r["editor"], r["variant"]) for r in rows},
-                      key=lambda ev: (ev[0] == "malmen", order.get(ev[1], -1), ev))
+    variants = sorted({(r["editor"], r["variant"]) for r in rows}, key=lambda ev: row_order(*ev))
     by_key = {(r["editor"], r["variant"], r["data"], r["model"], r["m"]): r for r in rows}
     stats = METRICS + (("time_s",) if with_time else ())
     head, rule = ["Variant"], ["---"]

@@ -3,6 +3,10 @@
     python scripts/download_data.py                       # zsRE and FEVER into datasets/ (the data_dir)
     python scripts/download_data.py fever --from-dir DIR  # convert release files you already have
 
+FEVER's unrelated claims come from FEVER 2.0 (held out from the classifier's fine-tuning, as in the
+paper); `--unrel-source train` draws them from the training claims instead (LS then sits near the
+classifier's training accuracy).
+
 Raw files go to OUT/raw (or stay in DIR); their sha256 is recorded in SHA256SUMS beside them on first
 sight and verified on every later run (`sha256sum -c SHA256SUMS` checks them by hand). No hash is built
 in: none could be checked against the real release when this script was written.
@@ -26,21 +30,27 @@ from omegaconf import OmegaConf  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from data.convert import (MISSING_EQUIV, convert_fever, convert_zsre, dumps_records,  # noqa: E402
-                          fever_claims, nq_pairs)
+                          fever2_pool, fever_claims, nq_pairs)
 from data.records import DataError, load_records, read_objects  # noqa: E402
 from util import atomic_write  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+FEVER2 = "fever2-fixers-dev.jsonl"
 SOURCES = {  # release file name -> URL
     "zsre": {  # MEND/MEMIT zsRE split, as distributed with ROME/MEMIT
         "zsre_mend_train.json": "https://rome.baulab.info/data/dsets/zsre_mend_train.json",
         "zsre_mend_eval.json": "https://rome.baulab.info/data/dsets/zsre_mend_eval.json",
     },
-    "fever": {  # KILT FEVER (SUPPORTS/REFUTES only): 104,966 train and 10,444 dev claims
+    "fever": {  # KILT FEVER (SUPPORTS/REFUTES only): 104,966 train and 10,444 dev claims; then FEVER 2.0
         "fever-train-kilt.jsonl": "http://dl.fbaipublicfiles.com/KILT/fever-train-kilt.jsonl",
         "fever-dev-kilt.jsonl": "http://dl.fbaipublicfiles.com/KILT/fever-dev-kilt.jsonl",
+        # FEVER 2.0 shared task (2019): the 1,174 adversarial claims of the "breakers", released to the
+        # "fixers" as their dev set, FEVER format {id, label, claim, evidence, ...}; new claims, not in
+        # FEVER. The unrelated claims are drawn from it. (Also at s3-eu-west-1.amazonaws.com/fever.public/.)
+        FEVER2: "https://fever.ai/download/fever2.0/fever2-fixers-dev.jsonl",
     },
 }
+UNREL_SOURCES = ("fever2", "train")  # where FEVER's unrelated claims come from
 # De Cao et al. share KILT FEVER with the rephrased claims (field filtered_rephrases) under the same
 # file names; it is a mega.nz folder, which a script cannot fetch.
 REPHRASED_FEVER = "https://mega.nz/folder/p9JC3bwC#vzcrsh9b-pnWPaWdlcBVUA"
@@ -60,13 +70,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown dataset(s) {unknown}; choose from {sorted(SOURCES)}")
     args.datasets = sorted(set(args.datasets)) or sorted(SOURCES)
     raw = Path(args.from_dir) if args.from_dir else Path(args.raw or Path(args.out) / "raw")
-    names = [n for d in args.datasets for n in SOURCES[d]]
+    files = _files(args.datasets, args.unrel_source)
     try:
         if args.from_dir:
-            _require(raw, names, args.datasets)
+            _require(raw, list(files), args.datasets)
         else:
-            _download(raw, args.datasets, args.mirror)
-        hashes = verify_manifest(raw, names)
+            _download(raw, files, args.datasets, args.mirror)
+        hashes = verify_manifest(raw, list(files))
         for name in args.datasets:
             convert = _convert_zsre if name == "zsre" else _convert_fever
             convert(raw, _config_paths(name, args.out), hashes, args)
@@ -138,7 +148,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="FEVER claims without a rephrasing: use the claim itself, flagged (standin), "
                         "leave them out (drop) or stop (error)")
     p.add_argument("--nq", help="zsRE: draw the locality pairs from this NQ-open file instead of the records'")
+    p.add_argument("--unrel-source", choices=UNREL_SOURCES, default="fever2",
+                   help="FEVER: draw the unrelated claims from FEVER 2.0 (the paper's; default) or from the "
+                        "training claims the classifier is fine-tuned on (LS then is not the paper's)")
     return p
+
+
+def _files(datasets: list[str], unrel_source: str) -> dict[str, str]:
+    """{release file name: URL} that `datasets` need; FEVER 2.0 only when the unrelated claims come from it."""
+    return {n: u for d in datasets for n, u in SOURCES[d].items() if n != FEVER2 or unrel_source == "fever2"}
 
 
 def _require(raw: Path, names: list[str], datasets: list[str]) -> None:
@@ -147,10 +165,10 @@ def _require(raw: Path, names: list[str], datasets: list[str]) -> None:
         raise Missing(_by_hand(raw, missing, datasets, f"{len(missing)} file(s) not in {raw}"))
 
 
-def _download(raw: Path, datasets: list[str], mirror: str | None) -> None:
-    """Fetch the files not yet in `raw`; Missing lists every one that failed."""
+def _download(raw: Path, files: dict[str, str], datasets: list[str], mirror: str | None) -> None:
+    """Fetch the `files` ({name: URL}) not yet in `raw`; Missing lists every one that failed."""
     failed, reasons = [], []
-    for name, url in ((n, u) for d in datasets for n, u in SOURCES[d].items()):
+    for name, url in files.items():
         if (raw / name).is_file():
             continue
         url = mirror.rstrip("/") + "/" + name if mirror else url
@@ -207,17 +225,26 @@ def _convert_zsre(raw: Path, paths: tuple[Path, Path], hashes: dict, args) -> No
 
 
 def _convert_fever(raw: Path, paths: tuple[Path, Path], hashes: dict, args) -> None:
-    (train_src, dev_src), reports = SOURCES["fever"], {}
+    (train_src, dev_src, _), reports = SOURCES["fever"], {}
     train, nei_train = fever_claims(read_objects(str(raw / train_src)), str(raw / train_src))
     dev, nei_dev = fever_claims(read_objects(str(raw / dev_src)), str(raw / dev_src))
-    # Unrelated claims come from the training claims for both splits: a validation edit's unrelated
-    # claim is then never another validation claim, which an edit in the same group would flip.
+    # One pool for both splits, without the validation claims: a validation edit's unrelated claim is
+    # then never another validation claim, which an edit in the same group would flip.
+    if args.unrel_source == "fever2":
+        pool, unrel = fever2_pool(read_objects(str(raw / FEVER2)), str(raw / FEVER2), train + dev)
+        unrel = {"unrel_file": str(raw / FEVER2), "unrel_sha256": hashes[FEVER2], **unrel}
+    else:
+        print("warning: --unrel-source train: the unrelated claims are training claims the classifier was "
+              "fine-tuned on, so LS sits near its training accuracy, not at the paper's 89.5 (FEVER 2.0 claims)",
+              file=sys.stderr)
+        pool, unrel = train, {"unrel_file": str(raw / train_src), "unrel_claims": len(train)}
     for src, claims, nei, dest, seed in ((train_src, train, nei_train, paths[0], args.seed),
                                          (dev_src, dev, nei_dev, paths[1], args.seed + 1)):
-        rows, stats = convert_fever(claims, str(raw / src), seed=seed, unrel_pool=train,
+        rows, stats = convert_fever(claims, str(raw / src), seed=seed, unrel_pool=pool,
                                     missing_equiv=args.missing_equiv)
         reports[str(dest)] = _write(dest, rows, "fever", raw / src, hashes[src],
-                                    {"not_enough_info_excluded": nei, **stats})
+                                    {"not_enough_info_excluded": nei, "unrel_source": args.unrel_source,
+                                     **unrel, **stats})
     _report(paths[0].parent, "fever", reports, args)
     if any(r["equiv_standin"] for r in reports.values()):  # data.records has warned per file
         print(f"note: for the paper's GS, convert De Cao et al.'s rephrased FEVER instead: {REPHRASED_FEVER}",
@@ -235,8 +262,10 @@ def _write(dest: Path, rows: list[dict], fmt: str, src: Path, digest: str, stats
 
 
 def _report(folder: Path, name: str, reports: dict, args) -> None:
-    report = {"dataset": name, "seed": args.seed, "missing_equiv": args.missing_equiv if name == "fever" else None,
-              "nq": args.nq if name == "zsre" else None, "files": reports}
+    fever = name == "fever"
+    report = {"dataset": name, "seed": args.seed, "missing_equiv": args.missing_equiv if fever else None,
+              "unrel_source": args.unrel_source if fever else None, "nq": args.nq if name == "zsre" else None,
+              "files": reports}
     atomic_write(folder / "conversion.json", json.dumps(report, indent=2) + "\n")
 
 

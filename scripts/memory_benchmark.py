@@ -68,9 +68,10 @@ def random_group(m: int, vocab: int, batch_size: int, prompt_len: int, answer_le
         out = []
         for i in range(0, m, batch_size):
             b = min(batch_size, m - i)
-            ids = torch.randint(0, vocab, (b, prompt_len + answer_len))  # (b, T)
-            labels = ids.clone()
-            labels[:, :prompt_len] = -100  # loss and cached tokens on the answer only, as the Collator does
+            tokens = torch.randint(0, vocab, (b, prompt_len + answer_len))
+            ids = tokens[:, :-1]  # (b, T) as the Collator: the last answer token is never an input
+            labels = torch.full_like(ids, -100)
+            labels[:, prompt_len - 1:] = tokens[:, prompt_len:]  # position t predicts token t + 1
             out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
         return out
     records = [EditRecord(prompt=f"<random ids {i}>", answer="<random ids>", equiv_prompts=("<random ids>",),

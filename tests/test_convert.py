@@ -6,8 +6,8 @@ from collections import Counter
 
 import pytest
 
-from data.convert import convert_fever, convert_zsre, dumps_records, fever_claims, nq_pairs
-from data.records import NQ_PREFIX, DataError, load_records, read_objects
+from data.convert import convert_fever, convert_zsre, dumps_records, fever2_pool, fever_claims, nq_pairs
+from data.records import NQ_PREFIX, NQ_RULE, DataError, load_records, read_objects
 from scripts import download_data
 from tests.conftest import ROOT
 
@@ -17,6 +17,17 @@ ZSRE, FEVER, NQ = "zsre/zsre_mend_train-1k.json", "fever/fever_shared_task_dev.j
 def _read(shared_data, name):
     path = str(shared_data / name)
     return read_objects(path), path
+
+
+def _fever2(n: int, start: int = 0) -> list[dict]:
+    """Synthetic FEVER 2.0 rows (fever2-fixers-dev.jsonl's form): new claims, a third NOT ENOUGH INFO."""
+    labels = ("SUPPORTS", "REFUTES", "NOT ENOUGH INFO")
+    return [{"id": 500000 + i, "label": labels[i % 3], "claim": f"Adversarial claim {i}: lake {i} is saline.",
+             "evidence": [[[None, None, f"Lake_{i}", 0]]], "attack": "synthetic"} for i in range(start, start + n)]
+
+
+def _jsonl(path, rows) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _kilt(row: dict, **extra) -> dict:
@@ -36,7 +47,8 @@ def test_zsre_sample_passes_through_every_record(shared_data, tmp_path):
     records = load_records(str(dest), "zsre")
     assert [r.prompt for r in records] == [r["src"] for r in rows]
     assert all(r.answer.strip() and r.unrel_answer.strip() and r.subject for r in records)
-    assert [r.unrel_prompt for r in records] == [r["loc"][len(NQ_PREFIX):] for r in rows]
+    assert [r.unrel_prompt for r in records] == [r["loc"][len(NQ_PREFIX):] + "?" for r in rows]  # as the authors ran
+    assert stats["unrel_prompt"] == NQ_RULE  # conversion.json says how the loader reads `loc`
 
 
 def test_nq_open_pairs(shared_data):
@@ -142,7 +154,7 @@ def test_zsre_bad_record_names_field(shared_data):
 
 
 def _release_dir(shared_data, folder):
-    """The four release files, named as released, from the shared samples (zsRE 1k; dev claims as KILT)."""
+    """The release files, named as released: the shared samples (zsRE 1k; dev claims as KILT), synthetic FEVER 2.0."""
     folder.mkdir()
     z, _ = _read(shared_data, ZSRE)
     (folder / "zsre_mend_train.json").write_text(json.dumps(z[:800]))
@@ -150,6 +162,7 @@ def _release_dir(shared_data, folder):
     f, _ = _read(shared_data, FEVER)
     (folder / "fever-train-kilt.jsonl").write_text("".join(json.dumps(_kilt(r)) + "\n" for r in f[:3000]))
     (folder / "fever-dev-kilt.jsonl").write_text("".join(json.dumps(_kilt(r)) + "\n" for r in f[3000:4500]))
+    _jsonl(folder / "fever2-fixers-dev.jsonl", _fever2(60))
     return z, f
 
 
@@ -165,15 +178,24 @@ def test_download_script_from_dir(shared_data, tmp_path, capsys):
     train = json.loads((out / "fever" / "fever_train.json").read_text())
     assert len(dev) == sum(r["label"] != "NOT ENOUGH INFO" for r in f[3000:4500])
     assert len(train) == sum(r["label"] != "NOT ENOUGH INFO" for r in f[:3000])
-    train_ids = {r["id"] for r in train}
+    # unrelated claims of both splits: FEVER 2.0 claims with their gold labels, never a training claim
+    fever2 = {r["id"]: r for r in _fever2(60) if r["label"] != "NOT ENOUGH INFO"}
     dev_rows = json.loads((out / "fever" / "fever_dev.json").read_text())
-    assert all(r["unrel_id"] in train_ids for r in dev_rows)  # validation unrelated claims: from train
+    for r in train + dev_rows:
+        assert (r["unrel_prompt"], r["unrel_ans"]) == (fever2[r["unrel_id"]]["claim"], fever2[r["unrel_id"]]["label"])
+    assert len({r["unrel_id"] for r in dev_rows}) == 40  # drawn across the whole pool
     manifest = (tmp_path / "release" / "SHA256SUMS").read_text().splitlines()
     assert sorted(line.split()[1] for line in manifest) == sorted(
-        ["zsre_mend_train.json", "zsre_mend_eval.json", "fever-train-kilt.jsonl", "fever-dev-kilt.jsonl"])
+        ["zsre_mend_train.json", "zsre_mend_eval.json", "fever-train-kilt.jsonl", "fever-dev-kilt.jsonl",
+         "fever2-fixers-dev.jsonl"])
     report = json.loads((out / "fever" / "conversion.json").read_text())
-    assert report["files"][str(out / "fever" / "fever_dev.json")]["not_enough_info_excluded"] == \
-        sum(r["label"] == "NOT ENOUGH INFO" for r in f[3000:4500])
+    dev_report = report["files"][str(out / "fever" / "fever_dev.json")]
+    assert dev_report["not_enough_info_excluded"] == sum(r["label"] == "NOT ENOUGH INFO" for r in f[3000:4500])
+    assert report["unrel_source"] == dev_report["unrel_source"] == "fever2"
+    assert dev_report["unrel_file"] == str(tmp_path / "release" / "fever2-fixers-dev.jsonl")
+    assert (dev_report["unrel_claims"], dev_report["unrel_not_enough_info_excluded"]) == (40, 20)
+    zsre_report = json.loads((out / "zsre" / "conversion.json").read_text())
+    assert all(r["unrel_prompt"] == NQ_RULE for r in zsre_report["files"].values())
     # a second run verifies the recorded checksums; a changed file is refused
     capsys.readouterr()
     assert download_data.main(["zsre"] + argv) == 0
@@ -188,6 +210,56 @@ def test_download_script_from_dir(shared_data, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "http://dl.fbaipublicfiles.com/KILT/fever-dev-kilt.jsonl" in err
     assert str(tmp_path / "release" / "fever-dev-kilt.jsonl") in err
+
+
+def test_unrel_source_train_flag_warns(shared_data, tmp_path, capsys):
+    _release_dir(shared_data, tmp_path / "release")
+    (tmp_path / "release" / "fever2-fixers-dev.jsonl").unlink()  # not needed when drawing from train
+    out = tmp_path / "datasets"
+    argv = ["fever", "--from-dir", str(tmp_path / "release"), "--out", str(out), "--unrel-source", "train"]
+    assert download_data.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "warning: --unrel-source train" in err and "not at the paper's 89.5" in err
+    train = json.loads((out / "fever" / "fever_train.json").read_text())
+    dev = json.loads((out / "fever" / "fever_dev.json").read_text())
+    assert all(r["unrel_id"] in {t["id"] for t in train} for r in train + dev)
+    assert json.loads((out / "fever" / "conversion.json").read_text())["unrel_source"] == "train"
+    # without the flag the FEVER 2.0 file is required: what to download and where to put it
+    assert download_data.main(argv[:-2]) == 1
+    err = capsys.readouterr().err
+    assert download_data.SOURCES["fever"]["fever2-fixers-dev.jsonl"] in err
+    assert str(tmp_path / "release" / "fever2-fixers-dev.jsonl") in err
+
+
+def test_fever2_pool_and_bad_records(tmp_path, capsys):
+    rows = _fever2(9)
+    edit = [fever_claims([{"id": "e", "claim": rows[1]["claim"], "label": "REFUTES"}], "train")[0][0]]
+    pool, stats = fever2_pool(rows, "f2.jsonl", edit)  # a FEVER 2.0 claim that is also an edit claim: left out
+    assert [c.text for c in pool] == [r["claim"] for r in rows if r["label"] != "NOT ENOUGH INFO" and r != rows[1]]
+    assert stats == {"unrel_claims": 5, "unrel_not_enough_info_excluded": 3, "unrel_also_edit_claim_excluded": 1}
+    cases = [
+        ({"label": "MAYBE"}, "field 'label'"),
+        ({"claim": ""}, "field 'claim'"),
+        ({"id": None}, "field 'id'"),
+        ({"id": 500000}, "field 'id': duplicate of record 0"),
+    ]
+    for change, match in cases:
+        bad = [dict(r) for r in rows]
+        bad[4].update(change)
+        with pytest.raises(DataError, match=f"^f2.jsonl: record 4: {match}"):
+            fever2_pool(bad, "f2.jsonl", edit)
+    with pytest.raises(DataError, match="^f2.jsonl: no SUPPORTS/REFUTES claim"):
+        fever2_pool(rows[2:3], "f2.jsonl", edit)
+    # through the script: exit 2 and the message names file, record and field
+    release = tmp_path / "release"
+    release.mkdir()
+    _jsonl(release / "fever-train-kilt.jsonl", [{"id": "t", "input": "A claim.", "output": [{"answer": "SUPPORTS"}]}])
+    _jsonl(release / "fever-dev-kilt.jsonl", [{"id": "d", "input": "B claim.", "output": [{"answer": "REFUTES"}]}])
+    bad = [dict(r) for r in rows]
+    bad[4].pop("claim")
+    _jsonl(release / "fever2-fixers-dev.jsonl", bad)
+    assert download_data.main(["fever", "--from-dir", str(release), "--out", str(tmp_path / "out")]) == 2
+    assert f"{release / 'fever2-fixers-dev.jsonl'}: record 4: field 'claim'" in capsys.readouterr().err
 
 
 def test_download_script_offline_message(tmp_path):

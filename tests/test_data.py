@@ -1,6 +1,7 @@
 """Tests for data/: record loading, collation and edit grouping."""
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from pathlib import Path
@@ -10,7 +11,7 @@ import torch
 
 from data.collate import Collator
 from data.groups import edit_groups, n_groups
-from data.records import DataError, EditRecord, load_records
+from data.records import NQ_PREFIX, DataError, EditRecord, load_records
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 ZSRE = SHARED / "zsre" / "zsre_mend_train-1k.json"
@@ -91,19 +92,32 @@ def test_zsre_real_file(zsre_records, zsre_raw):
     for rec, raw in zip(zsre_records, zsre_raw):
         assert rec.answer == raw["answers"][0] and rec.answer.strip()
         assert rec.answer != raw["alt"] or raw["alt"] == raw["answers"][0]  # correct answer, not the alternative
-        assert not rec.unrel_prompt.startswith("nq question")
-        assert raw["loc"].endswith(rec.unrel_prompt) and rec.unrel_answer == raw["loc_ans"]
+        # the NQ question without its prefix, with the "?" the authors' runs append
+        assert raw["loc"] == NQ_PREFIX + rec.unrel_prompt[:-1] and rec.unrel_answer == raw["loc_ans"]
+        assert rec.unrel_prompt.endswith("?") and not rec.unrel_prompt.endswith("??")
         assert rec.prompt == raw["src"] and rec.equiv_prompts == (raw["rephrase"],)
         assert rec.subject == raw["subject"] and rec.subject
 
 
 def test_zsre_paper_and_mend_formats_agree(tmp_path, zsre_raw):
     mend = zsre_raw[:50]
+    # the paper's files hold the unrelated prompt in final form: no prefix, "?" already there
     paper = [{"src": r["src"], "rephrase": r["rephrase"], "ans": r["answers"][0],
-              "loc": r["loc"][len("nq question: "):], "loc_ans": r["loc_ans"], "subject": r["subject"]} for r in mend]
+              "loc": r["loc"][len(NQ_PREFIX):] + "?", "loc_ans": r["loc_ans"], "subject": r["subject"]} for r in mend]
     a = load_records(_write(tmp_path / "mend.json", mend), "zsre")
     b = load_records(_write(tmp_path / "paper.json", paper), "zsre")
     assert a == b and len(a) == 50
+
+
+def test_zsre_nq_question_mark(tmp_path):
+    rec = {"src": "Who made X?", "rephrase": "X was made by?", "ans": "Y", "loc_ans": "z"}
+    locs = {"nq question: who wrote hamlet": "who wrote hamlet?",
+            "nq question: is it raining?": "is it raining?",  # already asked: no "??"
+            "nq question: where is paris  ": "where is paris?",
+            "who wrote hamlet": "who wrote hamlet",  # paper format: final form, kept as it is
+            "Who wrote Hamlet?": "Who wrote Hamlet?"}
+    recs = load_records(_write(tmp_path / "z.json", [{**rec, "loc": loc} for loc in locs]), "zsre")
+    assert [r.unrel_prompt for r in recs] == list(locs.values())
 
 
 def test_jsonl_same_as_json(tmp_path, zsre_raw):
@@ -213,19 +227,17 @@ def test_causal_gpt2_labels(gpt2, zsre_records):
         ids, mask, labels = b["input_ids"], b["attention_mask"], b["labels"]
         assert ids.shape == mask.shape == labels.shape and ids.shape[0] == 50
         for i, r in enumerate(recs):
-            ans = labels[i] != -100
-            assert gpt2.decode(ids[i][ans]) == " " + r.answer
+            ans = labels[i] != -100  # positions that predict an answer token
             assert gpt2.decode(labels[i][ans]) == " " + r.answer
-            n_prompt = int(ans.nonzero()[0])
+            n_prompt = int(ans.nonzero()[0]) + 1  # the last prompt token predicts the first answer token
             assert gpt2.decode(ids[i][:n_prompt]) == r.prompt  # answer follows the prompt directly
-            # shift: the logit at t predicts token t+1, which must be the label at t+1
-            for t in range(ids.shape[1] - 1):
-                if labels[i, t + 1] != -100:
-                    assert ids[i, t + 1] == labels[i, t + 1] and mask[i, t + 1] == 1
             n_real = int(mask[i].sum())
+            # input prompt + answer[:-1]: position t predicts the label at t, the input token at t + 1
+            assert n_real == n_prompt + int(ans.sum()) - 1
+            assert torch.equal(ids[i, n_prompt:n_real], labels[i][ans][:-1])
             assert mask[i, :n_real].all() and not mask[i, n_real:].any()  # right padding
             assert (labels[i, n_real:] == -100).all() and (ids[i, n_real:] == gpt2.pad_token_id).all()
-            assert ans.nonzero()[-1] == n_real - 1  # the answer ends the real sequence
+            assert ans.nonzero()[-1] == n_real - 1  # the last input position predicts the last answer token
 
 
 def test_causal_refusals(gpt2):
@@ -264,7 +276,7 @@ def test_seq2seq_batch(t5_like, zsre_records):
         assert b["input_ids"][i, n_in - 1] == eos
         assert t5_like.decode(b["input_ids"][i, : n_in - 1]) == r.prompt
         n = int((labels[i] != -100).sum())
-        assert labels[i, n - 1] == eos and t5_like.decode(labels[i, : n - 1]) == r.answer
+        assert eos not in labels[i].tolist() and t5_like.decode(labels[i, :n]) == r.answer  # no </s> label
         assert (labels[i, n:] == -100).all()
         assert dec_in[i, 0] == pad  # T5 decoder start token
         assert torch.equal(dec_in[i, 1:n], labels[i, : n - 1])  # shifted right by one
@@ -305,8 +317,9 @@ def _answers(tok, batches) -> list[str]:
 
 
 def _prompts(tok, batches) -> list[str]:
-    return [tok.decode(ids[lab == -100][: int(m.sum()) - int((lab != -100).sum())])
-            for b in batches for ids, lab, m in zip(b["input_ids"], b["labels"], b["attention_mask"])]
+    """Causal batches: the prompt ends at the first position that predicts an answer token."""
+    return [tok.decode(ids[: int((lab != -100).nonzero()[0]) + 1])
+            for b in batches for ids, lab in zip(b["input_ids"], b["labels"])]
 
 
 def test_groups_cover_every_tuple(gpt2, zsre_records):
@@ -345,6 +358,25 @@ def test_groups_deterministic(gpt2, zsre_records):
             assert all(torch.equal(b0[k], b1[k]) for k in b0)
     unshuffled = [r for g in edit_groups(recs, 20, 64, col, seed=3, shuffle=False) for r in g.records]
     assert unshuffled == recs
+
+
+def test_validation_groups_shuffled_by_seed(t5_like):
+    # validate() shuffles by cfg.seed: the same seed repeats its groups (and its max_valid_steps prefix),
+    # another seed edits other records, so the std over seeds covers the choice of edits
+    recs = [EditRecord(f"p{i}", f"a{i}", (f"e{i}_0", f"e{i}_1"), f"u{i}", f"ua{i}") for i in range(40)]
+    col = Collator(t5_like, "seq2seq")
+
+    def groups(seed, steps=None):
+        out = itertools.islice(edit_groups(recs, 8, 3, col, seed=seed, shuffle=True), steps)
+        return [(g.records, [{k: v.tolist() for k, v in b.items()} for b in g.edit + g.equiv + g.unrel])
+                for g in out]
+
+    a = groups(0)
+    assert a == groups(0) and groups(0, steps=2) == a[:2]
+    assert [r for g, _ in a for r in g] != recs  # not the file order
+    b = groups(1)
+    assert [r for g, _ in b for r in g] != [r for g, _ in a for r in g]
+    assert set(map(id, a[0][0])) != set(map(id, b[0][0]))  # the first group holds other edits
 
 
 def test_groups_equiv_choice(t5_like):

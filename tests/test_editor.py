@@ -21,8 +21,8 @@ def test_normal_equation_matches_ridge_least_squares(n_tokens):
     with torch.no_grad():
         net.lr.fill_(0.1)
         net.log_lambda.fill_(math.log(0.3))
-        for p in net.up.parameters():
-            p.normal_(0, 0.1)
+        net.B.normal_(0, 0.1)  # away from the identity initialisation
+        net.c.normal_(0, 0.1)
     keys = torch.randn(n_tokens, net.d_in, dtype=torch.float64)
     grads = torch.randn(n_tokens, weight_shape(editor.modules[name])[0], dtype=torch.float64)
     with torch.no_grad():

@@ -237,6 +237,15 @@ def test_aggregate_refuses_a_directory_without_runs(tmp_path, capsys):
     assert "no results.json" in capsys.readouterr().err
 
 
+def test_aggregate_tables_never_print_a_non_finite_number(tmp_path):
+    for seed, es in ((0, float("nan")), (1, 0.5)):  # json writes NaN; a diverged run can record it
+        write_run(tmp_path, seed, result="toy_table", model="toy-gpt2", data="synthetic", editor="malmen",
+                  variant="none", m=256, seed=seed, es=es, gs=0.25, ls=1.0)
+    assert aggregate_main([str(tmp_path)]) == 0
+    row = next(ln for ln in (tmp_path / "toy_table.md").read_text().splitlines() if ln.startswith("| MALMEN"))
+    assert row.strip("| ").split(" | ")[1:] == ["n/a (non-finite)", "25.0 (0.0)", "100.0 (0.0)"]
+
+
 # ----- the real pipeline: Hydra multirun -> results.json -> aggregate ------------------------------
 def test_multirun_sweep_then_aggregate(tmp_path):
     train = write_records(tmp_path / "train.json", qa_records(8), "zsre")

@@ -203,7 +203,9 @@ def test_locft_eos_target_and_stopping_rules(world, tmp_path):
     extended = with_eos(batch, eos)
     lengths = batch["attention_mask"].sum(1)
     rows = torch.arange(len(lengths))
-    assert (extended["input_ids"][rows, lengths] == eos).all() and (extended["labels"][rows, lengths] == eos).all()
+    last_answer = batch["labels"][rows, lengths - 1]  # never an input of the Collator's batch
+    assert (extended["input_ids"][rows, lengths] == last_answer).all()  # now it is: it predicts EOS
+    assert (extended["labels"][rows, lengths] == eos).all() and (extended["attention_mask"][rows, lengths] == 1).all()
     assert torch.equal(extended["labels"][:, :-1][batch["labels"] != -100], batch["labels"][batch["labels"] != -100])
     # the EOS target adds one token's NLL per example
     assert (nll(logits(model, extended, "causal"), extended, "causal")

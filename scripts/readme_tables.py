@@ -1,0 +1,274 @@
+"""The README's tables of results, from results.json files; and the check that a rerun matches one.
+
+usage: python scripts/readme_tables.py table DIR [DIR ...] [--by KEY ...] [--csv PATH] [--readme README.md --name NAME]
+       python scripts/readme_tables.py check DIR [DIR ...] [--readme README.md] [--name default_seed0] [--tol 0.03]
+
+`table` reads every results.json under the DIRs (run or sweep directories, searched recursively) and
+prints one Markdown table per (model, data, m): a "before editing" row (the runs' pre_edit), then one
+row per editor and ablation variant (and per value of each `--by` config key, e.g. `--by n_epochs`),
+with ES, GS and LS as mean (std over seeds, numpy's ddof=0; the mean alone for one seed). Under each
+table goes one provenance line: the command of each row (rebuilt from the runs' .hydra/overrides.yaml),
+the commit(s), the machine, the load and the dates (from results.json "environment"). A NaN or
+infinite value is printed as "n/a (why)", never as a number. `--csv` writes the same rows as CSV;
+`--readme F --name NAME` replaces what lies between `<!-- table:NAME -->` and `<!-- /table:NAME -->` in F.
+
+`check` builds the same table from the DIRs and compares it, row by row (the rows both have), with the
+first Markdown table between the markers NAME in the README. Each README cell's first number is its
+value ("0.488 (0.015)" reads 0.488), columns are found by their header (ES, GS, LS), rows by their first
+cell ("MALMEN", "before editing"). Exit status 0: every compared value within ±tol; 1: one differs
+(or is n/a); 2: bad input (no runs, a missing marker, column or row).
+"""
+import argparse
+import math
+import os
+import re
+import shlex
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from scripts.aggregate import (METRICS, AggregateError, Run, find_runs, label, mean_std,  # noqa: E402
+                               row_order, summarize, write_csv)
+from util import atomic_write  # noqa: E402
+
+BEFORE = "before editing"
+
+
+# ----- runs -> tables ------------------------------------------------------------------------------
+def _get(config: dict, dotted: str):
+    """config[a][b]... for 'a.b' (None where absent)."""
+    for part in dotted.split("."):
+        config = config.get(part) if isinstance(config, dict) else None
+    return config
+
+
+def read_runs(dirs: list[Path], by: list[str]) -> list[Run]:
+    """Every run under dirs (each once), its `result` replaced by the values of the `by` keys.
+
+    The paper_result is dropped from the grouping, so that a run of `python main.py` and the same
+    setting in a sweep fall in one row."""
+    paths = {}
+    for d in dirs:
+        for run in find_runs(d):
+            paths.setdefault(run.path.resolve(), run)
+    return [replace(run, result=", ".join(f"{k}={_get(run.config, k)}" for k in by))
+            for run in paths.values()]
+
+
+def _overrides(run: Run) -> list[str] | None:
+    """The run's command-line overrides (Hydra's .hydra/overrides.yaml), None if not recorded."""
+    path = run.path.parent / ".hydra" / "overrides.yaml"
+    return list(yaml.safe_load(path.read_text()) or []) if path.is_file() else None
+
+
+def command(runs: list[Run]) -> str:
+    """One `python main.py [-m] ...` that reruns these runs (values of a key merged: seed=0,1,2)."""
+    overrides = [_overrides(r) for r in runs]
+    if any(o is None for o in overrides):
+        return "command not recorded"
+    keys = [[o.split("=", 1)[0] for o in ovs] for ovs in overrides]
+    if any(k != keys[0] for k in keys):  # not one sweep: one command per distinct override list
+        return "; ".join(dict.fromkeys(command([r]) for r in runs))
+    merged = [(k, list(dict.fromkeys(ovs[i].split("=", 1)[1] for ovs in overrides if "=" in ovs[i])))
+              for i, k in enumerate(keys[0])]
+    sweep = any(len(values) > 1 for _, values in merged)
+    return " ".join(["python main.py", *(["-m"] if sweep else []),
+                     *(shlex.quote(f"{k}={','.join(v)}" if v else k) for k, v in merged)])
+
+
+def provenance(runs: list[Run]) -> str:
+    """Commit(s), machine(s), load range and date range of the runs' recorded environment."""
+    envs = [r.environment for r in runs if r.environment]
+    if not envs:
+        return "Environment not recorded."
+    commits = sorted({(e.get("commit") or "unknown (not a git checkout)")
+                      + (" (uncommitted changes)" if e.get("dirty") else "") for e in envs})
+    machines = sorted({f"{e.get('cpu')}, {e.get('cpu_count')} cores, torch threads {e.get('threads')}, "
+                       f"{'GPU ' + e['gpu'] if e.get('gpu') else 'no GPU'}; torch {e.get('torch')}, "
+                       f"transformers {e.get('transformers')}" for e in envs})
+    loads = [e["load_1min"] for e in envs if isinstance(e.get("load_1min"), (int, float))]
+    dates = sorted(str(e.get("date"))[:10] for e in envs)
+    parts = [f"Commit {', '.join(commits)}", f"machine: {' / '.join(machines)}",
+             f"load (1 min, at the end) {min(loads):.2f}" + (f"–{max(loads):.2f}" if max(loads) > min(loads) else "")
+             if loads else "load not recorded",
+             f"date {dates[0]}" + (f" to {dates[-1]}" if dates[-1] != dates[0] else "")]
+    missing = len(runs) - len(envs)
+    return "; ".join(parts) + (f"; environment not recorded for {missing} of {len(runs)} runs." if missing else ".")
+
+
+def _row(name: str, runs: list[Run], values: list[list[float]], seeds: str = "") -> dict:
+    """A table row from per-run [ES, GS, LS] values: means (full precision) and printed cells."""
+    arr = np.array(values, dtype=float)  # (n_runs, 3)
+    with np.errstate(invalid="ignore"):  # inf - inf: shown as n/a below
+        means, stds = arr.mean(axis=0).tolist(), arr.std(axis=0).tolist()
+    cells = [mean_std(means[j], stds[j] if len(arr) > 1 else None, 3,
+                      why=f"non-finite in {int((~np.isfinite(arr[:, j])).sum())} of {len(arr)} runs")
+             for j in range(len(METRICS))]
+    return {"name": name, "n": len(runs), "seeds": seeds, "means": means, "cells": cells, "runs": runs}
+
+
+def _sortable(value) -> tuple:
+    """Numbers before strings, numbers by value (n_epochs 80 before 100)."""
+    return (0, value, "") if isinstance(value, (int, float)) and not isinstance(value, bool) else (1, 0, str(value))
+
+
+def build_tables(runs: list[Run], by: list[str]) -> list[dict]:
+    """One table per (model, data, m): {title, rows, runs}; the first row is before editing."""
+    with np.errstate(invalid="ignore"):  # an infinite value: n/a in the table
+        summarize(runs)  # aggregate's checks: one run per seed and setting, the same stats in every run
+    settings: dict[tuple, dict[tuple, list[Run]]] = {}  # (model, data, m) -> row key -> runs
+    for run in sorted(runs, key=lambda r: r.seed):
+        row_key = (row_order(run.editor, run.variant), tuple(_sortable(_get(run.config, b)) for b in by))
+        settings.setdefault((run.model, run.data, run.m), {}).setdefault(row_key, []).append(run)
+    tables = []
+    for (model, data, m), groups in sorted(settings.items()):
+        rows = [_row(label({"editor": rs[0].editor, "variant": rs[0].variant}) + (f", {rs[0].result}" * bool(by)),
+                     rs, [[r.stats[k] for k in METRICS] for r in rs], " ".join(str(r.seed) for r in rs))
+                for _, rs in sorted(groups.items())]
+        every = [r for row in rows for r in row["runs"]]
+        lacking = next((r for r in every if r.pre_edit is None), None)
+        if lacking:
+            raise AggregateError(lacking.path, "pre_edit", "missing")
+        before = _row(BEFORE, every, [[r.pre_edit[k] for k in METRICS] for r in every])
+        tables.append({"title": f"m = {m} ({model}, {data})", "rows": [before, *rows], "runs": every})
+    return tables
+
+
+def markdown(tables: list[dict]) -> str:
+    """The tables in Markdown, each followed by its provenance line."""
+    out = []
+    for t in tables:
+        lines = [f"| {t['title']} | seeds | ES | GS | LS |", "|---|---|---|---|---|"]
+        lines += [f"| {r['name']} | {r['n']} | " + " | ".join(r["cells"]) + " |" for r in t["rows"]]
+        commands = "; ".join(f"{r['name']}: `{command(r['runs'])}`" for r in t["rows"][1:])
+        out.append("\n".join(lines + ["", f"Commands: {commands}. {provenance(t['runs'])}"]))
+    return "\n\n".join(out) + "\n"
+
+
+def csv_rows(tables: list[dict]) -> list[dict]:
+    """The tables' rows for write_csv; non-finite cells stay 'n/a (why)'."""
+    return [{"table": t["title"], "row": r["name"], "n": r["n"], "seeds": r["seeds"], **dict(zip(METRICS, r["cells"])),
+             "command": command(r["runs"]) if r["name"] != BEFORE else ""}
+            for t in tables for r in t["rows"]]
+
+
+# ----- README blocks -------------------------------------------------------------------------------
+def _markers(name: str) -> tuple[str, str]:
+    return f"<!-- table:{name} -->", f"<!-- /table:{name} -->"
+
+
+def _span(text: str, readme: Path, name: str) -> tuple[int, int]:
+    """Start and end offsets of the text between the markers of table NAME; ValueError naming a missing one."""
+    begin, end = _markers(name)
+    for marker in (begin, end):
+        if text.count(marker) != 1:
+            raise ValueError(f"{readme}: marker '{marker}' " + ("not found" if marker not in text else "appears twice"))
+    i, j = text.index(begin) + len(begin), text.index(end)
+    if j < i:
+        raise ValueError(f"{readme}: marker '{end}' comes before '{begin}'")
+    return i, j
+
+
+def replace_block(readme: Path, name: str, body: str) -> None:
+    """Put body between the markers of table NAME in readme (atomically, keeping the file's mode)."""
+    text = readme.read_text()
+    i, j = _span(text, readme, name)
+    mode = readme.stat().st_mode
+    atomic_write(readme, text[:i] + "\n" + body.strip("\n") + "\n" + text[j:])
+    os.chmod(readme, mode)
+
+
+def read_block(readme: Path, name: str) -> dict[str, dict[str, float]]:
+    """The first Markdown table between the markers of NAME: row label -> {ES, GS, LS} (first number of a cell)."""
+    text = readme.read_text()
+    lines = text[slice(*_span(text, readme, name))].strip().splitlines()
+    start = next((i for i, ln in enumerate(lines) if ln.startswith("|")), None)
+    if start is None:
+        raise ValueError(f"{readme}: no Markdown table between the markers of table {name}")
+    table = []
+    for ln in lines[start:]:
+        if not ln.startswith("|"):
+            break
+        table.append([c.strip() for c in ln.strip().strip("|").split("|")])
+    head = table[0]
+    missing = [k for k in METRICS if k not in head]
+    if missing:
+        raise ValueError(f"{readme}: table {name} has no column {', '.join(missing)} (header: {' | '.join(head)})")
+    rows = {}
+    for cells in table[1:]:
+        if set("".join(cells)) <= set("-: "):  # the |---|---| rule
+            continue
+        values = {}
+        for k in METRICS:
+            number = re.search(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", cells[head.index(k)])
+            values[k] = float(number.group()) if number else math.nan  # "n/a" compares as differing
+        rows[cells[0]] = values
+    return rows
+
+
+def check(tables: list[dict], expected: dict[str, dict[str, float]], tol: float, source: str) -> int:
+    """Print README and measured rows and their differences; 0 if all within ±tol, else 1."""
+    if len(tables) != 1:
+        raise ValueError(f"the runs make {len(tables)} tables ({', '.join(t['title'] for t in tables)}); check one")
+    measured = {r["name"]: r["means"] for r in tables[0]["rows"]}
+    common = [name for name in expected if name in measured]
+    if not [n for n in common if n != BEFORE]:
+        raise ValueError(f"{source}: no row of the runs' table ({', '.join(measured)}) is in the README table "
+                         f"({', '.join(expected)})")
+    w = max(map(len, common))
+    print(f"{source}, tolerance ±{tol:.3f}\n{'':{w + 12}}" + "".join(f"{k:>9}" for k in METRICS))
+    differ = []
+    for name in common:
+        diff = [m - expected[name][k] for k, m in zip(METRICS, measured[name])]
+        for what, values, fmt in (("README", expected[name].values(), "9.3f"), ("run", measured[name], "9.3f"),
+                                  ("difference", diff, "+9.3f")):
+            print(f"{name:{w}}  {what:10}" + "".join(f"{v:{fmt}}" if math.isfinite(v) else f"{'n/a':>9}"
+                                                        for v in values))
+        differ += [f"{name} {k}" for k, d in zip(METRICS, diff) if not abs(d) <= tol + 1e-9]  # NaN differs
+    for name in expected.keys() - measured.keys():
+        print(f"not measured by these runs: {name}")
+    print(f"differ beyond ±{tol:.3f}: {', '.join(differ)}" if differ else f"all within ±{tol:.3f}")
+    return 1 if differ else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("table", help="print (and put in the README) the tables of the runs under DIR")
+    c = sub.add_parser("check", help="compare the runs under DIR with a README table; exit 1 beyond --tol")
+    for p in (t, c):
+        p.add_argument("dirs", type=Path, nargs="+", metavar="DIR", help="searched recursively for results.json")
+        p.add_argument("--by", action="append", default=[], metavar="KEY",
+                       help="also split rows by this config key (dotted, e.g. n_epochs or editor.rank)")
+    t.add_argument("--readme", type=Path, help="README whose block NAME gets the tables")
+    t.add_argument("--name", help="the block: between <!-- table:NAME --> and <!-- /table:NAME -->")
+    t.add_argument("--csv", type=Path, help="also write the rows as CSV here")
+    c.add_argument("--readme", type=Path, default=Path(__file__).resolve().parents[1] / "README.md")
+    c.add_argument("--name", default="default_seed0")
+    c.add_argument("--tol", type=float, default=0.03, help="largest allowed |run - README| (default 0.03)")
+    args = parser.parse_args(argv)
+    if args.cmd == "table" and (args.readme is None) != (args.name is None):
+        parser.error("--readme and --name go together")
+    try:
+        tables = build_tables(read_runs(args.dirs, args.by), args.by)
+        if args.cmd == "check":
+            return check(tables, read_block(args.readme, args.name), args.tol, f"{args.readme}, table {args.name}")
+        text = markdown(tables)
+        print(text, end="")
+        if args.csv:
+            write_csv(csv_rows(tables), args.csv)
+        if args.readme:
+            replace_block(args.readme, args.name, text)
+            print(f"{args.readme}: table {args.name} replaced", file=sys.stderr)
+    except (OSError, ValueError) as err:  # AggregateError is a ValueError
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
