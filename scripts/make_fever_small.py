@@ -8,8 +8,8 @@ Shuffles the SUPPORTS/REFUTES claims of one FEVER file (seeded) and cuts them in
   edit_train.json, edit_valid.json          edits to meta-train the editor on and to evaluate it on
 Every file is in the paper's FEVER format: `alt` is the opposite of the gold label, so the fine-tuning
 script trains on the gold label and the editor edits towards the flipped one. The unrelated claims of
-all files come from the fine-tuning claims (the classifier knows them, as the paper's knows all of
-FEVER). The shared files carry no rephrasings: each equivalent prompt is the claim itself, flagged
+all files come from heldout.json: claims the classifier never saw, standing in offline for FEVER 2.0,
+which the authors' runs drew them from (LS on fine-tuning claims would sit near training accuracy). The shared files carry no rephrasings: each equivalent prompt is the claim itself, flagged
 equiv_standin, and GS measured on them repeats ES.
 """
 from __future__ import annotations
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         claims, n_nei = fever_claims(read_objects(args.src), args.src)
         parts = split_claims(claims, {n: getattr(args, n) for n in PARTS}, args.seed)
-        pool = parts["finetune_train"] + parts["finetune_valid"]
+        pool = parts["heldout"]  # never seen in fine-tuning: the offline stand-in for FEVER 2.0
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         summary = {"src": args.src, "seed": args.seed, "not_enough_info_excluded": n_nei, "parts": {}}

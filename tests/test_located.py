@@ -218,3 +218,16 @@ def test_locft_eos_target_and_stopping_rules(world, tmp_path):
     assert all((s == 0).all() for s in lazy.edit([batch]).values()) and lazy.epochs_run == 1
     busy = locft(0.0)  # never learnt: every epoch runs
     assert any((s != 0).any() for s in busy.edit([batch]).values()) and busy.epochs_run == 4
+
+
+def test_locft_eos_target_on_t5_decoder():
+    """T5 labels carry no </s> (as the authors' runs): LocFT-BF adds it as the decoder's last target."""
+    cfg = make_cfg("model=tiny-t5", "data.n_edits=4", "data.batch_size=4")
+    model, tokenizer = build_model(cfg)
+    batch = one_group(cfg, tokenizer, edits()[:4]).edit[0]
+    eos = tokenizer.eos_token_id
+    extended = with_eos(batch, eos, "seq2seq")
+    rows, lengths = torch.arange(4), batch["decoder_attention_mask"].sum(1)
+    assert (extended["labels"][rows, lengths] == eos).all() and eos not in batch["labels"].tolist()
+    assert (extended["decoder_input_ids"][rows, lengths] == batch["labels"][rows, lengths - 1]).all()
+    assert torch.equal(extended["input_ids"], batch["input_ids"])  # the encoder side is untouched
