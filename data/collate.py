@@ -6,6 +6,10 @@
            would predict nothing, and with editor.token=all it would cache a (key, 0) pair.
   seq2seq  encoder input prompt + </s>; decoder input start + answer[:-1]; labels = the answer
            tokens, without </s> (as the authors' runs).
+Whitespace: a prompt loses its trailing whitespace and an answer its surrounding whitespace before they
+are joined, so a causal input holds exactly one space between them, whatever the caller passed.
+A word-level vocabulary (the toy model's) refuses text with words it does not hold, listing them,
+instead of reading them as <unk>.
 """
 from __future__ import annotations
 
@@ -13,6 +17,14 @@ import torch
 
 FAMILIES = ("causal", "seq2seq", "classifier")
 IGNORE = -100  # label value ignored by the loss
+
+
+class TextError(ValueError):
+    """A prompt or answer that cannot be tokenised as it is; `part` says which ("prompt" or "answer")."""
+
+    def __init__(self, part: str, msg: str):
+        self.part = part
+        super().__init__(msg)
 
 
 class Collator:
@@ -30,6 +42,9 @@ class Collator:
         # HF uses a huge sentinel (~1e30) for "no limit"
         self.max_len: int | None = limit if isinstance(limit, int) and limit < 1_000_000 else None
         self.special_ids = set(tokenizer.all_special_ids)
+        backend = getattr(getattr(tokenizer, "backend_tokenizer", None), "model", None)
+        # a word-level vocabulary maps every word it lacks to <unk>: such words are refused, by name
+        self.word_level = type(backend).__name__ == "WordLevel" and tokenizer.unk_token_id is not None
 
     def __call__(self, prompts: list[str], answers: list[str | bool]) -> dict[str, torch.Tensor]:
         """Batch of tensors (CPU, right-padded) for `prompts[i]` -> `answers[i]`."""
@@ -37,27 +52,48 @@ class Collator:
             raise ValueError(f"need equally many prompts and answers, at least one (got {len(prompts)}, {len(answers)})")
         for p in prompts:
             _check_text(p, "prompt")
+        prompts = [p.rstrip() for p in prompts]  # the causal join adds the one space before the answer
         if self.family == "classifier":
             return self._classifier(prompts, answers)
         # FEVER on a generative LM: the claim is the prompt and the label word is the answer.
         answers = [("true" if a else "false") if isinstance(a, bool) else a for a in answers]
         for a in answers:
             _check_text(a, "answer")
+        answers = [a.strip() for a in answers]
         return self._causal(prompts, answers) if self.family == "causal" else self._seq2seq(prompts, answers)
 
     def _ids(self, texts: list[str], special: bool, what: str) -> list[list[int]]:
-        """Token ids per text; refuse texts with no content tokens or beyond the model's limit."""
-        ids = self.tok(texts, add_special_tokens=special)["input_ids"]
-        for text, seq in zip(texts, ids):
-            if not any(i not in self.special_ids for i in seq):
-                raise ValueError(f"{what} tokenises to zero tokens: {text!r}")
+        """Token ids per text; refuse unknown words (word-level vocabularies), texts with no content
+        tokens, and texts beyond the model's limit."""
+        enc = self.tok(texts, add_special_tokens=special, return_offsets_mapping=self.word_level)
+        for k, (text, seq) in enumerate(zip(texts, enc["input_ids"])):
+            if self.word_level:
+                self._check_known(text, seq, enc["offset_mapping"][k], what)
+            if not seq:
+                raise TextError(what, f"{what} tokenises to zero tokens: {text!r}")
+            if all(i in self.special_ids for i in seq):
+                raise TextError(what, f"{what} tokenises only to special tokens "
+                                f"{self.tok.convert_ids_to_tokens(seq)}: {text!r}")
             self._check_len(len(seq), what, text)
-        return ids
+        return enc["input_ids"]
+
+    def _check_known(self, text: str, seq: list[int], offsets: list[tuple[int, int]], what: str) -> None:
+        """Refuse words that a word-level vocabulary would read as <unk>, listing them."""
+        unk = self.tok.unk_token_id
+        words = list(dict.fromkeys(text[s:e] for i, (s, e) in zip(seq, offsets)
+                                   if i == unk and text[s:e] != self.tok.unk_token))
+        if words:
+            raise TextError(what, f"{what} has {len(words)} word(s) outside the model's word-level vocabulary: "
+                            f"{', '.join(map(repr, words))} (in {text!r}); they would be read as "
+                            f"{self.tok.unk_token!r}. The toy model (model=toy-gpt2) only knows the synthetic "
+                            "world's vocabulary, the words it was pretrained on: write facts in that world's "
+                            "words, or edit a model with a subword tokenizer (e.g. model=gpt2)")
 
     def _check_len(self, n: int, what: str, text: str) -> None:
         if self.max_len is not None and n > self.max_len:
             # truncating would silently cut the answer the loss is about; refuse instead
-            raise ValueError(f"{what} is {n} tokens, longer than the tokenizer limit {self.max_len}: {text[:80]!r}")
+            raise TextError(what, f"{what} is {n} tokens, longer than the tokenizer limit {self.max_len}: "
+                            f"{text[:80]!r}")
 
     def _causal(self, prompts: list[str], answers: list[str]) -> dict[str, torch.Tensor]:
         p_ids = self._ids(prompts, False, "prompt")
@@ -89,10 +125,10 @@ class Collator:
 
 def _check_text(text: object, what: str) -> None:
     if not isinstance(text, str):
-        raise ValueError(f"{what} must be a string, got {text!r}")
+        raise TextError(what, f"{what} must be a string, got {text!r}")
     if not text.strip():
         # " " + "" is still one GPT-2 token, so catch empty text before tokenising
-        raise ValueError(f"{what} is empty: {text!r}")
+        raise TextError(what, f"{what} is empty: {text!r}" if not text else f"{what} is only whitespace: {text!r}")
 
 
 def _pad(seqs: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:

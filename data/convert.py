@@ -183,9 +183,11 @@ def _word(label: bool) -> str:
 
 
 def _text(value: Any, path: str, index: int, field: str) -> str:
+    """The string without surrounding whitespace (data.records reads every text field the same way)."""
     if not isinstance(value, str) or not value.strip():
-        raise DataError(path, index, field, f"expected a non-empty string, got {value!r}")
-    return value
+        what = "only whitespace" if isinstance(value, str) and value else "expected a non-empty string, got"
+        raise DataError(path, index, field, f"{what} {value!r}")
+    return value.strip()
 
 
 def _label(value: Any, path: str, index: int, field: str) -> bool | None:

@@ -2,7 +2,8 @@
 
 One fact is {prompt, answer, rephrases (optional), subject (optional)}:
   JSON   a list of objects;          JSONL  one object per line;
-  CSV    a header row prompt,answer[,rephrases][,subject]; rephrases separated by `|`.
+  CSV    a header row prompt,answer[,rephrases][,subject]; rephrases separated by `|` (a warning says
+         which cells were split), `\\|` for a literal `|` inside one rephrasing.
 Facts carry no unrelated (locality) tuple: their EditRecords have empty `unrel_*` fields, and
 `fact_group` builds no unrelated batches, so nothing reads them. Every problem is one DataError
 naming the file, the record (0-based, in file order; CSV record i is on line i + 2) and the field.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from data.records import DataError, EditRecord, _Fields, read_objects
 FIELDS = ("prompt", "answer", "rephrases", "subject")
 SUFFIXES = (".json", ".jsonl", ".csv")
 CSV_SEP = "|"  # separates the rephrasings inside one CSV cell
+CSV_ESCAPE = "\\|"  # a literal | inside one rephrasing
 log = logging.getLogger(__name__)
 
 
@@ -58,7 +61,7 @@ def parse_fact(raw: Any, path: str, index: int, labels: bool = False) -> EditRec
     subject = raw.get("subject")
     return EditRecord(
         prompt=f.text("prompt"),
-        answer=f.label("answer") if labels else f.text("answer").strip(),
+        answer=f.label("answer") if labels else f.text("answer"),
         equiv_prompts=rephrases,
         unrel_prompt="", unrel_answer="",  # user facts have no locality tuple
         subject=None if subject is None else f.text("subject"),
@@ -82,23 +85,25 @@ def _json_rows(path: str) -> list[Any]:
 
 
 def _csv_rows(path: str) -> list[dict]:
-    """CSV data rows as dicts; `rephrases` split on `|`; ragged rows refused with their line number."""
+    """CSV data rows as dicts (UTF-8, with or without the byte-order mark spreadsheets write); `rephrases`
+    split on `|`; ragged rows refused with their line number."""
     try:
-        with open(path, encoding="utf-8", newline="") as fh:
+        with open(path, encoding="utf-8-sig", newline="") as fh:
             reader = csv.DictReader(fh)
             header = reader.fieldnames or []
             for column in ("prompt", "answer"):
                 if column not in header:
                     raise DataError(path, None, column, f"missing column: the header must name "
                                     f"prompt,answer[,rephrases][,subject] (got {header})")
-            rows = []
+            rows, split = [], {}
             for row in reader:
                 if None in row:  # more cells than header columns
                     raise DataError(path, len(rows), None, f"line {reader.line_num}: more values than columns")
                 raw = {k: v for k, v in row.items() if v is not None}  # fewer cells: those fields missing
                 if raw.get("rephrases") is not None:
-                    cell = raw["rephrases"]
-                    raw["rephrases"] = cell.split(CSV_SEP) if cell.strip() else []
+                    raw["rephrases"] = split_cell(raw["rephrases"], path, len(rows))
+                    if len(raw["rephrases"]) > 1:
+                        split[len(rows)] = raw["rephrases"]
                 if raw.get("subject") == "":
                     del raw["subject"]  # an empty optional cell means "no subject"
                 rows.append(raw)
@@ -106,7 +111,25 @@ def _csv_rows(path: str) -> list[dict]:
         raise DataError(path, None, None, f"cannot read file ({e})") from e
     except csv.Error as e:
         raise DataError(path, None, None, f"line {reader.line_num}: malformed CSV ({e})") from e
+    if split:  # said, because a | meant as text would otherwise become a rephrasing silently
+        first, pieces = next(iter(split.items()))
+        log.warning("%s: the rephrases cell of %d record(s) (%s) was split on %r into several rephrasings, "
+                    "e.g. record %d: %s; write %s for a literal %r inside one rephrasing", path, len(split),
+                    ", ".join(map(str, list(split)[:10])) + (", ..." if len(split) > 10 else ""), CSV_SEP,
+                    first, " | ".join(map(repr, pieces)), CSV_ESCAPE, CSV_SEP)
     return rows
+
+
+def split_cell(cell: str, path: str, index: int) -> list[str]:
+    """The rephrasings of one CSV cell: split on `|`, with `\\|` a literal `|`; an empty piece is refused."""
+    if not cell.strip():
+        return []
+    pieces = [p.replace(CSV_ESCAPE, CSV_SEP) for p in re.split(r"(?<!\\)\|", cell)]
+    for j, piece in enumerate(pieces):
+        if not piece.strip():
+            raise DataError(path, index, f"rephrases[{j}]", f"empty after splitting the cell {cell!r} on "
+                            f"{CSV_SEP!r} into {len(pieces)} rephrasings; write {CSV_ESCAPE} for a literal {CSV_SEP!r}")
+    return pieces
 
 
 def check_consistent(facts: list[EditRecord], path: str) -> None:
@@ -148,10 +171,12 @@ def fact_group(facts: list[EditRecord], batch_size: int, collator: Collator, pat
 
 
 def _check_tuple(collator: Collator, prompt: str, answer, path: str, index: int, field: str) -> None:
+    """Tokenise one (prompt, answer); a failure names the field it comes from (`field` or "answer")."""
     try:
         collator([prompt], [answer])
-    except ValueError as err:  # too long for the model, or no tokens
-        raise DataError(path, index, field, f"{err} (facts longer than the model's context are refused, "
+    except ValueError as err:  # too long for the model, unknown words, or no tokens
+        name = "answer" if getattr(err, "part", None) == "answer" else field
+        raise DataError(path, index, name, f"{err} (facts longer than the model's context are refused, "
                         "never truncated)" if "longer than" in str(err) else str(err)) from err
 
 

@@ -4,6 +4,9 @@ zsRE unrelated prompt: a `loc` carrying the NQ prefix ("nq question: ", the MEND
 NQ question with the prefix removed and "?" appended, as the authors ran them (NQ questions carry no
 question mark). A `loc` without the prefix (the paper's own files, the synthetic world) was written in
 final form and is kept as it is.
+
+Every text field loses its surrounding whitespace at load (a prompt's trailing space would otherwise
+put two spaces before the answer); a field that is only whitespace is refused by name.
 """
 from __future__ import annotations
 
@@ -112,14 +115,15 @@ class _Fields:
         return self.raw[field]
 
     def text(self, field: str, value: Any = _UNSET, *, name: str | None = None) -> str:
-        """A non-empty string; `value`/`name` check an element of a list field."""
+        """A non-empty string without surrounding whitespace (prompt and answer are joined by exactly
+        one space later); `value`/`name` check an element of a list field."""
         name = name or field
         value = self.get(field) if value is _UNSET else value
         if not isinstance(value, str):
             raise self.error(name, f"expected a string, got {type(value).__name__}")
         if not value.strip():
-            raise self.error(name, "empty string")
-        return value
+            raise self.error(name, "empty string" if not value else f"only whitespace ({value!r})")
+        return value.strip()
 
     def texts(self, field: str) -> tuple[str, ...]:
         """A non-empty list of non-empty strings."""
@@ -154,8 +158,8 @@ def _zsre(f: _Fields) -> EditRecord:
     else:
         raise f.error("ans", "missing (need 'ans' (paper format) or 'answers' (MEND format))")
     loc = f.text("loc")
-    if loc.startswith(NQ_PREFIX):  # see the module docstring: the authors' form of the NQ prompt
-        loc = loc[len(NQ_PREFIX):].rstrip()
+    if loc.startswith(NQ_PREFIX.rstrip()):  # see the module docstring: the authors' form of the NQ prompt
+        loc = loc[len(NQ_PREFIX.rstrip()):].strip()  # (`loc` lost its trailing space with the prefix's)
         if not loc:
             raise f.error("loc", f"empty question after the {NQ_PREFIX!r} prefix")
         loc = loc if loc.endswith("?") else loc + "?"

@@ -22,20 +22,39 @@ def from_param_layout(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
     return tensor.T if isinstance(module, Conv1D) else tensor
 
 
-def shifted(param: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """W + delta, added in the shift's precision and cast back to W's dtype (bf16 models)."""
-    return (param.to(delta.dtype) + delta.to(param.device)).to(param.dtype)
+class NonFiniteEdit(ValueError):
+    """Edited weights with inf or NaN in the model's dtype: never applied, reported or saved."""
+
+    def __init__(self, editor: str, name: str, dtype: torch.dtype, delta: torch.Tensor, out: torch.Tensor):
+        bad = int((~torch.isfinite(out)).sum())
+        cause = ("the shift itself is not finite (the editor diverged)" if not torch.isfinite(delta).all() else
+                 f"W + shift overflows {dtype} (largest |shift| {delta.abs().max().item():.3g}; largest finite "
+                 f"{dtype} value {torch.finfo(dtype).max:.3g})")
+        super().__init__(f"editor {editor}: the edited parameter {name} has {bad} of {out.numel()} values that are "
+                         f"not finite in the model's dtype {dtype}: {cause}. The edit is not applied, reported or "
+                         "saved; use a smaller step (editor.lr, editor.lr_init) or a wider model.dtype (float32)")
+
+
+def shifted(param: torch.Tensor, delta: torch.Tensor, name: str = "?", editor: str = "?") -> torch.Tensor:
+    """W + delta, added in the shift's precision and cast back to W's dtype (bf16 models); NonFiniteEdit
+    if the result, after that cast (where fp16 and bf16 overflow), holds inf or NaN. Every editor's
+    edit reaches the model through here, in training, validation and mode=edit."""
+    out = (param.to(delta.dtype) + delta.to(param.device)).to(param.dtype)
+    if not torch.isfinite(out).all():
+        raise NonFiniteEdit(editor, name, param.dtype, delta, out)
+    return out
 
 
 @contextmanager
-def apply_shifts(model: nn.Module, shifts: Shifts):
-    """Apply shifts in place; on exit put the original tensors back, bit for bit (no subtraction)."""
+def apply_shifts(model: nn.Module, shifts: Shifts, editor: str = "?"):
+    """Apply shifts in place; on exit put the original tensors back, bit for bit (no subtraction).
+    `editor` names the editor in the NonFiniteEdit message."""
     saved = {}
     try:
         for name, delta in shifts.items():
             param = model.get_parameter(name)
             saved[name] = param.data
-            param.data = shifted(param.data, delta)
+            param.data = shifted(param.data, delta, name, editor)
         yield model
     finally:
         for name, original in saved.items():
@@ -45,6 +64,7 @@ def apply_shifts(model: nn.Module, shifts: Shifts):
 class Editor:
     """Base class: an editor is built from a model and its hyper-parameters."""
 
+    name = "editor"  # the config's editor name, for messages
     trainable = False  # True for editors with meta-training (MALMEN, MEND)
     step = 0  # meta-training steps taken
     stats_time_s = 0.0  # seconds spent computing precomputed statistics (MEMIT, EMMET); 0 when cached

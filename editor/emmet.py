@@ -11,13 +11,16 @@ preservation weight lam_e lam instead of lam. The tests check this identity on r
 """
 import torch
 
-from editor.memit import MEMIT
+from editor.memit import MEMIT, Check
 
 
-def emmet_delta(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, lam_e: float) -> torch.Tensor:
+def emmet_delta(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, lam_e: float,
+                check: Check = lambda a, what: None) -> torch.Tensor:
     """Delta = R (K^T C^-1 K + lam_e I)^-1 K^T C^-1 (d_out, d_in); K (d_in, n), R (d_out, n), C (d_in, d_in)."""
+    check(cov, "the scaled key statistics lambda C")
     c_inv_k = torch.linalg.solve(cov, keys)  # (d_in, n)
     gram = keys.T @ c_inv_k + lam_e * torch.eye(keys.shape[1], dtype=keys.dtype, device=keys.device)  # (n, n)
+    check(gram, "K^T (lambda C)^-1 K + lambda_e I")
     # R gram^{-1} = (gram^{-1} R^T)^T (gram is symmetric); (C^{-1} K)^T = K^T C^{-1} (C is symmetric)
     return torch.linalg.solve(gram, resid.T).T @ c_inv_k.T
 
@@ -31,5 +34,7 @@ class EMMET(MEMIT):
         super().__init__(*args, **kwargs)  # kwargs["lam"] scales C: the "scaled key covariance"
         self.lam_e = lam_e
 
-    def layer_delta(self, keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
-        return emmet_delta(keys, resid, self.lam * cov, self.lam_e)
+    def layer_delta(self, name: str, keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+        fix = (f"more statistics text ({self.more_text}) for lambda C; a larger editor.lam_e (now {self.lam_e:g}) "
+               "for the other")
+        return emmet_delta(keys, resid, self.lam * cov, self.lam_e, self.conditioned(name, fix))

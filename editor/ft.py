@@ -14,6 +14,8 @@ from model.lm import logits, nll, to_device
 class FT(Editor):
     """Fine-tuning of a few modules, no meta-training."""
 
+    name = "ft"
+
     def __init__(self, model: nn.Module, family: str, modules: dict[str, nn.Module], *,
                  lr: float, weight_decay: float, n_epochs: int, device="cpu"):
         super().__init__(model, family, device)

@@ -11,6 +11,7 @@ delta to the output of that block's edited module (the FFN output projection), w
 GPT-J add to the residual stream as is.
 """
 import re
+import unicodedata
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -51,13 +52,26 @@ def requests(records: list[EditRecord], path: str, editor: str) -> list[Request]
 
 def subject_end(prompt: str, subject: str) -> int | None:
     """End of the subject's first mention in `prompt`: as a whole word, else as a substring, else ignoring
-    case ("the Beatles" in "The Beatles ..."); None if absent."""
-    word, part = rf"(?<!\w){re.escape(subject)}(?!\w)", re.escape(subject)
-    for pattern, flags in ((word, 0), (part, 0), (word, re.IGNORECASE), (part, re.IGNORECASE)):
-        found = re.search(pattern, prompt, flags)
-        if found:
-            return found.end()
+    case ("the Beatles" in "The Beatles ..."); None if absent. The subject is also looked for in its NFC
+    and NFD forms (a composed "ý" or "y" + combining acute), and the end takes in any combining marks
+    that follow, so it never splits a character from its accents."""
+    forms = list(dict.fromkeys([subject] + [unicodedata.normalize(f, subject) for f in ("NFC", "NFD")]))
+    for whole_word, flags in ((True, 0), (False, 0), (True, re.IGNORECASE), (False, re.IGNORECASE)):
+        for form in forms:
+            for found in re.finditer(re.escape(form), prompt, flags):
+                start, end = found.span()
+                if whole_word and not (_boundary(prompt, start - 1) and _boundary(prompt, end)):
+                    continue
+                while end < len(prompt) and unicodedata.category(prompt[end]).startswith("M"):
+                    end += 1  # combining marks belong to the character before them
+                return end
     return None
+
+
+def _boundary(text: str, i: int) -> bool:
+    """Whether text[i] does not continue a word (letters, digits, _ and combining marks do)."""
+    return not 0 <= i < len(text) or not (text[i].isalnum() or text[i] == "_"
+                                         or unicodedata.category(text[i]).startswith("M"))
 
 
 def make_prefixes(texts: list[str], n_prefixes: int, n_words: int, seed: int = 0) -> list[str]:
@@ -75,14 +89,19 @@ def contexts(reqs: list[Request], prefixes: list[str]) -> tuple[list[str], list[
 
 def encode(tokenizer, texts: list[str], ends: list[int]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Right-padded input_ids, attention_mask (B, T), tokenised as the Collator tokenises prompts, and
-    the position of the token that holds character ends[i] - 1, the last subject token (B,)."""
-    enc = tokenizer(texts, add_special_tokens=False, padding=True, padding_side="right", return_tensors="pt")
+    the last subject token (B,): the LAST token covering character ends[i] - 1. A character can span
+    several tokens (byte-level BPE splits a multi-byte "ý" into two); the first of them lies inside
+    the subject, so `char_to_token` (which gives the first) is not used."""
+    enc = tokenizer(texts, add_special_tokens=False, padding=True, padding_side="right", return_tensors="pt",
+                    return_offsets_mapping=tokenizer.is_fast)
     if enc["input_ids"].shape[1] > tokenizer.model_max_length:
         raise ValueError(f"a prompt is longer than the tokenizer limit {tokenizer.model_max_length}")
     pos = []
     for i, (text, end) in enumerate(zip(texts, ends)):
         if tokenizer.is_fast:
-            t = enc.char_to_token(i, end - 1)
+            starts = enc["offset_mapping"][i, :, 0][enc["attention_mask"][i].bool()]  # (T_i,) first char of each token
+            covering = (starts < end).nonzero()  # tokens are in text order: the last one starting before `end`
+            t = int(covering[-1]) if len(covering) else None
         else:  # no offsets: count the tokens of the text up to the subject's end
             t = len(tokenizer(text[:end], add_special_tokens=False)["input_ids"]) - 1
         if t is None:
@@ -109,10 +128,10 @@ def subject_states(model: nn.Module, tokenizer, texts: list[str], ends: list[int
         for i in range(0, len(texts), batch_size):
             batch, pos = encode(tokenizer, texts[i: i + batch_size], ends[i: i + batch_size])
             model(**to_device(batch, device))
-            rows, pos = torch.arange(len(pos), device=device), pos.to(device)
+            rows = torch.arange(len(pos))  # CPU indices index a tensor on any device (modules may sit on several)
             for n in modules:
-                keys[n].append(seen[n][rows, pos].float())  # (b, d_in)
-            hidden.append(seen[None][rows, pos].float())  # (b, d)
+                keys[n].append(seen[n][rows, pos].float().to(device))  # (b, d_in)
+            hidden.append(seen[None][rows, pos].float().to(device))  # (b, d)
     finally:
         for h in handles:
             h.remove()
@@ -123,7 +142,8 @@ def subject_states(model: nn.Module, tokenizer, texts: list[str], ends: list[int
 def added_at(module: nn.Module, rows: torch.Tensor, pos: torch.Tensor, vectors: torch.Tensor):
     """Within the block, `module`'s output gets vectors[k] added at (rows[k], pos[k]) (differentiably)."""
     def hook(mod, inp, out):
-        return out + torch.zeros_like(out).index_put((rows, pos), vectors.to(out.dtype))
+        at = (rows.to(out.device), pos.to(out.device))  # the module's device (model.device_map)
+        return out + torch.zeros_like(out).index_put(at, vectors.to(out.device, out.dtype))
     handle = module.register_forward_hook(hook)
     try:
         yield

@@ -49,6 +49,8 @@ def with_eos(batch: dict[str, torch.Tensor], eos_id: int, family: str = "causal"
 class LocFTBF(Editor):
     """Breadth-first fine-tuning of one module's weight; no meta-training; any model family."""
 
+    name = "locft_bf"
+
     def __init__(self, model: nn.Module, family: str, module: str, *, lr: float, batch_size: int, n_epochs: int,
                  loss_threshold: float, eos_id: int | None, seed: int, device="cpu"):
         super().__init__(model, family, device)

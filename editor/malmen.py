@@ -35,6 +35,7 @@ class SolveError(ValueError):
 class MALMEN(Editor):
     """Massive language model editing network."""
 
+    name = "malmen"
     trainable = True
 
     def __init__(self, model: nn.Module, family: str, modules: dict[str, nn.Module], *,
@@ -203,12 +204,13 @@ class MALMEN(Editor):
         with torch.no_grad():
             shifts = self.shifts(cache)
         # Stage 1: the LM alone, with W~ as fresh leaves, accumulates G = dL_meta/dW~.
-        leaves = {n: shifted(mod.weight, to_param_layout(mod, shifts[n])).detach().requires_grad_()
+        leaves = {n: shifted(mod.weight, to_param_layout(mod, shifts[n]), f"{n}.weight", self.name).detach()
+                  .requires_grad_()
                   for n, mod in self.modules.items()}
         gen, loc = self.meta_losses(group, {f"{n}.weight": w for n, w in leaves.items()}, backward=True)
         # Stage 2: the hyper-network alone, on the cached tuples in batches.
         for n, mod in self.modules.items():
-            grad_w = from_param_layout(mod, leaves[n].grad).to(self.dtype)
+            grad_w = from_param_layout(mod, leaves[n].grad).to(self.device, self.dtype)  # from the module's device
             self.pull_back(n, *cache[n], grad_w, shifts[n])
         return {"gen_loss": float(gen.detach()), "loc_loss": float(loc.detach())}
 
@@ -217,7 +219,7 @@ class MALMEN(Editor):
         cache = self.cache(group.edit)
         self.update_norms(cache)
         shifts = self.shifts(cache)
-        params = {f"{n}.weight": shifted(mod.weight, to_param_layout(mod, shifts[n]))
+        params = {f"{n}.weight": shifted(mod.weight, to_param_layout(mod, shifts[n]), f"{n}.weight", self.name)
                   for n, mod in self.modules.items()}
         gen, loc = self.meta_losses(group, params, backward=False)
         (gen + self.loc_coef * loc).backward()

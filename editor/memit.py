@@ -7,9 +7,17 @@
    R = (z - h_L) / (number of layers left) (d_out, n), and
        Delta_l = R K_l^T (lambda C_l + K_l K_l^T)^{-1},   C_l = E[k k^T] over generic text,
    solved with torch.linalg.solve. Spreading R over the layers keeps each layer's change small.
+
+Ill-posed solves are refused (IllPosedSolve), never run: key statistics from fewer tokens than the
+module's input width d_in (C then has rank < d_in), and any system whose condition number kappa
+exceeds 1 / eps of the solve's dtype (8.4e6 in float32, 4.5e15 in float64). Past that point the
+solve's error bound kappa * eps exceeds 1, so not one digit of the update is reliable; on the tiny
+models well-sampled statistics give kappa ~ 1e4-1e6 (docs/bad_input.md, 2).
 """
 import logging
+import math
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -22,10 +30,39 @@ from model.load import resolve_modules
 log = logging.getLogger(__name__)
 
 
-def memit_delta(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, lam: float) -> torch.Tensor:
+Check = Callable[[torch.Tensor, str], None]  # (symmetric system matrix, its name): raises if ill-posed
+
+
+def memit_delta(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, lam: float,
+                check: Check = lambda a, what: None) -> torch.Tensor:
     """Delta = R K^T (lam C + K K^T)^{-1} (d_out, d_in) for keys K (d_in, n), residuals R (d_out, n), C (d_in, d_in)."""
     a = lam * cov + keys @ keys.T  # (d_in, d_in), symmetric, so Delta a = R K^T  <=>  a Delta^T = K R^T
+    check(a, "lambda C + K K^T")
     return torch.linalg.solve(a, keys @ resid.T).T
+
+
+class IllPosedSolve(ValueError):
+    """A closed-form solve of MEMIT or EMMET whose solution would be meaningless."""
+
+
+def condition_number(a: torch.Tensor, iters: int = 30) -> float:
+    """kappa = lambda_max / lambda_min of a symmetric matrix, in float64; inf if not positive definite.
+
+    Power iteration on a and on a^-1 through one Cholesky factor: d^3 / 3 flops (an LU solve takes
+    2 d^3 / 3), in float64, plus 30 matrix-vector products; eigvalsh would cost several solves."""
+    a = a.double()
+    chol, info = torch.linalg.cholesky_ex(a)
+    if info.item() != 0 or not torch.isfinite(chol).all():
+        return math.inf
+    start = torch.randn(a.shape[0], 1, generator=torch.Generator().manual_seed(0), dtype=a.dtype).to(a.device)
+    top, low = start, start
+    for _ in range(iters):
+        top = a @ top
+        top = top / top.norm()
+        low = torch.cholesky_solve(low, chol)
+        low = low / low.norm()
+    lam_max, lam_min = float(top.T @ a @ top), float(low.T @ a @ low)  # Rayleigh quotients
+    return lam_max / lam_min if lam_min > 0 else math.inf
 
 
 class MEMIT(Editor):
@@ -37,7 +74,7 @@ class MEMIT(Editor):
                  n_steps: int, lr: float, kl_coef: float, norm_coef: float, clamp_factor: float, n_prefixes: int,
                  prefix_words: int, batch_size: int, stats_texts: list[str], stats_source: str, n_samples: int,
                  stats_max_len: int, stats_batch_size: int, cache_dir: str | Path, model_id: str | None,
-                 device="cpu"):
+                 stats_file: str | None = None, device="cpu"):
         if family != "causal":
             raise ValueError(f"editor {self.name} edits causal LMs (GPT-2, GPT-J) at the last subject token; "
                              f"model family {family!r} is not supported (use malmen, mend, ft or locft_bf)")
@@ -55,16 +92,44 @@ class MEMIT(Editor):
         self.batch_size = batch_size
         self.dtype = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
         texts = sample_texts(stats_texts, n_samples, stats_source)
-        self.covs, self.stats_time_s = key_second_moments(
+        self.covs, self.stats_tokens, self.stats_time_s = key_second_moments(
             model, tokenizer, self.modules, texts, source=stats_source, n_samples=n_samples,
             model_id=model_id or f"random-{model_fingerprint(model)[:16]}", cache_dir=cache_dir,
             max_len=stats_max_len, batch_size=stats_batch_size, device=self.device)
+        where = f" ({stats_file})" if stats_file else ""
+        self.stats_origin = (f"editor.stats_source={stats_source!r}{where}, {len(texts)} of "
+                             f"{len(stats_texts)} texts (editor.n_samples={n_samples})")
+        more = (f"a larger editor.n_samples (the source has {len(stats_texts)} texts), "
+                if len(texts) < len(stats_texts) else "")
+        self.more_text = f"{more}a larger data.train_path, or editor.stats_source=wikitext"
+        for name, cov in self.covs.items():  # C = mean of n_tokens outer products: rank <= n_tokens
+            if self.stats_tokens[name] < cov.shape[0]:
+                raise IllPosedSolve(
+                    f"editor {self.name}: the key statistics C of module {name} come from {self.stats_tokens[name]} "
+                    f"tokens of {self.stats_origin}, fewer than the module's input width d_in = {cov.shape[0]}: "
+                    f"C = E[k k^T] has rank at most {self.stats_tokens[name]}, so the closed-form solve is singular "
+                    f"or meaningless. Fix: statistics from at least {cov.shape[0]} tokens: {self.more_text}")
         self.prefixes = make_prefixes(texts, n_prefixes, prefix_words)
         self.solves: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # last edit's (K, R, C) per layer
 
-    def layer_delta(self, keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
-        """The closed form of one layer: (d_out, d_in)."""
-        return memit_delta(keys, resid, cov, self.lam)
+    def conditioned(self, name: str, fix: str) -> Check:
+        """A check for the systems of module `name`'s solve: IllPosedSolve when kappa > 1 / eps of the
+        solve's dtype (see the module docstring), naming the module, the statistics and `fix`."""
+        def check(a: torch.Tensor, what: str) -> None:
+            kappa, limit = condition_number(a), 1 / torch.finfo(self.dtype).eps
+            if kappa > limit:
+                raise IllPosedSolve(
+                    f"editor {self.name}: the closed-form solve of module {name} is ill-conditioned: {what} has "
+                    f"condition number {kappa:.3g}, beyond 1/eps = {limit:.3g} of its {self.dtype} solve, where "
+                    f"not one digit of the update is reliable. Its key statistics C come from "
+                    f"{self.stats_tokens[name]} tokens of {self.stats_origin}. Fix: {fix}")
+        return check
+
+    def layer_delta(self, name: str, keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+        """The closed form of one layer: (d_out, d_in); IllPosedSolve if its system is ill-conditioned."""
+        fix = (f"more statistics text ({self.more_text}), a larger editor.lam (now {self.lam:g}), "
+               "or model.dtype=float64")
+        return memit_delta(keys, resid, cov, self.lam, self.conditioned(name, fix))
 
     def edit(self, batches: list[dict]) -> Shifts:
         raise NotImplementedError(f"{self.name} needs each edit's subject: call edit_group(group) or edit_records")
@@ -81,14 +146,14 @@ class MEMIT(Editor):
                            device=self.device, **self.target_args)  # (n, d)
         shifts, self.solves = {}, {}
         for i, (name, module) in enumerate(self.modules.items()):
-            with apply_shifts(self.model, shifts):  # keys and h_L see the earlier layers' updates
+            with apply_shifts(self.model, shifts, self.name):  # keys and h_L see the earlier layers' updates
                 keys, hidden = subject_states(self.model, self.tokenizer, texts, ends, {name: module}, self.block,
                                               self.batch_size * n_pre, self.device)
             k = keys[name].view(n, n_pre, -1).mean(1).T.to(self.dtype)  # (d_in, n), averaged over prefixes
             h = hidden.view(n, n_pre, -1).mean(1).T.to(self.dtype)  # (d, n)
             resid = (z.T.to(self.dtype) - h) / (len(self.modules) - i)  # (d_out, n): this layer's share
             cov = self.covs[name].to(self.dtype)
-            delta = self.layer_delta(k, resid, cov)  # (d_out, d_in)
+            delta = self.layer_delta(name, k, resid, cov)  # (d_out, d_in)
             shifts[f"{name}.weight"] = to_param_layout(module, delta)
             self.solves[name] = (k, resid, cov)
         return shifts

@@ -12,6 +12,8 @@ from editor.malmen import MALMEN
 class MEND(MALMEN):
     """Sum of parameter shifts; no regulariser lambda."""
 
+    name = "mend"
+
     def __init__(self, *args, **kwargs):
         kwargs["regularize"] = False  # lambda does not exist here; keep it out of the optimiser
         super().__init__(*args, **kwargs)

@@ -68,37 +68,38 @@ def cache_file(cache_dir: str | Path, key: dict) -> Path:
 
 def key_second_moments(model: nn.Module, tokenizer, modules: dict[str, nn.Module], texts: list[str], *,
                        source: str, n_samples: int, model_id: str, cache_dir: str | Path, max_len: int,
-                       batch_size: int, device) -> tuple[dict[str, torch.Tensor], float]:
-    """C = E[k k^T] (d_in, d_in) per module, float32 on `device`, and the seconds spent computing them
-    (0 when every one came from the cache). `texts` is the sample (see `sample_texts`)."""
+                       batch_size: int, device) -> tuple[dict[str, torch.Tensor], dict[str, int], float]:
+    """C = E[k k^T] (d_in, d_in) per module, float32 on `device`, the number of tokens each was averaged
+    over, and the seconds spent computing them (0 when every one came from the cache). `texts` is the
+    sample (see `sample_texts`)."""
     digest = hashlib.sha256("\x00".join(texts).encode()).hexdigest()
     vocab = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
     dtype = str(next(model.parameters()).dtype)
     keys = {n: {"model": model_id, "dtype": dtype, "module": n, "source": source, "n_samples": n_samples,
                 "n_texts": len(texts), "texts_sha256": digest, "vocab_sha256": vocab, "max_len": max_len}
             for n in modules}
-    covs, missing = {}, {}
+    covs, counts, missing = {}, {}, {}
     for name, key in keys.items():
         path = cache_file(cache_dir, key)
         if path.is_file():
             saved = torch.load(path, map_location=device, weights_only=True)
             if saved["key"] == key:  # the digest names the key; this guards against a collision
-                covs[name] = saved["cov"]
+                covs[name], counts[name] = saved["cov"], int(saved["n_tokens"])
                 log.info("key statistics of %s loaded from %s", name, path)
                 continue
         missing[name] = modules[name]
     if not missing:
-        return covs, 0.0
+        return covs, counts, 0.0
     start = time.time()
     computed, n_tokens = _second_moments(model, tokenizer, missing, texts, max_len, batch_size, device)
     seconds = time.time() - start
     for name, cov in computed.items():
         path = cache_file(cache_dir, keys[name])
         save_checkpoint({"cov": cov.cpu(), "n_tokens": n_tokens, "key": keys[name]}, path)  # temp + rename
-        covs[name] = cov
+        covs[name], counts[name] = cov, n_tokens
     log.info("key statistics of %d modules: %d texts, %d tokens in %.1f s, cached under %s",
              len(missing), len(texts), n_tokens, seconds, Path(cache_dir) / "key_stats")
-    return covs, seconds
+    return covs, counts, seconds
 
 
 @torch.no_grad()
@@ -118,8 +119,8 @@ def _second_moments(model: nn.Module, tokenizer, modules: dict[str, nn.Module], 
             mask = enc["attention_mask"].bool().to(device)  # (B, T)
             model(input_ids=enc["input_ids"].to(device), attention_mask=mask.long())
             for n in modules:
-                k = seen[n][mask].float()  # (n_tokens, d_in)
-                prod = (k.T @ k).double()  # (d_in, d_in)
+                k = seen[n][mask.to(seen[n].device)].float()  # (n_tokens, d_in), on the module's device
+                prod = (k.T @ k).double().to(device)  # (d_in, d_in)
                 if n in sums:
                     sums[n] += prod
                 else:

@@ -88,17 +88,30 @@ def kl(ref: torch.Tensor, lg: torch.Tensor, batch: dict, family: str) -> torch.T
 
 
 def accuracy(lg: torch.Tensor, batch: dict, family: str) -> torch.Tensor:
-    """Per-example success (B,): teacher-forced token accuracy on the answer (binary for FEVER)."""
+    """Per-example success (B,): teacher-forced token accuracy on the answer (binary for FEVER); NaN
+    where the logits that decide it are not finite (argmax over NaN would count as a miss, i.e. 0)."""
     if family == "classifier":
-        return ((lg > 0).float() == batch["labels"].float()).float()
+        hit = ((lg > 0).float() == batch["labels"].float()).float()
+        return hit.where(torch.isfinite(lg), torch.nan)
     lg, targets, mask = _targets(lg, batch, family)
     hits = (lg.argmax(-1) == targets) & mask
-    return hits.sum(-1).float() / mask.sum(-1).clamp(min=1)
+    finite = (torch.isfinite(lg).all(-1) | ~mask).all(-1)  # (B,) every answer position has finite logits
+    return (hits.sum(-1).float() / mask.sum(-1).clamp(min=1)).where(finite, torch.nan)
+
+
+class MetricError(ValueError):
+    """A success rate that cannot be computed: it is never reported or written as a number."""
 
 
 @torch.no_grad()
 def success(model: nn.Module, batches: list[dict], family: str, device) -> torch.Tensor:
-    """Per-example success over a list of batches, concatenated (N,)."""
-    out = [accuracy(logits(model, to_device(b, device), family), to_device(b, device), family).cpu()
-           for b in batches]
-    return torch.cat(out)
+    """Per-example success over a list of batches, concatenated (N,); MetricError if the model's
+    outputs on any tuple are not finite."""
+    out = torch.cat([accuracy(logits(model, to_device(b, device), family), to_device(b, device), family).cpu()
+                     for b in batches])
+    if out.isnan().any():
+        dtype = next(model.parameters()).dtype
+        raise MetricError(f"the model's outputs are not finite (inf or NaN) on {int(out.isnan().sum())} of "
+                          f"{len(out)} tuples, so ES/GS/LS cannot be computed (a {dtype} forward pass that "
+                          "overflows, or non-finite weights); nothing is reported as a number")
+    return out

@@ -1,30 +1,38 @@
 """Load the edited LM (real or tiny random) with its tokenizer, and resolve edit-module names."""
+import logging
 import re
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer,
-                          BertModel, GPT2LMHeadModel, GPTJForCausalLM, PreTrainedTokenizerBase,
+                          BertModel, GPT2LMHeadModel, GPTJForCausalLM, LlamaForCausalLM, PreTrainedTokenizerBase,
                           T5ForConditionalGeneration)
 from transformers.pytorch_utils import Conv1D
 
 from model.classifier import BertClassifier
-from model.tiny import byte_tokenizer, context_size, tiny_config
+from model.tiny import CAUSAL, byte_tokenizer, context_size, tiny_config
 
 FAMILIES = ("causal", "seq2seq", "classifier")
-ARCH_FAMILY = {"gpt2": "causal", "gptj": "causal", "t5": "seq2seq", "bert": "classifier"}
+# llama: any Llama-family causal LM (Llama, Qwen2, Mistral, ...): AutoModelForCausalLM reads the real class
+# from the checkpoint's config; nn.Linear FFN mlp.up_proj / gate_proj / down_proj. Its tiny twin is a Llama.
+ARCH_FAMILY = {"gpt2": "causal", "gptj": "causal", "llama": "causal", "t5": "seq2seq", "bert": "classifier"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
-TINY_CLASSES = {"gpt2": GPT2LMHeadModel, "gptj": GPTJForCausalLM, "t5": T5ForConditionalGeneration}
+TINY_CLASSES = {"gpt2": GPT2LMHeadModel, "gptj": GPTJForCausalLM, "llama": LlamaForCausalLM,
+                "t5": T5ForConditionalGeneration}
 # Default context of the tiny byte tokenizer when the sizes do not give one (T5: relative positions).
 TINY_DEFAULT_CONTEXT = 512
 
 
 def load_model(arch: str, family: str, name_or_path: str | None, tokenizer: str | None, dtype: str,
-               tiny: dict | None = None, checkpoint: str | None = None, device: str = "cpu"
-               ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    """Load (or build tiny, random) the LM and its tokenizer, eval mode, all params requires_grad=False."""
+               tiny: dict | None = None, checkpoint: str | None = None, device: str = "cpu",
+               device_map: str | dict | None = None) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """Load (or build tiny, random) the LM and its tokenizer, eval mode, all params requires_grad=False.
+
+    device_map None: the whole model on `device`. Else ("auto", "balanced", or {module: device}) accelerate
+    places its modules across devices and its hooks carry activations between them; `device` is then only
+    where callers put batches. Every module must stay resident (offloading to cpu/disk is refused)."""
     if arch not in ARCH_FAMILY:
         raise ValueError(f"unknown model.arch {arch!r}; expected one of {sorted(ARCH_FAMILY)}")
     if family != ARCH_FAMILY[arch]:
@@ -35,6 +43,9 @@ def load_model(arch: str, family: str, name_or_path: str | None, tokenizer: str 
     if (tiny is None) == (name_or_path is None):
         raise ValueError("set exactly one of model.name_or_path (real weights) and model.tiny "
                          f"(random tiny model); got name_or_path={name_or_path!r}, tiny={tiny!r}")
+    if device_map is not None and family == "classifier":
+        raise ValueError("model.device_map: the FEVER classifier (encoder + head) loads on one device; "
+                         "set model.device_map=null")
     torch_dtype = DTYPES[dtype]
 
     tok = _load_tokenizer(arch, name_or_path, tokenizer, tiny)
@@ -42,14 +53,14 @@ def load_model(arch: str, family: str, name_or_path: str | None, tokenizer: str 
         model = _build_tiny(arch, dict(tiny), tok)
     elif arch == "bert":
         # No pooler: the head reads the raw [CLS] state, so pooler weights would be dead parameters.
-        model = BertClassifier(AutoModel.from_pretrained(name_or_path, dtype=torch_dtype,
-                                                         add_pooling_layer=False))
-    elif family == "causal":
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype)
+        model = BertClassifier(_pretrained(AutoModel.from_pretrained, name_or_path, "model.name_or_path",
+                                           dtype=torch_dtype, add_pooling_layer=False))
     else:
-        model = AutoModelForSeq2SeqLM.from_pretrained(name_or_path, dtype=torch_dtype)
+        auto = AutoModelForCausalLM if family == "causal" else AutoModelForSeq2SeqLM
+        model = _pretrained(auto.from_pretrained, name_or_path, "model.name_or_path", dtype=torch_dtype,
+                            device_map=device_map)
 
-    if arch in ("gpt2", "gptj") and tok.pad_token is None:
+    if arch in CAUSAL and tok.pad_token is None:
         tok.pad_token = tok.eos_token  # right padding; attention masks hide the pad positions
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tok.pad_token_id
@@ -60,11 +71,62 @@ def load_model(arch: str, family: str, name_or_path: str | None, tokenizer: str 
 
     if checkpoint is not None:
         _load_checkpoint(model, checkpoint)
-    model = model.to(dtype=torch_dtype, device=device)
+    if device_map is None:
+        model = model.to(dtype=torch_dtype, device=device)
+    elif tiny is not None:  # real models were placed by from_pretrained
+        model = _dispatch(model.to(dtype=torch_dtype), device_map)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)  # editors create their own leaf tensors
+    if device_map is not None:
+        check_resident(model)
     return model, tok
+
+
+def _dispatch(model: nn.Module, device_map: str | dict) -> nn.Module:
+    """Place a tiny model by `device_map` through accelerate, as from_pretrained(device_map=...) does.
+
+    force_hooks: accelerate attaches its hooks even when the map names one device, so that a CPU-only
+    machine runs the same hooked forward passes as a model sharded across GPUs."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+    if isinstance(device_map, str):  # "auto" / "balanced": accelerate's planner over the visible devices
+        no_split = model._no_split_modules
+        memory = get_balanced_memory(model, no_split_module_classes=no_split)
+        device_map = infer_auto_device_map(model, max_memory=memory, no_split_module_classes=no_split)
+    # accelerate warns "offloaded to the cpu" whenever a map names the cpu, also when the cpu is where those
+    # modules run (nothing offloaded); check_resident catches real offloading
+    quiet = logging.getLogger("accelerate.big_modeling")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        return dispatch_model(model, device_map=dict(device_map), force_hooks=True)
+    finally:
+        quiet.setLevel(level)
+
+
+def check_resident(model: nn.Module) -> None:
+    """Refuse a device map that offloads weights: accelerate then keeps them on the meta device and swaps
+    them in per forward pass, which would overwrite the editors' weights (functional_call, apply_shifts)."""
+    offloaded = sorted({n.rsplit(".", 1)[0] for n, p in model.named_parameters() if p.device.type == "meta"})
+    if offloaded:
+        raise ValueError(f"model.device_map offloaded {len(offloaded)} modules to cpu/disk (e.g. {offloaded[:3]}); "
+                         "editors change weights in place and need every module resident on a device: give the "
+                         "model more GPU memory (more GPUs, model.dtype=bfloat16) or an explicit device map")
+
+
+def _pretrained(load, source: str, key: str, **kwargs):
+    """load(source, **kwargs) (a from_pretrained); a hub name that cannot be fetched (no network, HF_HUB_OFFLINE,
+    a wrong or gated name) stops with one message naming `key` and the override for a local folder."""
+    try:
+        return load(source, **kwargs)
+    except OSError as err:  # transformers turns every hub failure into an OSError
+        if Path(source).is_dir():  # a local folder: its own error says what is missing
+            raise
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{key}={source}: not a local folder, and the Hugging Face hub cannot provide it "
+                         f"({reason}). Download it where there is a network (e.g. `hf download {source} "
+                         f"--local-dir DIR`) and pass {key}=/path/to/folder") from err
 
 
 def _load_tokenizer(arch: str, name_or_path: str | None, tokenizer: str | None,
@@ -72,7 +134,8 @@ def _load_tokenizer(arch: str, name_or_path: str | None, tokenizer: str | None,
     """Tokenizer from `tokenizer`, else from the model path, else (tiny) an offline byte tokenizer."""
     source = tokenizer if tokenizer is not None else name_or_path
     if source is not None:
-        return AutoTokenizer.from_pretrained(source)
+        return _pretrained(AutoTokenizer.from_pretrained, source,
+                           "model.tokenizer" if tokenizer is not None else "model.name_or_path")
     sizes = tiny or {}
     ctx = sizes.get("n_positions", sizes.get("max_position_embeddings", TINY_DEFAULT_CONTEXT))
     return byte_tokenizer(arch, int(ctx))

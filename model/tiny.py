@@ -2,20 +2,22 @@
 import inspect
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers import BertConfig, GPT2Config, GPTJConfig, PretrainedConfig, PreTrainedTokenizerFast
+from transformers import BertConfig, GPT2Config, GPTJConfig, LlamaConfig, PretrainedConfig, PreTrainedTokenizerFast
 from transformers import T5Config
 
-# Special tokens per architecture, in vocabulary order. For gpt2/gptj they go AFTER the 256 bytes
-# (like GPT-2, where <|endoftext|> is the last id); for t5/bert BEFORE them (pad must be id 0).
+CAUSAL = ("gpt2", "gptj", "llama")  # decoder-only archs: one <|endoftext|> for bos, eos, unk (and pad)
+# Special tokens per architecture, in vocabulary order. For the causal archs they go AFTER the 256
+# bytes (like GPT-2, where <|endoftext|> is the last id); for t5/bert BEFORE them (pad must be id 0).
 SPECIALS = {
     "gpt2": ["<|endoftext|>"],
     "gptj": ["<|endoftext|>"],
+    "llama": ["<|endoftext|>"],  # as SmolLM2's own vocabulary; real Llama 3 names it <|end_of_text|>
     "t5": ["<pad>", "</s>", "<unk>"],
     "bert": ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
 }
 
 CONFIG_CLASSES: dict[str, type[PretrainedConfig]] = {
-    "gpt2": GPT2Config, "gptj": GPTJConfig, "t5": T5Config, "bert": BertConfig,
+    "gpt2": GPT2Config, "gptj": GPTJConfig, "llama": LlamaConfig, "t5": T5Config, "bert": BertConfig,
 }
 
 
@@ -25,9 +27,9 @@ def byte_tokenizer(arch: str, model_max_length: int) -> PreTrainedTokenizerFast:
         raise ValueError(f"unknown arch {arch!r}; expected one of {sorted(SPECIALS)}")
     specials = SPECIALS[arch]
     byte_symbols = sorted(pre_tokenizers.ByteLevel.alphabet())  # 256 printable stand-ins for bytes
-    ordered = byte_symbols + specials if arch in ("gpt2", "gptj") else specials + byte_symbols
+    ordered = byte_symbols + specials if arch in CAUSAL else specials + byte_symbols
     vocab = {tok: i for i, tok in enumerate(ordered)}
-    unk = "<|endoftext|>" if arch in ("gpt2", "gptj") else specials[2 if arch == "t5" else 1]
+    unk = "<|endoftext|>" if arch in CAUSAL else specials[2 if arch == "t5" else 1]
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=unk))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -56,7 +58,7 @@ def tiny_config(arch: str, sizes: dict, vocab_size: int, pad_id: int | None,
     if unknown:
         raise ValueError(f"unknown {cls.__name__} keys in model.tiny: {unknown}")
     kw = dict(sizes, vocab_size=vocab_size)
-    if arch in ("gpt2", "gptj"):
+    if arch in CAUSAL:
         kw.update(bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=pad_id)
     elif arch == "t5":
         kw.setdefault("feed_forward_proj", "gated-gelu")  # T5 v1.1 / t5-xl-ssm-nq FFN

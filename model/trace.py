@@ -61,7 +61,7 @@ def trace(model: nn.Module, modules: dict[str, nn.Module], batches: list[dict], 
         names = list(modules)
         value_grads = torch.autograd.grad(loss, [seen[n][1] for n in names])
         for n, g in zip(names, value_grads):
-            mask = token_mask(batch, family, n, token)  # (B, T)
+            mask = token_mask(batch, family, n, token).to(g.device)  # (B, T) on the module's device (device_map)
             keys[n].append(seen[n][0][mask].detach().to(cache_device, dtype))  # (n_b, d_in)
             grads[n].append(g[mask].to(cache_device, dtype))  # (n_b, d_out)
     return {n: (torch.cat(keys[n]), torch.cat(grads[n])) for n in modules}

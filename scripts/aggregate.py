@@ -4,8 +4,9 @@ python scripts/aggregate.py SWEEP_DIR [--out DIR]     (DIR defaults to SWEEP_DIR
 
 Runs are grouped by (paper_result, model, data, editor, variant, m); seeds are the repeats. Writes
 - summary.csv: n, seeds, mean and std (over seeds, numpy's ddof=0) of ES, GS, LS, residual, time_s
-  and peak_memory_mb per group;
-- <result>.png per scaling curve (ES, GS, LS against m on a log2 axis, mean line, std shaded);
+  and peak_memory_mb per group, and the mean ES, GS, LS before editing (pre_*), rounded to 4 decimals;
+- <result>.png per scaling curve (ES, GS, LS against m on a log2 axis, mean line, std shaded, the
+  level before editing dashed); a result with a single m is a table, <result>.md, instead;
   <result>_residual.png when the runs recorded the Fig. 8 residual; fig8_residual.png for Fig. 8;
 - table1.md and table2.md in the layout of the paper's Tables 1 and 2 (mean (std), in %), and
   toy_table.md in Table 1's layout for the default experiment (scripts/toy_table.sh).
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker  # noqa: F401  (tick formatters)
 
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
@@ -130,16 +132,26 @@ def summarize(runs: list[Run]) -> list[dict]:
             values = np.array([r.stats[stat] for r in have])
             row[f"{stat}_mean"] = float(values.mean()) if have else None
             row[f"{stat}_std"] = float(values.std()) if have else None
+        for stat in METRICS:  # before editing (None for results.json files without pre_edit)
+            pre = [r.pre_edit[stat] for r in group if r.pre_edit is not None]
+            row[f"pre_{stat}_mean"] = float(np.mean(pre)) if len(pre) == len(group) else None
         rows.append(row)
     return rows
 
 
+def _rounded(value, digits: int = 4):
+    """CSV cells for reading: floats to `digits` significant decimals; non-finite as 'nan'/'inf'."""
+    if isinstance(value, float) and math.isfinite(value):
+        return round(value, digits)
+    return value
+
+
 def write_csv(rows: list[dict], path: Path) -> None:
-    """summary.csv; absent stats (the residual of editors without one) are empty cells."""
+    """summary.csv, rounded for reading; absent stats (the residual of editors without one) are empty cells."""
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({k: _rounded(v) for k, v in row.items()} for row in rows)
 
 
 def label(row: dict, with_setting: bool = False) -> str:
@@ -165,43 +177,86 @@ def _lines(rows: list[dict], stat: str) -> dict[str, tuple[np.ndarray, np.ndarra
     return out
 
 
+UNITS = {"ES": "edit success", "GS": "generalisation success", "LS": "locality success"}
+
+
 def _axis(ax, stat: str, log_y: bool = False) -> None:
+    """log2 x axis with plain tick labels (16, 32, ...); y label; grid."""
     ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
     if log_y:
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("number of edits m")
-    ax.set_title(stat)
+    ax.set_ylabel(UNITS.get(stat, stat))
     ax.grid(alpha=0.3)
 
 
+def _title(rows: list[dict], title: str) -> str:
+    """The figure title with the number of seeds behind each point."""
+    n = sorted({r["n"] for r in rows})
+    return f"{title} (mean ± std over {'/'.join(map(str, n))} seed{'s' if n != [1] else ''})"
+
+
+def _legend_outside(fig, axes) -> None:
+    """One legend for the figure, below the axes, so that it covers no data (LS sits near 1)."""
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+
+
 def plot_scaling(rows: list[dict], title: str, path: Path) -> None:
-    """ES, GS, LS against m (log2), one line per editor/variant, mean +- std shaded."""
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharex=True)
+    """ES, GS, LS against m (log2), one line per editor/variant, mean +- std shaded; before editing dashed."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.2), sharex=True)
     for ax, stat in zip(axes, METRICS):
         for name, (m, mean, std) in _lines(rows, stat).items():
             ax.plot(m, mean, marker="o", ms=3, label=name)
             ax.fill_between(m, mean - std, mean + std, alpha=0.2)
+        pre = sorted({(r["m"], r[f"pre_{stat}_mean"]) for r in rows if r[f"pre_{stat}_mean"] is not None})
+        if pre:  # the edited model's own level, the reference every editor starts from
+            by_m: dict[int, list[float]] = {}
+            for m, v in pre:
+                by_m.setdefault(m, []).append(v)
+            ms = sorted(by_m)
+            ax.plot(ms, [np.mean(by_m[m]) for m in ms], "k--", lw=1, label="before editing")
         _axis(ax, stat)
-        ax.set_ylim(-0.02, 1.02)
-    axes[-1].legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
+        ax.set_title(stat)
+        ax.set_ylim(0, 1.02)
+    fig.suptitle(_title(rows, title))
+    _legend_outside(fig, axes)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def plot_residual(rows: list[dict], title: str, path: Path) -> None:
     """Fig. 8: mean residual ||S* u - d|| / ||d|| against m (log2 x, log y), mean +- std shaded."""
-    fig, ax = plt.subplots(figsize=(5, 3.8))
+    fig, ax = plt.subplots(figsize=(5.5, 4.4))
     for name, (m, mean, std) in _lines(rows, "residual").items():
         ax.plot(m, mean, marker="o", ms=3, label=name)
         ax.fill_between(m, np.maximum(mean - std, mean * 1e-3), mean + std, alpha=0.2)  # log axis: stay > 0
-    _axis(ax, "mean residual", log_y=True)
-    ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
+    _axis(ax, "mean residual ||S*u - d|| / ||d||", log_y=True)
+    fig.suptitle(_title(rows, title), fontsize=10)
+    _legend_outside(fig, [ax])
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def single_m_table(rows: list[dict], title: str) -> str:
+    """Markdown for a result with one m, where a curve would be one dot: rows x (before, ES, GS, LS)."""
+    rows = sorted(rows, key=lambda r: row_order(r["editor"], r["variant"]))
+    several = len({(r["model"], r["data"]) for r in rows}) > 1
+    stats = METRICS + (("residual",) if any(r["residual_mean"] is not None for r in rows) else ())
+    lines = [f"**{_title(rows, title)}**, m = {rows[0]['m']}", "", "| | seeds | " + " | ".join(stats) + " |",
+             "|---|---|" + "---|" * len(stats)]
+    pre = [r for r in rows if r["pre_ES_mean"] is not None]
+    if pre:
+        lines.append("| before editing | | " + " | ".join(f"{np.mean([r[f'pre_{s}_mean'] for r in pre]):.3f}"
+                                                      for s in METRICS) + " |" + " |" * (len(stats) - 3))
+    for r in rows:
+        lines.append(f"| {label(r, several)} | {r['n']} | " + " | ".join(
+            "–" if r[f"{s}_mean"] is None else mean_std(r[f"{s}_mean"], r[f"{s}_std"], 3) for s in stats) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def mean_std(mean: float, std: float | None, digits: int, scale: float = 1.0, why: str = "non-finite") -> str:
@@ -236,6 +291,12 @@ def ablation_table(rows: list[dict], title: str, with_time: bool) -> str:
             rule.append("---:")
     lines = [f"**{title}** (mean (std) over seeds)", "", "| " + " | ".join(head) + " |",
              "| " + " | ".join(rule) + " |"]
+    before = ["Before editing"]  # the unedited model's level, per setting (time: –)
+    for data, model, m in settings:
+        pre = [r for r in rows if (r["data"], r["model"], r["m"]) == (data, model, m) and r["pre_ES_mean"] is not None]
+        for stat in stats:
+            before.append("–" if stat == "time_s" or not pre else f"{100 * np.mean([r[f'pre_{stat}_mean'] for r in pre]):.1f}")
+    lines.append("| " + " | ".join(before) + " |")
     counts = set()
     for editor, variant in variants:
         cells = [label({"editor": editor, "variant": variant})]
@@ -274,6 +335,10 @@ def aggregate(sweep_dir: Path, out_dir: Path) -> list[Path]:
             written[-1].write_text(ablation_table(part, title, with_time=result == "table2"))
             continue
         has_residual = any(r["residual_mean"] is not None for r in part)
+        if len({r["m"] for r in part}) == 1 and result != "fig8_residual":  # one dot per line: a table
+            written.append(out_dir / f"{result}.md")
+            written[-1].write_text(single_m_table(part, title))
+            continue
         if result != "fig8_residual":
             written.append(out_dir / f"{result}.png")
             plot_scaling(part, title, written[-1])

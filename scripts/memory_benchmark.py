@@ -39,6 +39,7 @@ from util import atomic_write, peak_memory_mb, seed_everything  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 PROCEDURES = ("two_stage", "end_to_end")
 OVER_LIMIT = 3  # worker exit code: its RSS passed --max-rss-gb
+OUT_OF_MEMORY = 4  # worker exit code: the device ran out of memory (torch.OutOfMemoryError)
 
 
 def build(model_name: str, device: str, rank: int | None) -> tuple[torch.nn.Module, MALMEN]:
@@ -58,7 +59,7 @@ def build(model_name: str, device: str, rank: int | None) -> tuple[torch.nn.Modu
     editor = MALMEN(model, mc.family, resolve_modules(model, list(e.modules)), rank=rank or e.rank,
                     n_blocks=e.n_blocks, lr_init=e.lr_init, lambda_init=e.lambda_init, meta_lr=e.meta_lr,
                     loc_coef=e.loc_coef, max_grad_norm=e.max_grad_norm, token=e.token, batch_size=e.batch_size,
-                    regularize=e.regularize, device=device, cache_device=device)
+                    loss_reduction=e.loss_reduction, regularize=e.regularize, device=device, cache_device=device)
     return model, editor
 
 
@@ -103,7 +104,10 @@ def worker(args) -> None:
         torch.cuda.reset_peak_memory_stats(device)
     setup_mb = peak_memory_mb(device) if device.type != "cuda" else torch.cuda.memory_allocated(device) / 2**20
     start = time.time()
-    editor.meta_step(group, end_to_end=args.procedure == "end_to_end")
+    try:
+        editor.meta_step(group, end_to_end=args.procedure == "end_to_end")
+    except torch.OutOfMemoryError:  # the result of this run, not a failure of the benchmark
+        sys.exit(OUT_OF_MEMORY)
     print(json.dumps({"m": args.worker_m, "procedure": args.procedure, "peak_mb": peak_memory_mb(device),
                       "setup_mb": setup_mb, "step_s": time.time() - start,
                       "cached_tokens": args.worker_m * args.answer_len}))
@@ -119,14 +123,16 @@ def measure(args, m: int, procedure: str) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode == 0:
         return json.loads(proc.stdout.strip().splitlines()[-1])
-    status = f"over {args.max_rss_gb:g} GB" if proc.returncode == OVER_LIMIT else f"failed (exit {proc.returncode})"
-    if proc.returncode not in (OVER_LIMIT, -9):  # -9: killed by the OS for memory
+    status = {OVER_LIMIT: f"over {args.max_rss_gb:g} GiB", OUT_OF_MEMORY: "out of memory",
+              -9: "out of memory (killed by the OS)"}.get(proc.returncode, f"failed (exit {proc.returncode})")
+    if proc.returncode not in (OVER_LIMIT, OUT_OF_MEMORY, -9):
         print(proc.stderr[-2000:], file=sys.stderr)
     return {"m": m, "procedure": procedure, "peak_mb": None, "status": status}
 
 
-def write_outputs(rows: list[dict], out: Path, title: str) -> str:
-    """memory.csv (one row per run), memory.md (the Fig. 9 table) and memory.png; returns the table."""
+def write_outputs(rows: list[dict], out: Path, title: str, device_gib: float | None = None) -> str:
+    """memory.csv (one row per run), memory.md (the Fig. 9 table) and memory.png, both in GiB, with the
+    device's memory as a line when known; returns the table."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -139,8 +145,10 @@ def write_outputs(rows: list[dict], out: Path, title: str) -> str:
     ms = sorted({r["m"] for r in rows})
 
     def cell(r):
-        return r.get("status", "–") if r is None or r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
-    lines = [f"**{title}**", "", "| m | two-stage (MB) | end-to-end (MB) | end-to-end / two-stage |",
+        if r is None:
+            return "–"
+        return r.get("status", "–") if r["peak_mb"] is None else f"{r['peak_mb'] / 1024:.2f}"
+    lines = [f"**{title}**", "", "| m | two-stage (GiB) | end-to-end (GiB) | end-to-end / two-stage |",
              "|---:|---:|---:|---:|"]
     for m in ms:
         a, b = by.get((m, "two_stage")), by.get((m, "end_to_end"))
@@ -155,7 +163,10 @@ def write_outputs(rows: list[dict], out: Path, title: str) -> str:
         pts = [(m, by[(m, proc)]["peak_mb"] / 1024) for m in ms if by.get((m, proc)) and by[(m, proc)]["peak_mb"]]
         if pts:
             ax.plot(*zip(*pts), marker="o", label=name)
+    if device_gib:
+        ax.axhline(device_gib, color="k", ls="--", lw=1, label=f"device memory ({device_gib:.0f} GiB)")
     ax.set_xscale("log", base=2)
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("number of edits m")
     ax.set_ylabel("peak memory (GiB)")
     ax.set_title(title, fontsize=9)
@@ -197,7 +208,10 @@ def main(argv: list[str] | None = None) -> int:
                 skip.add(procedure)
     unit = "peak RSS" if args.device == "cpu" else "max_memory_allocated"
     title = f"Fig. 9: {unit} of one meta-step, {args.model}, {args.device}"
-    print(write_outputs(rows, args.out, title))
+    device = torch.device(args.device)
+    device_gib = (torch.cuda.get_device_properties(device).total_memory / 2**30
+                  if device.type == "cuda" and torch.cuda.is_available() else None)
+    print(write_outputs(rows, args.out, title, device_gib))
     print(f"written to {args.out}/memory.{{csv,md,png}}")
     return 0
 

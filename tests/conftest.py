@@ -1,7 +1,9 @@
 """Shared test helpers: compose the real Hydra configs, build tiny models, make edit records."""
 import json
+import string
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -41,6 +43,18 @@ def qa_records(n: int, start: int = 0) -> list[EditRecord]:
                        unrel_prompt=f"Who wrote book number {i}?", unrel_answer=f"Author {i % 5}",
                        subject=f"team {i}")
             for i in range(start, start + n)]
+
+
+def varied_records(n: int, seed: int = 0) -> list[EditRecord]:
+    """zsRE-like records of random words. MEMIT/EMMET's key statistics need text this varied: the keys of
+    qa_records' shared prefixes repeat, and their C = E[k k^T] is singular (IllPosedSolve)."""
+    rng = np.random.default_rng(seed)
+
+    def words(k: int) -> str:
+        return " ".join("".join(rng.choice(list(string.ascii_lowercase), rng.integers(2, 9))) for _ in range(k))
+    return [EditRecord(prompt=f"{words(5).capitalize()} of subject{i} is", answer=words(1),
+                       equiv_prompts=(words(4),), unrel_prompt=words(6).capitalize() + "?", unrel_answer=words(1),
+                       subject=f"subject{i}") for i in range(n)]
 
 
 def fever_records(n: int, start: int = 0) -> list[EditRecord]:

@@ -61,9 +61,9 @@ def bad(tmp_path, rows, fmt="json"):
 @pytest.mark.parametrize("row,match", [
     ({"answer": "x"}, "record 1: field 'prompt': missing"),
     ({"prompt": "p"}, "record 1: field 'answer': missing"),
-    ({"prompt": "   ", "answer": "x"}, "record 1: field 'prompt': empty string"),
+    ({"prompt": "   ", "answer": "x"}, "record 1: field 'prompt': only whitespace \\('   '\\)"),
     ({"prompt": "p", "answer": ""}, "record 1: field 'answer': empty string"),
-    ({"prompt": "p", "answer": "x", "rephrases": ["ok", " "]}, "record 1: field 'rephrases\\[1\\]': empty string"),
+    ({"prompt": "p", "answer": "x", "rephrases": ["ok", " "]}, "record 1: field 'rephrases\\[1\\]': only whitespace"),
     ({"prompt": "p", "answer": "x", "rephrases": "one string"}, "record 1: field 'rephrases': expected a list"),
     ({"prompt": "p", "answer": 3}, "record 1: field 'answer': expected a string, got int"),
     ("just text", "record 1: not a JSON object"),
@@ -110,7 +110,8 @@ def test_bad_csv(tmp_path):
     with pytest.raises(DataError, match="c.csv: record 1: field 'answer': missing"):
         read_facts(str(tmp_path / "c.csv"))
     (tmp_path / "d.csv").write_text("prompt,answer,rephrases\np,a,r1||r3\n")
-    with pytest.raises(DataError, match="d.csv: record 0: field 'rephrases\\[1\\]': empty string"):
+    with pytest.raises(DataError, match="d.csv: record 0: field 'rephrases\\[1\\]': empty after splitting the cell "
+                                        "'r1\\|\\|r3'"):
         read_facts(str(tmp_path / "d.csv"))
 
 

@@ -156,7 +156,7 @@ def test_second_moment_matches_unpadded_tokens(world, tmp_path):
     texts = [r.prompt for r in stats_records()[:9]]
     name = cfg.editor.module.format(1)
     module = model.get_submodule(name)
-    covs, _ = key_second_moments(model, tokenizer, {name: module}, texts, source="test", n_samples=9,
+    covs, _, _ = key_second_moments(model, tokenizer, {name: module}, texts, source="test", n_samples=9,
                                  model_id="test", cache_dir=tmp_path, max_len=64, batch_size=4, device="cpu")
     keys = []
     handle = module.register_forward_hook(lambda mod, inp, out: keys.append(inp[0][0]))

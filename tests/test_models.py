@@ -17,7 +17,7 @@ from model.load import _ranges, linear_module_groups, load_model, resolve_module
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "config" / "model"
 GPT2_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "data" / "gpt2-tokenizer"
-KEYS = {"name", "arch", "family", "name_or_path", "tokenizer", "dtype", "tiny", "checkpoint",
+KEYS = {"name", "arch", "family", "name_or_path", "tokenizer", "dtype", "tiny", "checkpoint", "device_map",
         "edit_modules", "first_ffn_modules", "ft_modules"}
 TINY = ["tiny-gpt2", "tiny-gptj", "tiny-bert", "tiny-t5"]
 REAL = ["gpt2", "bert-base", "t5-xl", "gpt-j"]
@@ -46,13 +46,18 @@ def forward(model: nn.Module, family: str, batch: dict) -> torch.Tensor:
     return out if family == "classifier" else out.logits
 
 
-@pytest.mark.parametrize("name", TINY + REAL)
+LLAMA = ["tiny-llama", "smollm2", "llama-3.2-1b", "qwen2.5-0.5b", "llama-3-8b"]  # tests/test_llama.py builds them
+
+
+@pytest.mark.parametrize("name", TINY + REAL + LLAMA)
 def test_config_has_all_keys(name):
     cfg = cfg_of(name)
-    # the comparison editors: LocFT-BF's module everywhere, MEMIT/EMMET's settings on causal LMs
-    assert set(cfg) == KEYS | {"locft_module"} | ({"memit"} if cfg["family"] == "causal" else set())
+    # the comparison editors: LocFT-BF's module everywhere, MEMIT/EMMET's settings on causal LMs;
+    # smollm2 also names the GGUF file it is converted from
+    extra = ({"memit"} if cfg["family"] == "causal" else set()) | ({"gguf"} if name == "smollm2" else set())
+    assert set(cfg) == KEYS | {"locft_module"} | extra
     assert cfg["name"] == name
-    assert (cfg["tiny"] is None) == (cfg["name_or_path"] is not None)
+    assert (cfg["tiny"] is None) == (cfg["name_or_path"] is not None or cfg.get("gguf") is not None)
     assert cfg["edit_modules"] and cfg["ft_modules"]
 
 
@@ -207,7 +212,7 @@ def test_checkpoint_errors_name_the_file(tmp_path):
 def test_load_argument_errors():
     cfg = cfg_of("tiny-gpt2")
     with pytest.raises(ValueError, match="arch"):
-        load(cfg, arch="llama")
+        load(cfg, arch="mamba")
     with pytest.raises(ValueError, match="family"):
         load(cfg, family="seq2seq")
     with pytest.raises(ValueError, match="dtype"):
