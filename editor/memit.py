@@ -90,7 +90,7 @@ class MEMIT(Editor):
         self.target_args = dict(n_steps=n_steps, lr=lr, kl_coef=kl_coef, norm_coef=norm_coef,
                                 clamp_factor=clamp_factor, batch_size=batch_size)
         self.batch_size = batch_size
-        self.dtype = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
+        self.dtype = torch.float64  # the closed-form solves, whatever the model's dtype (as MEMIT's authors)
         texts = sample_texts(stats_texts, n_samples, stats_source)
         self.covs, self.stats_tokens, self.stats_time_s = key_second_moments(
             model, tokenizer, self.modules, texts, source=stats_source, n_samples=n_samples,
@@ -127,8 +127,7 @@ class MEMIT(Editor):
 
     def layer_delta(self, name: str, keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
         """The closed form of one layer: (d_out, d_in); IllPosedSolve if its system is ill-conditioned."""
-        fix = (f"more statistics text ({self.more_text}), a larger editor.lam (now {self.lam:g}), "
-               "or model.dtype=float64")
+        fix = f"more statistics text ({self.more_text}) or a larger editor.lam (now {self.lam:g})"
         return memit_delta(keys, resid, cov, self.lam, self.conditioned(name, fix))
 
     def edit(self, batches: list[dict]) -> Shifts:

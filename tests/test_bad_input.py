@@ -129,7 +129,7 @@ def test_ill_conditioned_statistics_are_refused(tmp_path, editor):
     what = "lambda C \\+ K K\\^T" if editor == "memit" else "the scaled key statistics lambda C"
     with pytest.raises(IllPosedSolve, match=f"^editor {editor}: the closed-form solve of module transformer.h.1.mlp."
                                             f"c_proj is ill-conditioned: {what} has condition number .*beyond 1/eps = "
-                                            "8.39e\\+06 of its torch.float32 solve.*C come from 456 tokens of "
+                                            "4.5e\\+15 of its torch.float64 solve.*C come from 456 tokens of "
                                             "editor.stats_source='train'.* Fix: more statistics text"):
         run(cfg, tmp_path)
     assert not (tmp_path / "results.json").exists()
