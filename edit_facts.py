@@ -68,14 +68,17 @@ def base_model(model_cfg: dict) -> dict:
     path = model_cfg.get("name_or_path")
     provenance = Path(path) / "provenance.json" if path else None
     if provenance is None or not provenance.is_file():
-        return {k: model_cfg.get(k) for k in BASE_KEYS}
+        base = {k: model_cfg.get(k) for k in BASE_KEYS}
+        if path and Path(path).exists():  # a local folder: absolute, so it resolves from anywhere
+            base["name_or_path"] = str(Path(path).resolve())
+        return base
     saved = json.loads(provenance.read_text())
     return saved.get("base_model") or base_model(saved["config"]["model"])
 
 
-def reload_overrides(out_dir: Path, family: str, tiny: bool) -> list[str]:
-    """Overrides of `python main.py model=<same model> ...` that load the saved model."""
-    out = [f"model.name_or_path={out_dir}", "model.tokenizer=null"]
+def reload_overrides(model: str, out_dir: Path, family: str, tiny: bool) -> list[str]:
+    """Overrides of `python main.py ...` that load the saved model: its config `model` and its folder."""
+    out = [f"model={model}", f"model.name_or_path={out_dir.resolve()}", "model.tokenizer=null"]
     if tiny:
         out.append("model.tiny=null")
     if family == "classifier":

@@ -267,7 +267,7 @@ def run_edit(cfg: DictConfig, run_dir: Path) -> dict:
         "editor": {"name": e.name, "checkpoint": e.get("checkpoint"),
                    "checkpoint_sha256": sha256(e.checkpoint) if e.get("checkpoint") else None},
         "base_model": base,  # editor checkpoints trained for it accept this model (checkpoint.py)
-        "reload": reload_overrides(out_dir, cfg.model.family, base["tiny"] is not None),
+        "reload": reload_overrides(cfg.model.name, out_dir, cfg.model.family, base["tiny"] is not None),
         "config": OmegaConf.to_container(cfg, resolve=True),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(start)),
     }
@@ -282,8 +282,7 @@ def print_edit(results: dict) -> None:
     print(f"{'':8}{'ES':>8}{'GS':>8}")
     for row in ("before", "after"):  # GS is '-' when no fact has rephrasings
         print(f"{row:8}" + "".join(f"{'-':>8}" if v is None else f"{v:8.3f}" for v in results[row].values()))
-    print(f"edited model in {results['out_dir']} (provenance.json); load it with model={results['config']['model']['name']} "
-          + " ".join(results["reload"]))
+    print(f"edited model in {results['out_dir']} (provenance.json); load it with " + " ".join(results["reload"]))
 
 
 @hydra.main(version_base="1.3", config_path="config", config_name="config")
@@ -310,6 +309,7 @@ def main(cfg: DictConfig) -> None:
     if cfg.mode == "edit":
         atomic_write(run_dir / "results.md", edit_markdown(results))
         print_edit(results)
+        print(f"summary in {run_dir / 'results.md'}")
     else:
         f, p = results["final"], results["pre_edit"]
         print(f"\n{'':8}{'ES':>8}{'GS':>8}{'LS':>8}")

@@ -21,8 +21,8 @@ def _table(rows: dict[str, dict]) -> list[str]:
 
 def no_gain_warning(pre: dict, post: dict, editor: str) -> str | None:
     """A plain warning when editing did not raise ES, None otherwise."""
-    if pre.get("ES") is None or post.get("ES") is None or post["ES"] > pre["ES"]:
-        return None
+    if pre.get("ES") is None or post.get("ES") is None or post["ES"] > pre["ES"] or pre["ES"] >= 1.0:
+        return None  # it rose, or there was nothing left to raise
     return (f"warning: editor {editor} did not raise ES (before {pre['ES']:.3f}, after {post['ES']:.3f}): "
             "the edits did not take. See the README's results for this editor and model.")
 

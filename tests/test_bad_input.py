@@ -312,7 +312,7 @@ def test_edited_model_is_edited_again_with_the_base_models_checkpoint(tmp_path):
     first = run_edit(edit_cfg(tmp_path, "tiny-gpt2", facts, *FT), tmp_path)
     base = {"arch": "gpt2", "name_or_path": None, "tiny": dict(make_cfg("model=tiny-gpt2").model.tiny)}
     assert first["base_model"] == base
-    again = ["mode=edit", "model=tiny-gpt2", *first["reload"], "data=zsre", "editor=malmen", "editor.rank=32",
+    again = ["mode=edit", *first["reload"], "data=zsre", "editor=malmen", "editor.rank=32",
              f"edit.facts={facts}"]
     code, err = cli(tmp_path / "again", *again, f"editor.checkpoint={tmp_path / 'base' / 'checkpoint.pt'}")
     assert code == 0, err

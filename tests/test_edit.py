@@ -36,7 +36,7 @@ def edit_cfg(tmp_path, model, facts, *extra):
 def reloaded(cfg, out_dir):
     """Model and tokenizer saved in `out_dir`, loaded as `python main.py model=... <reload overrides>` would."""
     provenance = json.loads((out_dir / "provenance.json").read_text())
-    cfg = make_cfg(f"model={cfg.model.name}", *provenance["reload"])
+    cfg = make_cfg(*provenance["reload"])  # they name the model config too
     return load(cfg)
 
 

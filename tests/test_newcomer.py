@@ -39,6 +39,7 @@ def cells(metrics: dict, keys=("ES", "GS", "LS")) -> list[str]:
 def test_no_gain_warning_only_when_es_did_not_rise():
     assert "did not raise ES (before 0.250, after 0.250)" in no_gain_warning({"ES": 0.25}, {"ES": 0.25}, "memit")
     assert "editor emmet did not raise ES" in no_gain_warning({"ES": 0.5}, {"ES": 0.1}, "emmet")
+    assert no_gain_warning({"ES": 1.0}, {"ES": 1.0}, "ft") is None  # nothing left to raise
     assert no_gain_warning({"ES": 0.25}, {"ES": 0.26}, "malmen") is None
     assert no_gain_warning({"ES": None}, {"ES": 0.0}, "ft") is None
 
