@@ -28,12 +28,13 @@ from editor.locft_bf import LocFTBF
 from editor.malmen import MALMEN
 from editor.memit import MEMIT
 from editor.mend import MEND
-from editor.stats import wikitext_texts
+from editor.stats import model_fingerprint, wikitext_texts
 from edit_facts import base_model, check_out_dir, edit_and_save, reload_overrides, sha256
 from model.gguf_cache import ensure_gguf_model
 from model.lm import success
 from model.load import load_model, resolve_modules
 from model.toy import ensure_toy_model
+from pre_edit import PreEditCache, pre_edit_key
 from report import edit_markdown, no_gain_warning, remove_if_empty, results_markdown
 from util import (Logger, atomic_write, peak_memory_mb, run_environment, save_checkpoint, save_json,
                   seed_everything, set_threads)
@@ -174,8 +175,19 @@ def train(cfg: DictConfig, editor: Editor, collator: Collator, logger: Logger, r
     return log_rows
 
 
-def validate(cfg: DictConfig, model, editor: Editor, collator: Collator, logger: Logger) -> list[dict]:
-    """Per validation group of m edits: ES/GS/LS before editing, edit all m at once, after."""
+def pre_edit_cache(cfg: DictConfig, model) -> PreEditCache:
+    """Where the pre-edit ES/GS/LS of this validation run are (or will be) cached (cfg.cache_pre_edit)."""
+    mc = OmegaConf.to_container(cfg.model, resolve=True)
+    key = pre_edit_key(model=mc, model_device=cfg.model_device, data_path=cfg.data.valid_path,
+                       data_format=cfg.data.format, n_edits=cfg.data.n_edits, seed=cfg.seed,
+                       weights_hash=None if mc["name_or_path"] else model_fingerprint(model))
+    return PreEditCache(cfg.cache_dir, key, enabled=cfg.cache_pre_edit)
+
+
+def validate(cfg: DictConfig, model, editor: Editor, collator: Collator, logger: Logger,
+             pre_edit: PreEditCache) -> list[dict]:
+    """Per validation group of m edits: ES/GS/LS before editing (from `pre_edit` when cached), edit all
+    m at once, after."""
     records = load_records(cfg.data.valid_path, cfg.data.format)
     m, device = cfg.data.n_edits, torch.device(cfg.model_device)
     groups = edit_groups(records, m, cfg.data.batch_size, collator, seed=cfg.seed, shuffle=True,
@@ -184,8 +196,9 @@ def validate(cfg: DictConfig, model, editor: Editor, collator: Collator, logger:
     if cfg.max_valid_steps is not None:
         n_valid = min(n_valid, cfg.max_valid_steps)
     rows = []
-    for group in tqdm(itertools.islice(groups, n_valid), total=n_valid, desc="validate", dynamic_ncols=True):
-        pre = evaluate(model, group, cfg.model.family, device)
+    for i, group in enumerate(tqdm(itertools.islice(groups, n_valid), total=n_valid, desc="validate",
+                                   dynamic_ncols=True)):
+        pre = pre_edit.get(i, lambda: evaluate(model, group, cfg.model.family, device))
         extra = {}
         if isinstance(editor, MALMEN):  # and MEND: the residual of the aggregation (Fig. 8)
             shifts, extra["residual"] = editor.edit_with_residual(group.edit)
@@ -221,13 +234,15 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     done = resume(run_dir / "checkpoint.pt", editor, config) if cfg.editor.get("resume") else []
     train_log = (train(cfg, editor, collator, logger, run_dir, config, done)
                  if editor.trainable and cfg.n_epochs > 0 else done)
-    valid_log = validate(cfg, model, editor, collator, logger)
+    pre_edit = pre_edit_cache(cfg, model)
+    valid_log = validate(cfg, model, editor, collator, logger, pre_edit)
     results = {
         "config": config,
         "train": train_log,
         "valid": valid_log,
         "final": mean_metrics(valid_log),
         "pre_edit": mean_metrics([v["pre_edit"] for v in valid_log]),
+        "pre_edit_source": pre_edit.summary(),  # computed in this run or loaded from cache_dir
         "time_s": time.time() - start,
         "stats_time_s": editor.stats_time_s,  # MEMIT/EMMET key statistics; 0 when loaded from the cache
         "peak_memory_mb": peak_memory_mb(device),

@@ -62,6 +62,13 @@ class Collator:
         answers = [a.strip() for a in answers]
         return self._causal(prompts, answers) if self.family == "causal" else self._seq2seq(prompts, answers)
 
+    def lengths(self, prompts: list[str], answers: list[str | bool]) -> list[int]:
+        """Tokens of each tuple as it would be batched (encoder plus decoder tokens for seq2seq), for
+        length-sorted batches; the same checks and errors as calling the collator."""
+        batch = self(prompts, answers)
+        n = batch["attention_mask"].sum(1)  # (B,)
+        return (n + batch["decoder_attention_mask"].sum(1) if "decoder_attention_mask" in batch else n).tolist()
+
     def _ids(self, texts: list[str], special: bool, what: str) -> list[list[int]]:
         """Token ids per text; refuse unknown words (word-level vocabularies), texts with no content
         tokens, and texts beyond the model's limit."""

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 import numpy as np
@@ -23,6 +23,11 @@ class EditGroup:
     equiv: list[dict[str, torch.Tensor]]  # batches of (one equivalent prompt, answer)
     unrel: list[dict[str, torch.Tensor]]  # batches of (unrel_prompt, unrel_answer)
     path: str = "<records>"  # file of the records, for error messages of editors that read them
+
+    def to(self, device) -> "EditGroup":
+        """The same group with every batch on `device` (moved once per step, not once per use)."""
+        move = lambda batches: [{k: v.to(device) for k, v in b.items()} for b in batches]  # noqa: E731
+        return replace(self, edit=move(self.edit), equiv=move(self.equiv), unrel=move(self.unrel))
 
 
 def n_groups(n_records: int, n_edits: int) -> int:
@@ -75,16 +80,27 @@ def _groups(used: list[EditRecord], equiv: list[str], m: int, batch_size: int,
 
 def _batches(collator: Collator, recs: list[EditRecord], prompts: list[str], answers: list, batch_size: int,
              path: str, kind: str) -> list[dict[str, torch.Tensor]]:
-    """Consecutive batches of `batch_size` tuples; the last one may be smaller."""
-    batches = []
-    for i in range(0, len(prompts), batch_size):
-        try:
-            batches.append(collator(prompts[i: i + batch_size], answers[i: i + batch_size]))
-        except ValueError:  # find the record that cannot be tokenised and name it
-            for j in range(i, min(i + batch_size, len(prompts))):
-                try:
-                    collator([prompts[j]], [answers[j]])
-                except ValueError as err:
-                    raise DataError(path, recs[j].index, f"{kind} tuple", str(err)) from err
-            raise
-    return batches
+    """LM batches of the tuples sorted by token length (issue 17; the authors' runs sort too). A batch
+    holds at most `batch_size` tuples and at most batch_size x (the mean tuple length) tokens with its
+    padding, so short tuples share wide batches and long ones narrow ones. On zsRE this cuts the
+    tokens through the LM by 27-30% at m = 64 against batches of 64 in record order, and no batch is
+    larger than one of those. Every loss and metric is per example: neither the order nor the cut
+    changes a result (tests/test_meta_grad.py, batch-size invariance)."""
+    try:
+        lengths = collator.lengths(prompts, answers)  # (n,) tokens of each tuple
+    except ValueError:  # find the record that cannot be tokenised and name it
+        for j in range(len(prompts)):
+            try:
+                collator([prompts[j]], [answers[j]])
+            except ValueError as err:
+                raise DataError(path, recs[j].index, f"{kind} tuple", str(err)) from err
+        raise
+    order = sorted(range(len(prompts)), key=lambda j: lengths[j])  # stable: ties keep the file order
+    budget = batch_size * sum(lengths) / len(lengths)  # padded tokens per batch
+    cuts, start = [], 0
+    for i, j in enumerate(order):  # lengths grow along `order`: tuple j sets the batch's width
+        if i > start and (i + 1 - start > batch_size or (i + 1 - start) * lengths[j] > budget):
+            cuts.append((start, i))
+            start = i
+    cuts.append((start, len(order)))
+    return [collator([prompts[j] for j in order[a:b]], [answers[j] for j in order[a:b]]) for a, b in cuts]

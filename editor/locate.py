@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from data.collate import Collator
 from data.records import DataError, EditRecord
-from model.lm import logits, nll, to_device
+from model.lm import logits, logits_at, nll, to_device
 
 
 @dataclass(frozen=True)
@@ -181,8 +181,10 @@ def _targets(model, tokenizer, reqs, prefixes, block, inject, n_steps, lr, kl_co
     kl_batch, kl_pos = encode(tokenizer, [f"{r.subject} is a" for r in reqs], [len(r.subject) for r in reqs])
     kl_batch = to_device(kl_batch, device)
     rows, last = torch.arange(b, device=device), kl_batch["attention_mask"].sum(1) - 1
+    at_last = torch.zeros_like(kl_batch["attention_mask"], dtype=torch.bool)
+    at_last[rows, last] = True  # (b, T) the position after "is a"
     with torch.no_grad():
-        ref = logits(model, kl_batch, "causal")[rows, last].float().log_softmax(-1)  # (b, V)
+        ref = logits_at(model, kl_batch, "causal", at_last).float().log_softmax(-1)  # (b, V)
 
     delta = torch.zeros_like(h, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=lr)
@@ -191,7 +193,7 @@ def _targets(model, tokenizer, reqs, prefixes, block, inject, n_steps, lr, kl_co
         with added_at(inject, all_rows, pos, delta[owner]):
             answer = (nll(logits(model, batch, "causal"), batch, "causal") / n_answer).view(b, n_pre).mean(1)
         with added_at(inject, rows, kl_pos, delta):
-            logp = logits(model, kl_batch, "causal")[rows, last].float().log_softmax(-1)
+            logp = logits_at(model, kl_batch, "causal", at_last).float().log_softmax(-1)
         kl = (ref.exp() * (ref - logp)).sum(-1)  # (b,)
         reg = (delta.norm(dim=-1) / h.norm(dim=-1)) ** 2
         loss = (answer + kl_coef * kl + norm_coef * reg).sum()

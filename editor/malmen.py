@@ -6,6 +6,8 @@ Shapes, per edited layer, with n cached tokens (rows, i.e. the paper's U^T and D
 Meta-training (Alg. 2): stage 1 computes G = dL_meta/dW~ on the LM alone; stage 2 pulls G back:
   M = G (K^T K + lambda I)^{-1},  dL/dD = K M^T,  dL/dlambda = -<M, S*>   (Theorems 1, 2)
 and back-propagates the proxy loss <dL/dD, D(theta)> through the hyper-network in batches.
+The solve of each layer (editor/normal_equation.py) is built and factored once per step, in whichever
+of two exact forms is smaller: K^T K + lambda I (d_in, d_in) or K K^T + lambda I (n, n).
 `meta_grad_end_to_end` is the MEND-style procedure (Fig. 1): one backward through both networks.
 """
 import torch
@@ -13,6 +15,7 @@ from torch import nn
 
 from editor.base import Editor, Shifts, from_param_layout, shifted, to_param_layout
 from editor.hypernet import HyperNet
+from editor.normal_equation import NormalEquation, SolveError  # noqa: F401  (SolveError: part of this API)
 from model.lm import answer_tokens, kl, logits, nll, to_device
 from model.trace import trace, weight_shape
 
@@ -22,14 +25,6 @@ from model.trace import trace, weight_shape
 #               (each LM batch's token mean, added; clipping removes the common scale)
 #   sum         the paper's written formulas: sums over answer tokens, divided by m
 REDUCTIONS = ("token_mean", "sum")
-
-
-class SolveError(ValueError):
-    """The normal equation of one layer has no finite solution."""
-
-    def __init__(self, module: str, lam: float, reason: str):
-        super().__init__(f"normal equation of module {module} (lambda = {lam:.3g}): {reason}; K^T K + lambda I is "
-                         "singular or ill-conditioned: use a larger editor.lambda_init (and editor.regularize=true)")
 
 
 class MALMEN(Editor):
@@ -78,15 +73,6 @@ class MALMEN(Editor):
     def _chunks(self, n: int):
         return (slice(i, i + self.batch_size) for i in range(0, n, self.batch_size))
 
-    def _gram(self, keys: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-        """K^T K + lambda I (d_in, d_in), accumulated over hyper-network batches."""
-        d_in = keys.shape[1]
-        gram = lam * torch.eye(d_in, device=self.device, dtype=self.dtype)
-        for s in self._chunks(keys.shape[0]):
-            k = keys[s].to(self.device)
-            gram = gram + k.T @ k
-        return gram
-
     def cache(self, batches: list[dict]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Keys and value gradients of the edit tuples, per module."""
         return trace(self.model, self.modules, batches, self.family, self.token, self.device,
@@ -103,40 +89,44 @@ class MALMEN(Editor):
             net, _ = self._net(name)
             net.norm.update(torch.cat([keys, grads], -1).to(self.device))
 
-    def aggregate(self, name: str, keys: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
-        """S* (d_out, d_in) by the normal equation; differentiable when grad is enabled."""
+    def system(self, name: str, keys: torch.Tensor, form: str | None = None) -> NormalEquation:
+        """The normal equation of one layer, built and factored once per step and shared by `aggregate`
+        and `pull_back` (editor/normal_equation.py: primal or dual form, Cholesky or LU)."""
         net, layer = self._net(name)
-        gram = self._gram(keys, self._lambda(net, layer))
-        rhs = 0  # K^T D (d_in, d_out)
-        for s in self._chunks(keys.shape[0]):
-            k, g = keys[s].to(self.device), grads[s].to(self.device)
-            rhs = rhs + k.T @ net.value_diffs(k, g, layer)
-        try:
-            shift = torch.linalg.solve(gram, rhs).T
-        except torch.linalg.LinAlgError as err:  # exactly singular: lambda = 0 and fewer tokens than d_in
-            raise SolveError(name, float(self._lambda(net, layer)), str(err)) from err
-        if not torch.isfinite(shift).all():  # one check per layer; NaN shifts would silently ruin the model
-            raise SolveError(name, float(self._lambda(net, layer)), "non-finite values in S*")
-        return shift
+        return NormalEquation(name, keys, self._lambda(net, layer), self.regularize, self.batch_size, form)
+
+    def value_diffs(self, name: str, keys: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+        """D (n, d_out): the hyper-network's value differences of all cached tokens, in batches."""
+        net, layer = self._net(name)
+        return torch.cat([net.value_diffs(keys[s].to(self.device), grads[s].to(self.device), layer)
+                          for s in self._chunks(keys.shape[0])])
+
+    def aggregate(self, name: str, keys: torch.Tensor, grads: torch.Tensor, system=None) -> torch.Tensor:
+        """S* (d_out, d_in) by the normal equation; differentiable when grad is enabled. `system`: the
+        layer's `system(name, keys)` when the caller already built it."""
+        system = self.system(name, keys) if system is None else system
+        return system.shift(self.value_diffs(name, keys, grads))
 
     def pull_back(self, name: str, keys: torch.Tensor, grads: torch.Tensor, grad_w: torch.Tensor,
-                  shift: torch.Tensor) -> None:
-        """Stage 2: accumulate dL_meta/dtheta from G = dL_meta/dW~ (d_out, d_in) for one layer."""
+                  shift: torch.Tensor, system=None) -> None:
+        """Stage 2: accumulate dL_meta/dtheta from G = dL_meta/dW~ (d_out, d_in) for one layer; `system`
+        is the factored normal equation that `aggregate` solved (built again if None)."""
         net, layer = self._net(name)
-        lam = self._lambda(net, layer)
-        with torch.no_grad():
-            m = torch.linalg.solve(self._gram(keys, lam), grad_w.T).T  # G (K^T K + lam I)^{-1}, symmetric
+        if system is None:
+            with torch.no_grad():
+                system = self.system(name, keys)
+                system.shift(self.value_diffs(name, keys, grads))
+        grad_d, inner = system.pull_back(grad_w, shift)  # dL/dD (n, d_out) = K M^T, <M, S*>
         if self.regularize:  # dL/dlambda = -<M, S*>, chained through lambda = exp(log_lambda)
-            (-(m * shift).sum() * lam).backward()
+            (-inner * self._lambda(net, layer)).backward()
         for s in self._chunks(keys.shape[0]):
             k, g = keys[s].to(self.device), grads[s].to(self.device)
-            grad_d = k @ m.T  # dL/dD rows (b, d_out)
-            (grad_d * net.value_diffs(k, g, layer)).sum().backward()
+            (grad_d[s] * net.value_diffs(k, g, layer)).sum().backward()
 
     # ----- the editor contract ---------------------------------------------------------------
-    def shifts(self, cache: dict) -> dict[str, torch.Tensor]:
-        """S* per module, (d_out, d_in)."""
-        return {n: self.aggregate(n, *cache[n]) for n in self.modules}
+    def shifts(self, cache: dict, systems: dict | None = None) -> dict[str, torch.Tensor]:
+        """S* per module, (d_out, d_in); `systems`: the factored normal equations per module, if built."""
+        return {n: self.aggregate(n, *cache[n], system=(systems or {}).get(n)) for n in self.modules}
 
     def edit(self, batches: list[dict]) -> Shifts:
         cache = self.cache(batches)
@@ -162,14 +152,13 @@ class MALMEN(Editor):
         for name, shift in shifts.items():  # shift (d_out, d_in)
             net, layer = self._net(name)
             keys, grads = cache[name]
-            total = 0.0
+            total = 0
             for s in self._chunks(keys.shape[0]):
                 k, g = keys[s].to(self.device), grads[s].to(self.device)
                 d = net.value_diffs(k, g, layer)  # (b, d_out)
-                r = (k @ shift.T - d).norm(dim=-1) / d.norm(dim=-1)  # (b,)
-                total += float(r.sum())
+                total = total + ((k @ shift.T - d).norm(dim=-1) / d.norm(dim=-1)).sum()  # (b,) summed
             per_layer.append(total / keys.shape[0])
-        return sum(per_layer) / len(per_layer)
+        return float(sum(per_layer) / len(per_layer))  # one read per call
 
     def meta_losses(self, group, params: dict, backward: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """L_gen and L_loc of the edited LM (`params`) over the equivalent and unrelated tuples.
@@ -199,10 +188,12 @@ class MALMEN(Editor):
 
     def meta_grad(self, group) -> dict[str, float]:
         """Accumulate dL_meta/dtheta in .grad by the two-stage procedure (Alg. 2)."""
+        group = group.to(self.device)  # the LM batches, moved once for the trace and both meta losses
         cache = self.cache(group.edit)
         self.update_norms(cache)
-        with torch.no_grad():
-            shifts = self.shifts(cache)
+        with torch.no_grad():  # each layer's K^T K + lambda I, built and factored once for S* and stage 2
+            systems = {n: self.system(n, cache[n][0]) for n in self.modules}
+            shifts = self.shifts(cache, systems)
         # Stage 1: the LM alone, with W~ as fresh leaves, accumulates G = dL_meta/dW~.
         leaves = {n: shifted(mod.weight, to_param_layout(mod, shifts[n]), f"{n}.weight", self.name).detach()
                   .requires_grad_()
@@ -211,11 +202,12 @@ class MALMEN(Editor):
         # Stage 2: the hyper-network alone, on the cached tuples in batches.
         for n, mod in self.modules.items():
             grad_w = from_param_layout(mod, leaves[n].grad).to(self.device, self.dtype)  # from the module's device
-            self.pull_back(n, *cache[n], grad_w, shifts[n])
+            self.pull_back(n, *cache[n], grad_w, shifts[n], systems[n])
         return {"gen_loss": float(gen.detach()), "loc_loss": float(loc.detach())}
 
     def meta_grad_end_to_end(self, group) -> dict[str, float]:
         """The same gradient by one backward through hyper-network and LM (Fig. 1, MEND-style)."""
+        group = group.to(self.device)
         cache = self.cache(group.edit)
         self.update_norms(cache)
         shifts = self.shifts(cache)

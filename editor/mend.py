@@ -18,7 +18,11 @@ class MEND(MALMEN):
         kwargs["regularize"] = False  # lambda does not exist here; keep it out of the optimiser
         super().__init__(*args, **kwargs)
 
-    def aggregate(self, name: str, keys: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    def system(self, name: str, keys: torch.Tensor) -> None:
+        """No normal equation to build: the shifts are summed."""
+        return None
+
+    def aggregate(self, name: str, keys: torch.Tensor, grads: torch.Tensor, system=None) -> torch.Tensor:
         net, layer = self._net(name)
         total = 0
         for s in self._chunks(keys.shape[0]):
@@ -27,7 +31,7 @@ class MEND(MALMEN):
         return -net.lr[layer] * total
 
     def pull_back(self, name: str, keys: torch.Tensor, grads: torch.Tensor, grad_w: torch.Tensor,
-                  shift: torch.Tensor) -> None:
+                  shift: torch.Tensor, system=None) -> None:
         net, layer = self._net(name)
         for s in self._chunks(keys.shape[0]):
             pk, pg = net(keys[s].to(self.device), grads[s].to(self.device), layer)

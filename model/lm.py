@@ -6,6 +6,8 @@ Batches come from `data.collate.Collator`:
   seq2seq     input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, labels (B, Td)
   classifier  input_ids, attention_mask, labels (B,) in {0., 1.}
 
+`logits` computes the output head only where a loss or metric reads it: at the N answer positions
+(N, V), not at all B * T positions (issue 17; for GPT-2 on zsRE about a fifth of the tokens).
 Every loss is per example (B,), summed over its answer tokens, so that callers can sum over any
 split into batches and divide by a total of the whole group (examples or answer tokens,
 `answer_tokens`): the result does not depend on the batch size.
@@ -26,25 +28,44 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device | str) -> dic
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def logits(model: nn.Module, batch: dict, family: str, params: dict | None = None) -> torch.Tensor:
-    """Logits (B, T, V) for LMs, (B,) for the classifier; `params` overrides named parameters."""
+def _forward(model: nn.Module, batch: dict, family: str, params: dict | None):
     inputs = {k: batch[k] for k in INPUTS[family]}
     if params:
-        out = torch.func.functional_call(model, params, args=(), kwargs=inputs, strict=False)
-    else:
-        out = model(**inputs)
-    return out if family == "classifier" else out.logits
+        return torch.func.functional_call(model, params, args=(), kwargs=inputs, strict=False)
+    return model(**inputs)
+
+
+def logits_at(model: nn.Module, batch: dict, family: str, mask: torch.Tensor, params: dict | None = None
+              ) -> torch.Tensor:
+    """Logits (N, V) of an LM at the N positions where `mask` (B, T) is True, row-major (as `h[mask]`).
+
+    The model runs as it is (its own modules, `params` overriding named parameters), but its output
+    head (`get_output_embeddings()`: lm_head) reads only the selected hidden states: a forward
+    pre-hook gathers them. For T5 `mask` is on the decoder side. Whatever the model does before its
+    head (T5's rescaling) and after it (Gemma's soft-capping) still happens; the vocabulary projection
+    and everything downstream cost N rows instead of B * T."""
+    head = model.get_output_embeddings()
+
+    def gather(module, args):
+        return (args[0][mask.to(args[0].device)],) + tuple(args[1:])  # (B, T, d) -> (N, d)
+    handle = head.register_forward_pre_hook(gather)
+    try:
+        return _forward(model, batch, family, params).logits
+    finally:
+        handle.remove()
+
+
+def logits(model: nn.Module, batch: dict, family: str, params: dict | None = None) -> torch.Tensor:
+    """The logits that losses and metrics read: (N, V) at the batch's N answer positions (`answer_mask`,
+    row-major) for LMs, (B,) for the classifier; `params` overrides named parameters."""
+    if family == "classifier":
+        return _forward(model, batch, family, params)
+    return logits_at(model, batch, family, answer_mask(batch, family), params)
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
     """bf16/fp16 logits to float32 for softmax; float32/float64 kept (the gradient checks run in float64)."""
     return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
-
-
-def _targets(lg: torch.Tensor, batch: dict, family: str):
-    """Logits (B, T, V), the answer tokens they predict (B, T) and the mask of answer positions (B, T)."""
-    labels = batch["labels"]  # aligned with the predicting positions (data.collate)
-    return _upcast(lg), labels.clamp(min=0), labels != -100
 
 
 def answer_mask(batch: dict, family: str) -> torch.Tensor:
@@ -63,40 +84,52 @@ def answer_tokens(batches: list[dict], family: str) -> int:
     return sum(int(answer_mask(b, family).sum()) for b in batches)
 
 
+def per_example(values: torch.Tensor, batch: dict, family: str) -> torch.Tensor:
+    """Sum (B,) of per-answer-token values (N,) (in `logits` order) over each example's answer tokens."""
+    mask = answer_mask(batch, family)
+    rows = mask.nonzero()[:, 0].to(values.device)  # (N,) the example of each answer token
+    return values.new_zeros(mask.shape[0]).index_add(0, rows, values)
+
+
+def _targets(batch: dict, family: str, device) -> torch.Tensor:
+    """(N,) the answer tokens that the N answer positions predict (labels are aligned, data.collate)."""
+    labels = batch["labels"]
+    return labels[labels != -100].to(device)
+
+
 def nll(lg: torch.Tensor, batch: dict, family: str) -> torch.Tensor:
-    """-log p(y | x) per example (B,): summed over answer tokens (binary CE for the classifier)."""
+    """-log p(y | x) per example (B,) from `logits`: summed over answer tokens (binary CE for the classifier)."""
     if family == "classifier":
         return F.binary_cross_entropy_with_logits(_upcast(lg), batch["labels"].to(_upcast(lg).dtype),
                                                   reduction="none")
-    lg, targets, mask = _targets(lg, batch, family)
-    token_nll = -lg.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, T')
-    return (token_nll * mask).sum(-1)
+    token_nll = F.cross_entropy(_upcast(lg), _targets(batch, family, lg.device), reduction="none")  # (N,)
+    return per_example(token_nll, batch, family)
 
 
 def kl(ref: torch.Tensor, lg: torch.Tensor, batch: dict, family: str) -> torch.Tensor:
-    """KL(p_ref || p) per example (B,), summed over answer positions (Bernoulli for the classifier)."""
+    """KL(p_ref || p) per example (B,) from two `logits`, summed over answer positions (Bernoulli for
+    the classifier)."""
     if family == "classifier":
         ref, lg = _upcast(ref), _upcast(lg)
         ref_logp = torch.stack([F.logsigmoid(ref), F.logsigmoid(-ref)], -1)  # (B, 2)
         logp = torch.stack([F.logsigmoid(lg), F.logsigmoid(-lg)], -1)
         return (ref_logp.exp() * (ref_logp - logp)).sum(-1)
-    ref, _, mask = _targets(ref, batch, family)
-    lg, _, _ = _targets(lg, batch, family)
-    ref_logp, logp = ref.log_softmax(-1), lg.log_softmax(-1)  # (B, T', V)
-    token_kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)  # (B, T')
-    return (token_kl * mask).sum(-1)
+    ref_logp, logp = _upcast(ref).log_softmax(-1), _upcast(lg).log_softmax(-1)  # (N, V)
+    token_kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)  # (N,)
+    return per_example(token_kl, batch, family)
 
 
 def accuracy(lg: torch.Tensor, batch: dict, family: str) -> torch.Tensor:
-    """Per-example success (B,): teacher-forced token accuracy on the answer (binary for FEVER); NaN
-    where the logits that decide it are not finite (argmax over NaN would count as a miss, i.e. 0)."""
+    """Per-example success (B,) from `logits`: teacher-forced token accuracy on the answer (binary for
+    FEVER); NaN where the logits that decide it are not finite (argmax over NaN would count as a miss)."""
     if family == "classifier":
         hit = ((lg > 0).float() == batch["labels"].float()).float()
         return hit.where(torch.isfinite(lg), torch.nan)
-    lg, targets, mask = _targets(lg, batch, family)
-    hits = (lg.argmax(-1) == targets) & mask
-    finite = (torch.isfinite(lg).all(-1) | ~mask).all(-1)  # (B,) every answer position has finite logits
-    return (hits.sum(-1).float() / mask.sum(-1).clamp(min=1)).where(finite, torch.nan)
+    hits = (lg.argmax(-1) == _targets(batch, family, lg.device)).float()  # (N,)
+    bad = (~torch.isfinite(lg).all(-1)).float()  # (N,) answer positions with a non-finite logit
+    count = per_example(torch.ones_like(hits), batch, family)
+    return (per_example(hits, batch, family) / count.clamp(min=1)).where(per_example(bad, batch, family) == 0,
+                                                                          torch.nan)
 
 
 class MetricError(ValueError):
@@ -107,8 +140,8 @@ class MetricError(ValueError):
 def success(model: nn.Module, batches: list[dict], family: str, device) -> torch.Tensor:
     """Per-example success over a list of batches, concatenated (N,); MetricError if the model's
     outputs on any tuple are not finite."""
-    out = torch.cat([accuracy(logits(model, to_device(b, device), family), to_device(b, device), family).cpu()
-                     for b in batches])
+    moved = (to_device(b, device) for b in batches)  # each batch moved once; one read back at the end
+    out = torch.cat([accuracy(logits(model, b, family), b, family) for b in moved]).cpu()
     if out.isnan().any():
         dtype = next(model.parameters()).dtype
         raise MetricError(f"the model's outputs are not finite (inf or NaN) on {int(out.isnan().sum())} of "

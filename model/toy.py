@@ -37,9 +37,10 @@ def word_tokenizer(texts: list[str], max_length: int) -> PreTrainedTokenizerFast
 
 
 def smoothed_nll(lg: torch.Tensor, batch: dict, smoothing: float) -> torch.Tensor:
-    """Mean label-smoothed cross-entropy over the answer tokens of a causal batch."""
-    mask = batch["labels"] != -100  # (B, T) positions that predict an answer token
-    return F.cross_entropy(lg[mask], batch["labels"][mask], label_smoothing=smoothing)
+    """Mean label-smoothed cross-entropy over the answer tokens of a causal batch; `lg` (N, V) from
+    model.lm.logits, at the answer positions."""
+    labels = batch["labels"]
+    return F.cross_entropy(lg, labels[labels != -100], label_smoothing=smoothing)
 
 
 def pretrain(facts: list[dict], texts: list[str], *, n_layer: int, n_embd: int, n_head: int,

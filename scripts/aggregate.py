@@ -9,7 +9,9 @@ Runs are grouped by (paper_result, model, data, editor, variant, m); seeds are t
   level before editing dashed); a result with a single m is a table, <result>.md, instead;
   <result>_residual.png when the runs recorded the Fig. 8 residual; fig8_residual.png for Fig. 8;
 - table1.md and table2.md in the layout of the paper's Tables 1 and 2 (mean (std), in %), and
-  toy_table.md in Table 1's layout for the default experiment (scripts/toy_table.sh).
+  toy_table.md in Table 1's layout for the default experiment (scripts/toy_table.sh);
+- real_lm_zsre.md in that layout, one column group per m (a row per editor, "Before editing" first), beside
+  its curve real_lm_zsre.png (scripts/real_lm.sh).
 A results.json that cannot be read or lacks a field stops it with the file and the field (exit 2).
 """
 import argparse
@@ -29,7 +31,8 @@ import numpy as np  # noqa: E402
 
 METRICS = ("ES", "GS", "LS")
 STATS = METRICS + ("residual", "time_s", "peak_memory_mb")
-TABLES = ("table1", "table2", "toy_table")  # paper_result values written as Markdown tables, not plots
+TABLES = ("table1", "table2", "toy_table", "real_lm_zsre")  # paper_result values written as Markdown tables ...
+PLOTTED_TABLES = ("real_lm_zsre",)  # ... and, for these, as a curve over m as well
 VARIANTS = {"sum": "Sum param. shifts", "no_reg": "No regularization", "first_ffn": "Edit first FC in FFN",
             "all_tokens": "Cache all tokens", "none": "MALMEN"}  # Table 1 row order, MALMEN last
 EDITORS = {"malmen": "MALMEN", "mend": "MEND", "ft": "FT", "memit": "MEMIT", "emmet": "EMMET",
@@ -318,7 +321,8 @@ TITLES = {"fig4_bert_fever": "Fig. 4: BERT-base on FEVER", "fig5_gpt2_zsre": "Fi
           "fig6_t5xl_zsre": "Fig. 6: T5-XL on zsRE", "fig7_gptj_zsre": "Fig. 7: GPT-J on zsRE",
           "fig8_residual": "Fig. 8: cancellation effect", "table1": "Table 1: ablation study",
           "table2": "Table 2: ablation study on GPT-J",
-          "toy_table": "Default experiment: toy GPT-2 on the synthetic world"}
+          "toy_table": "Default experiment: toy GPT-2 on the synthetic world",
+          "real_lm_zsre": "A real pretrained LM on zsRE ({setting})"}  # {setting}: model / data of the runs
 
 
 def aggregate(sweep_dir: Path, out_dir: Path) -> list[Path]:
@@ -329,11 +333,13 @@ def aggregate(sweep_dir: Path, out_dir: Path) -> list[Path]:
     write_csv(rows, written[0])
     for result in sorted({r["result"] for r in rows}):
         part = [r for r in rows if r["result"] == result]
-        title = TITLES.get(result) or f"{result}: " + ", ".join(sorted({f"{r['model']} / {r['data']}" for r in part}))
+        setting = ", ".join(sorted({f"{r['model']} / {r['data']}" for r in part}))
+        title = TITLES.get(result, "{result}: {setting}").format(result=result, setting=setting)
         if result in TABLES:
             written.append(out_dir / f"{result}.md")
             written[-1].write_text(ablation_table(part, title, with_time=result == "table2"))
-            continue
+            if result not in PLOTTED_TABLES or len({r["m"] for r in part}) == 1:
+                continue
         has_residual = any(r["residual_mean"] is not None for r in part)
         if len({r["m"] for r in part}) == 1 and result != "fig8_residual":  # one dot per line: a table
             written.append(out_dir / f"{result}.md")

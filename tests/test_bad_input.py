@@ -17,7 +17,7 @@ from editor.base import NonFiniteEdit
 from editor.locate import encode, subject_end
 from editor.memit import IllPosedSolve, condition_number
 from main import run, run_edit
-from model.lm import MetricError, accuracy, success
+from model.lm import MetricError, accuracy, logits, success
 from model.tiny import byte_tokenizer
 from model.toy import word_tokenizer
 from tests.conftest import ROOT, SHARED, build_model, make_cfg, one_group, qa_records, varied_records, write_records
@@ -96,8 +96,9 @@ def test_a_metric_that_cannot_be_computed_is_never_zero(tmp_path):
     cfg = make_cfg("model=tiny-gpt2", "data.n_edits=4", "data.batch_size=4")
     model, tok = build_model(cfg)
     batch = one_group(cfg, tok, qa_records(4)).edit[0]
-    lg = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    lg[1, :, 0] = float("nan")  # one example's answer logits
+    lg = logits(model, batch, "causal")  # (N, V) at the answer positions, row-major
+    first_of_example_1 = int((batch["labels"][0] != -100).sum())
+    lg[first_of_example_1, 0] = float("nan")  # one answer logit of example 1
     assert accuracy(lg, batch, "causal")[1].isnan() and not accuracy(lg, batch, "causal")[[0, 2, 3]].isnan().any()
     model.lm_head.weight.data[0] = float("inf")  # tied to the embeddings: every logit becomes inf or NaN
     with pytest.raises(MetricError, match="outputs are not finite .* on 4 of 4 tuples, so ES/GS/LS cannot be computed"):

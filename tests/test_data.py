@@ -311,6 +311,9 @@ class _Counting:
         self.calls += 1
         return self.inner(prompts, answers)
 
+    def lengths(self, prompts, answers):  # the length sort before batching: not a batch
+        return self.inner.lengths(prompts, answers)
+
 
 def _answers(tok, batches) -> list[str]:
     return [tok.decode(row[row != -100]) for b in batches for row in b["labels"]]
@@ -328,20 +331,24 @@ def test_groups_cover_every_tuple(gpt2, zsre_records):
     groups = edit_groups(recs, 10, 3, col, seed=0, shuffle=True)
     assert col.calls == 0  # nothing tokenised before iteration
     first = next(groups)
-    assert col.calls == 3 * 4
+    assert col.calls == sum(len(b) for b in (first.edit, first.equiv, first.unrel))  # one group, only now
     out = [first, *groups]
     assert len(out) == n_groups(35, 10) == 3
     seen = []
     for g in out:
         assert len(g.records) == 10
+        for batches in (g.edit, g.equiv, g.unrel):  # at most 3 tuples and 3 x the mean length per batch
+            assert sum(b["input_ids"].shape[0] for b in batches) == 10
+            mean = sum(int(b["attention_mask"].sum()) for b in batches) / 10
+            assert all(b["input_ids"].shape[0] <= 3 and b["input_ids"].numel() <= 3 * mean for b in batches)
+        # every (prompt, answer) tuple exactly once, in length-sorted batches (issue 17)
+        pairs = lambda batches: sorted(zip(_prompts(gpt2, batches), _answers(gpt2, batches)))  # noqa: E731
+        assert pairs(g.edit) == sorted((r.prompt, " " + r.answer) for r in g.records)
+        assert pairs(g.equiv) == sorted((r.equiv_prompts[0], " " + r.answer) for r in g.records)
+        assert pairs(g.unrel) == sorted((r.unrel_prompt, " " + r.unrel_answer) for r in g.records)
         for batches in (g.edit, g.equiv, g.unrel):
-            assert [b["input_ids"].shape[0] for b in batches] == [3, 3, 3, 1]
-        assert _answers(gpt2, g.edit) == [" " + r.answer for r in g.records]
-        assert _answers(gpt2, g.equiv) == [" " + r.answer for r in g.records]
-        assert _answers(gpt2, g.unrel) == [" " + r.unrel_answer for r in g.records]
-        assert _prompts(gpt2, g.edit) == [r.prompt for r in g.records]
-        assert _prompts(gpt2, g.equiv) == [r.equiv_prompts[0] for r in g.records]
-        assert _prompts(gpt2, g.unrel) == [r.unrel_prompt for r in g.records]
+            lengths = [int(n) for b in batches for n in b["attention_mask"].sum(1)]
+            assert lengths == sorted(lengths)
         seen += g.records
     assert len(set(map(id, seen))) == 30 and all(r in recs for r in seen)
 

@@ -81,3 +81,34 @@ def test_edit_changes_only_the_configured_modules(editor_name):
     for n, s in shifts.items():
         assert s.shape == model.get_parameter(n).shape
         assert torch.isfinite(s).all() and s.abs().max() > 0, n
+
+
+@pytest.mark.parametrize("n_tokens", [40, 300])  # fewer and more cached tokens than d_in = 128
+def test_primal_and_dual_normal_equations_agree(n_tokens):
+    """S*, dL/dD and <M, S*> from K^T K + lambda I (d_in, d_in) and from K K^T + lambda I (n, n)
+    (editor/normal_equation.py) agree, and match M = G (K^T K + lambda I)^-1 written out with an
+    explicit inverse."""
+    cfg = make_cfg("model=tiny-gpt2", "editor=malmen", "editor.rank=16", "editor.batch_size=7")
+    torch.manual_seed(0)
+    model, _ = build_model(cfg)
+    editor = build_editor(cfg, model, dtype=torch.float64)
+    name = next(iter(editor.modules))
+    net, layer = editor._net(name)
+    with torch.no_grad():
+        net.log_lambda.fill_(math.log(0.3))
+        net.B.normal_(0, 0.1)
+    keys = torch.randn(n_tokens, net.d_in, dtype=torch.float64)
+    grads = torch.randn(n_tokens, weight_shape(editor.modules[name])[0], dtype=torch.float64)
+    grad_w = torch.randn(grads.shape[1], net.d_in, dtype=torch.float64)  # G = dL/dS*
+    with torch.no_grad():
+        diffs = net.value_diffs(keys, grads, layer)
+        inv = torch.linalg.inv(keys.T @ keys + 0.3 * torch.eye(net.d_in, dtype=torch.float64))
+        ref_shift = diffs.T @ keys @ inv
+        ref_m = grad_w @ inv
+        for form in ("primal", "dual"):
+            system = editor.system(name, keys, form=form)
+            shift = system.shift(diffs)
+            grad_d, inner = system.pull_back(grad_w, shift)
+            assert torch.allclose(shift, ref_shift, rtol=1e-9, atol=1e-11), form
+            assert torch.allclose(grad_d, keys @ ref_m.T, rtol=1e-9, atol=1e-11), form
+            assert torch.allclose(inner, (ref_m * ref_shift).sum(), rtol=1e-9), form

@@ -227,7 +227,7 @@ def test_locft_eos_target_on_t5_decoder():
     batch = one_group(cfg, tokenizer, edits()[:4]).edit[0]
     eos = tokenizer.eos_token_id
     extended = with_eos(batch, eos, "seq2seq")
-    rows, lengths = torch.arange(4), batch["decoder_attention_mask"].sum(1)
+    rows, lengths = torch.arange(len(batch["labels"])), batch["decoder_attention_mask"].sum(1)
     assert (extended["labels"][rows, lengths] == eos).all() and eos not in batch["labels"].tolist()
     assert (extended["decoder_input_ids"][rows, lengths] == batch["labels"][rows, lengths - 1]).all()
     assert torch.equal(extended["input_ids"], batch["input_ids"])  # the encoder side is untouched

@@ -1,0 +1,215 @@
+"""Per-phase times of one MALMEN meta-step and one validation group (issue 17).
+
+python scripts/benchmark.py --data ZSRE.json --tokenizer DIR [--model gpt2] [--m 64 256] [--device cpu]
+                            [--threads 1] [--steps 1] [--out DIR]
+
+For each m: the first m records of --data (real zsRE, e.g. ../shared/data/zsre/zsre_mend_train-1k.json)
+make one group, tokenised by --tokenizer (e.g. ../shared/data/gpt2-tokenizer) and batched as
+data/groups.py batches it. The model is the real architecture with random weights (`gpt2`: GPT2Config(),
+GPT-2 124M; `gpt-j`: GPTJConfig(), 6B; a model with a `tiny` config: as in the tests), or a real model
+that needs no hub (`smollm2`, converted once into cache/); nothing is downloaded. The editor is config/editor/malmen.yaml (A.6: rank 1920, hyper-network batch 1024) on the
+model's edit_modules, LM batch --batch-size (64, data/zsre.yaml).
+
+Phases, timed by wrapping the editor's own methods (so any version of the code is measured alike):
+  meta-step   trace (keys and value gradients), solve (S* per layer), stage 1 (L_gen, L_loc and
+              their backward through the LM), stage 2 (pull-back through the hyper-network), total
+  validation  pre-edit ES/GS/LS, edit (trace + solves + residual), post-edit ES/GS/LS, total
+Each phase is reported as wall seconds and CPU seconds of this process (CPU time stays stable under
+load where wall time does not). Peak RSS (CPU) or peak allocated memory (GPU) is the whole run's.
+--steps > 1 times several meta-steps on the same group and reports the last (the first may pay
+one-time costs). Writes benchmark.md (markdown table with the machine, threads and load) and
+benchmark.json to --out, and prints the table.
+"""
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a plain script from anywhere
+
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+import main as experiment  # noqa: E402
+from data.collate import Collator  # noqa: E402
+from data.groups import edit_groups  # noqa: E402
+from data.records import load_records  # noqa: E402
+from editor.base import apply_shifts  # noqa: E402
+from model.load import load_model  # noqa: E402
+from util import atomic_write, peak_memory_mb, seed_everything  # noqa: E402
+
+
+class Timer:
+    """Accumulates wall and CPU seconds per phase name."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.wall, self.cpu = device, defaultdict(float), defaultdict(float)
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def wrap(self, obj, method: str, phase: str):
+        """Replace obj.method by a version that adds its time to `phase` (re-entrant calls count once)."""
+        inner, depth = getattr(obj, method), [0]
+
+        def timed(*args, **kwargs):
+            if depth[0]:
+                return inner(*args, **kwargs)
+            depth[0] += 1
+            self._sync()
+            w, c = time.perf_counter(), time.process_time()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self._sync()
+                self.wall[phase] += time.perf_counter() - w
+                self.cpu[phase] += time.process_time() - c
+                depth[0] -= 1
+        setattr(obj, method, timed)
+
+    def phase(self, phase: str, fn, *args, **kwargs):
+        self._sync()
+        w, c = time.perf_counter(), time.process_time()
+        out = fn(*args, **kwargs)
+        self._sync()
+        self.wall[phase] += time.perf_counter() - w
+        self.cpu[phase] += time.process_time() - c
+        return out
+
+    def reset(self):
+        self.wall.clear()
+        self.cpu.clear()
+
+
+def build_model(name: str, tokenizer: str | None, device: str):
+    """Random weights of the real architecture (gpt2, gpt-j), a tiny model, or the real weights of a
+    model that needs no hub (smollm2, a local name_or_path); the config and tokenizer (--tokenizer, else
+    the model's own)."""
+    with initialize_config_dir(config_dir=str(ROOT / "config"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"model={name}", "editor=malmen", "data=zsre",
+                                                       f"model_device={device}", f"editor_device={device}",
+                                                       f"editor.cache_device={device}"])
+    mc, tok = cfg.model, None
+    if name not in ("gpt2", "gpt-j") and mc.tiny is None:  # real weights, converted or local
+        experiment.materialize(cfg)
+        model, tok = experiment.load(cfg)
+    elif mc.tiny is not None:
+        model, _ = load_model(arch=mc.arch, family=mc.family, name_or_path=None, tokenizer=None, dtype=mc.dtype,
+                              tiny=OmegaConf.to_container(mc.tiny), device=device)
+    else:
+        from transformers import GPT2Config, GPT2LMHeadModel, GPTJConfig, GPTJForCausalLM
+        built = {"gpt2": lambda: GPT2LMHeadModel(GPT2Config()), "gpt-j": lambda: GPTJForCausalLM(GPTJConfig())}
+        dtype = getattr(torch, mc.dtype)
+        with torch.device(device):
+            model = built[name]().to(dtype).eval()
+        model.requires_grad_(False)
+    if tokenizer is not None or tok is None:
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(tokenizer or "gpt2")
+        tok.pad_token = tok.pad_token or tok.eos_token
+    return cfg, model, tok
+
+
+def run(args, m: int) -> dict:
+    seed_everything(0)
+    device = torch.device(args.device)
+    cfg, model, tok = build_model(args.model, args.tokenizer, args.device)
+    editor = experiment.build_editor(cfg, model)
+    records = load_records(args.data, "zsre")
+    collator = Collator(tok, cfg.model.family)
+    group = next(iter(edit_groups(records[:m], m, args.batch_size, collator, seed=0, shuffle=False,
+                                  path=args.data)))
+    timer = Timer(device)
+    timer.wrap(editor, "cache", "trace")
+    timer.wrap(editor, "shifts", "solve")
+    timer.wrap(editor, "meta_losses", "stage 1")
+    timer.wrap(editor, "pull_back", "stage 2")
+    for _ in range(args.steps):
+        timer.reset()
+        timer.phase("meta-step", editor.meta_step, group)
+    row = {f"{k}": (timer.wall[k], timer.cpu[k]) for k in ("trace", "solve", "stage 1", "stage 2", "meta-step")}
+    timer.reset()
+    family = cfg.model.family
+    pre = timer.phase("pre-edit metrics", experiment.evaluate, model, group, family, device)
+    shifts, _ = timer.phase("edit", editor.edit_with_residual, group.edit)
+    with apply_shifts(model, shifts, editor.name):
+        post = timer.phase("post-edit metrics", experiment.evaluate, model, group, family, device)
+    row.update({k: (timer.wall[k], timer.cpu[k]) for k in ("pre-edit metrics", "edit", "post-edit metrics")})
+    row["validation group"] = tuple(sum(row[k][i] for k in ("pre-edit metrics", "edit", "post-edit metrics"))
+                                    for i in (0, 1))
+    tokens = {kind: sum(int(b["attention_mask"].numel()) for b in getattr(group, kind))
+              for kind in ("edit", "equiv", "unrel")}  # tokens through the LM, padding included
+    return {"m": m, "phases": row, "peak_mb": peak_memory_mb(device), "lm_tokens": tokens,
+            "pre": pre, "post": post}
+
+
+def environment(args) -> str:
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip() or "?"
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    commit += " with uncommitted changes" if dirty else ""
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "none"
+    return (f"commit {commit}, {cpu}, GPU {gpu}, {torch.get_num_threads()} torch thread(s), load average "
+            f"{os.getloadavg()[0]:.1f} at the end, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}")
+
+
+def table(results: list[dict], args, env: str) -> str:
+    phases = list(results[0]["phases"])
+    weights = "random weights" if args.model in ("gpt2", "gpt-j") else "its weights"
+    lines = [f"**MALMEN, model {args.model} ({weights}), device {args.device}, LM batch {args.batch_size}**",
+             "", "| phase | " + " | ".join(f"m = {r['m']}: wall s | CPU s" for r in results) + " |",
+             "|---|" + "---:|---:|" * len(results)]
+    for p in phases:
+        lines.append(f"| {p} | " + " | ".join(f"{r['phases'][p][0]:.2f} | {r['phases'][p][1]:.2f}"
+                                              for r in results) + " |")
+    lines.append("| peak memory (GiB) | " + " | ".join(f"{r['peak_mb'] / 1024:.2f} | " for r in results) + " |")
+    lines.append("| LM tokens edit / equiv / unrel (padding incl.) | " + " | ".join(
+        f"{r['lm_tokens']['edit']} / {r['lm_tokens']['equiv']} / {r['lm_tokens']['unrel']} | " for r in results)
+        + " |")
+    return "\n".join(lines) + f"\n\n{env}\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", required=True, help="zsRE records (MEND format), e.g. zsre_mend_train-1k.json")
+    p.add_argument("--tokenizer", help="tokenizer folder or name, e.g. ../shared/data/gpt2-tokenizer (default: the "
+                   "model's own; gpt2 for the random-weight models)")
+    p.add_argument("--model", default="gpt2", help="gpt2, gpt-j (random weights), a tiny model config, or a model "
+                   "whose weights need no hub (smollm2)")
+    p.add_argument("--m", type=int, nargs="+", default=[64])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=64, help="LM batch (tuples), as data/zsre.yaml")
+    p.add_argument("--steps", type=int, default=1, help="meta-steps timed; the last one is reported")
+    p.add_argument("--out", type=Path, default=Path("outputs/benchmark"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    results = []
+    for m in args.m:  # one process: the peak memory of a later m is max(earlier, its own); run one m per call
+        results.append(run(args, m))
+        print(json.dumps({"m": m, **{k: v for k, v in results[-1].items() if k != "m"}}), flush=True)
+    env = environment(args)
+    text = table(results, args, env)
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write(args.out / "benchmark.md", text)
+    atomic_write(args.out / "benchmark.json", json.dumps({"results": results, "environment": env}, indent=1))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
