@@ -99,7 +99,7 @@ def edit_and_save(model: nn.Module, tokenizer, editor: Editor, group: EditGroup,
     os.chmod(tmp, default_mode(directory=True))  # mkdtemp's 0700 would make the saved model private
     try:
         # the shifted weights are saved; the model in memory is restored; NonFiniteEdit: nothing is saved
-        with apply_shifts(model, shifts, editor.name):
+        with apply_shifts(model, shifts, editor.label):
             after = fact_metrics(model, group, family, device)
             save_model(model, tokenizer, family, tmp)
         for path in tmp.rglob("*"):  # safetensors' save_file writes 0600 whatever the umask

@@ -28,7 +28,7 @@ from editor.locft_bf import LocFTBF
 from editor.malmen import MALMEN
 from editor.memit import MEMIT
 from editor.mend import MEND
-from editor.stats import model_fingerprint, wikitext_texts
+from editor.stats import context_length, model_fingerprint, wikitext_texts
 from edit_facts import base_model, check_out_dir, edit_and_save, reload_overrides, sha256
 from model.gguf_cache import ensure_gguf_model
 from model.lm import success
@@ -43,23 +43,34 @@ log = logging.getLogger("main")
 
 
 def stats_texts(cfg: DictConfig) -> list[str]:
-    """Text for MEMIT/EMMET's key statistics: prompts and NQ questions of the training records, or wikitext."""
-    if cfg.editor.stats_source == "train":
+    """Text for MEMIT/EMMET's key statistics: prompts and NQ questions of the training records, or wikitext.
+    The default is per model (model.memit.stats_source: wikitext for real models, train for tiny and toy
+    ones); when wikitext cannot be loaded, one message names the offline override."""
+    source = cfg.editor.stats_source
+    if source == "train":
         records = load_records(cfg.data.train_path, cfg.data.format)
         return [t for r in records for t in (r.prompt, r.unrel_prompt)]
-    if cfg.editor.stats_source == "wikitext":
-        return wikitext_texts()
-    raise ValueError(f"editor.stats_source must be train or wikitext, got {cfg.editor.stats_source!r}")
+    if source == "wikitext":
+        try:
+            return wikitext_texts()
+        except ValueError as err:
+            raise ValueError(
+                f"editor {cfg.editor.name}: the key statistics C of model {cfg.model.name} come from wikitext-103 "
+                f"(model.memit.stats_source: {cfg.model.memit.stats_source}; MEMIT's authors used 100,000 Wikipedia "
+                f"samples), but {err}. Without the hub, or a copy of it in the `datasets` cache, run with "
+                "editor.stats_source=train: C from the prompts and NQ questions of data.train_path, a "
+                "different text than the authors' (say so with the numbers)") from err
+    raise ValueError(f"editor.stats_source must be train or wikitext, got {source!r}")
 
 
 def build_located(cfg: DictConfig, model: torch.nn.Module, tokenizer) -> Editor:
     """MEMIT, EMMET or LocFT-BF: editors without meta-training that edit located modules."""
     e, family = cfg.editor, cfg.model.family
     if e.name != "locft_bf" and family != "causal":
-        raise ValueError(f"editor {e.name} edits causal LMs (GPT-2, GPT-J) at the last subject token; "
+        raise ValueError(f"editor {e.name} edits causal LMs (GPT-2, GPT-J, Llama) at the last subject token; "
                          f"model {cfg.model.name} is {family}")
-    key = "locft_module" if e.name == "locft_bf" else "memit"
-    if cfg.model.get(key) is None:  # checked before the editor config's ${model.<key>...} is resolved
+    key = {"locft_bf": "locft_module", "memit": "memit", "emmet": "memit.emmet"}[e.name]
+    if OmegaConf.select(cfg.model, key) is None:  # checked before the editor config's ${model.<key>...} is resolved
         raise ValueError(f"editor {e.name} needs model.{key} in the config of model {cfg.model.name} "
                          "(see README, Configuration)")
     if e.name == "locft_bf":
@@ -67,11 +78,12 @@ def build_located(cfg: DictConfig, model: torch.nn.Module, tokenizer) -> Editor:
                        loss_threshold=e.loss_threshold, eos_id=tokenizer.eos_token_id, seed=cfg.seed,
                        device=cfg.model_device)
     kwargs = dict(layers=list(e.layers), module=e.module, lam=e.lam, n_steps=e.n_steps, lr=e.lr,
-                  kl_coef=e.kl_coef, norm_coef=e.norm_coef, clamp_factor=e.clamp_factor,
-                  n_prefixes=e.n_prefixes, prefix_words=e.prefix_words, batch_size=e.batch_size,
+                  kl_coef=e.kl_coef, norm_coef=e.norm_coef, clamp_factor=e.clamp_factor, stop_loss=e.stop_loss,
+                  n_prefixes=e.n_prefixes, prefix_starts=list(e.prefix_starts), prefix_tokens=e.prefix_tokens,
+                  prefix_top_k=e.prefix_top_k, batch_size=e.batch_size,
                   stats_texts=stats_texts(cfg), stats_source=e.stats_source, n_samples=e.n_samples,
-                  stats_max_len=e.stats_max_len, stats_batch_size=e.stats_batch_size, cache_dir=cfg.cache_dir,
-                  model_id=cfg.model.name_or_path, device=cfg.model_device,
+                  stats_max_len=e.stats_max_len or context_length(model), stats_batch_size=e.stats_batch_size,
+                  cache_dir=cfg.cache_dir, model_id=cfg.model.name_or_path, device=cfg.model_device,
                   stats_file=cfg.data.train_path if e.stats_source == "train" else None)
     if e.name == "emmet":
         return EMMET(model, family, tokenizer, lam_e=e.lam_e, **kwargs)
@@ -94,12 +106,13 @@ def build_editor(cfg: DictConfig, model: torch.nn.Module, dtype: torch.dtype = t
         raise ValueError(f"editor.aggregation must be normal_equation or sum, got {e.aggregation!r}")
     # "Sum of parameter shifts" (Table 1) is exactly the paper's MEND re-implementation.
     cls = MEND if e.aggregation == "sum" else MALMEN
+    label = {"label": "malmen (ablation=sum)"} if cls is MEND and e.name == "malmen" else {}  # for messages
     editor = cls(model, family, modules, rank=e.rank, n_blocks=e.n_blocks, lr_init=e.lr_init,
                  lambda_init=e.lambda_init, meta_lr=e.meta_lr, loc_coef=e.loc_coef,
                  max_grad_norm=e.max_grad_norm, token=e.token, batch_size=e.batch_size,
                  loss_reduction=e.loss_reduction,
                  regularize=e.regularize, device=cfg.editor_device, cache_device=e.cache_device,
-                 dtype=dtype)
+                 dtype=dtype, **label)
     if e.checkpoint:  # refused, saying what differs, if trained for another model or module layout
         load_editor_checkpoint(e.checkpoint, editor, OmegaConf.to_container(cfg, resolve=True))
     return editor
@@ -204,7 +217,7 @@ def validate(cfg: DictConfig, model, editor: Editor, collator: Collator, logger:
             shifts, extra["residual"] = editor.edit_with_residual(group.edit)
         else:
             shifts = editor.edit_group(group)
-        with apply_shifts(model, shifts, editor.name):  # NonFiniteEdit: never applied or reported
+        with apply_shifts(model, shifts, editor.label):  # NonFiniteEdit: never applied or reported
             post = evaluate(model, group, cfg.model.family, device)
         rows.append({**post, "pre_edit": pre, **extra})
         logger.log({f"valid/{k}": v for k, v in post.items()}, editor.step + len(rows))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 NQ_PREFIX = "nq question: "
@@ -55,6 +56,10 @@ def load_records(path: str, fmt: str) -> list[EditRecord]:
     """Load a JSON list or JSONL file of `fmt` ("zsre" or "fever") records; DataError on any bad record."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown data format {fmt!r}; expected one of {FORMATS}")
+    if not Path(path).exists():  # most often the paper's data, not downloaded yet
+        where = "" if Path(path).is_absolute() else f" (looked for {Path(path).resolve()})"
+        raise DataError(path, None, None, f"cannot read file: missing{where}; `python scripts/download_data.py` "
+                                          "downloads the paper's zsRE and FEVER splits")
     rows = read_objects(path)
     records = [parse_record(raw, fmt, path, i) for i, raw in enumerate(rows)]
     if not records:

@@ -64,13 +64,14 @@ def apply_shifts(model: nn.Module, shifts: Shifts, editor: str = "?"):
 class Editor:
     """Base class: an editor is built from a model and its hyper-parameters."""
 
-    name = "editor"  # the config's editor name, for messages
+    name = "editor"  # the config's editor name (editor=...)
     trainable = False  # True for editors with meta-training (MALMEN, MEND)
     step = 0  # meta-training steps taken
     stats_time_s = 0.0  # seconds spent computing precomputed statistics (MEMIT, EMMET); 0 when cached
 
     def __init__(self, model: nn.Module, family: str, device: str | torch.device = "cpu"):
         self.model, self.family, self.device = model, family, torch.device(device)
+        self.label = self.name  # how messages name it; MEND run as editor=malmen ablation=sum says so
 
     def edit(self, batches: list[dict]) -> Shifts:
         """Parameter shifts that insert the edit tuples of `batches`."""

@@ -3,8 +3,11 @@
 Minimise the change on preserved keys, |Delta K_0|^2 with K_0 K_0^T ~ C = lam E[k k^T] (the scaled
 key statistics), subject to Delta K = R for the edited keys. The Lagrangian gives
     Delta = R (K^T C^{-1} K + lam_e I)^{-1} K^T C^{-1},
-with a small lam_e (0.1) for stability when K^T C^{-1} K is ill-conditioned. Keys, targets, statistics
-and the spreading over layers are MEMIT's (editor.memit).
+with a small lam_e (0.1) for stability when K^T C^{-1} K is ill-conditioned. Keys, targets and
+statistics are MEMIT's (editor.memit). EMMET's own settings edit ONE layer (GPT-J: layer 5, lam 1;
+GPT-2 XL: layer 17, lam 1000), so the whole residual z - h goes to it; they are per model
+(config/model/*.yaml, memit.emmet) and config/editor/emmet.yaml reads them. Given several layers,
+the residual is spread over them as MEMIT's.
 
 Multiplying out shows Delta (lam_e C + K K^T) = R K^T: EMMET is MEMIT's closed form with the
 preservation weight lam_e lam instead of lam. The tests check this identity on real edits.

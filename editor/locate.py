@@ -1,28 +1,40 @@
 """What MEMIT and EMMET share: the last subject token, the keys there, and the target vectors z.
 
-A request is one edit (prompt, subject, answer). Every prompt is also read after a few short
-prefixes, and keys and hidden states at the last subject token are averaged over these contexts,
-so that the edit does not rely on the prompt opening the text (MEMIT). MEMIT samples its prefixes
-from the model; offline and deterministic, ours are the first words of texts drawn from the
-key-statistics sample (training prompts and NQ questions, or wikitext).
+A request is one edit (prompt, subject, answer). MEMIT reads every prompt in P = 1 + n_prefixes
+contexts: the bare prompt, and the prompt after each of 5 short texts that the model itself
+generates (10 tokens sampled from the starts "The", "Therefore", "Because", "I", "You") and ". ".
+The texts are sampled once per model with seed 0 and cached (`context_prefixes`). A key is the mean
+of two group means, the bare prompt's and the prefixed prompts' (`template_mean`): the bare prompt
+weighs one half.
 
-z lives in the residual stream after the block of the last critical layer. It is reached by adding
-delta to the output of that block's edited module (the FFN output projection), which GPT-2 and
-GPT-J add to the residual stream as is.
+z = h + delta lives in the residual stream after the block of the last critical layer, at the last
+subject token of the bare prompt (h). delta is added to the output of that block's edited module
+(the FFN output projection), which GPT-2, GPT-J and Llama add to the residual stream as is, at the
+last subject token of every context and of the prompt "{subject} is a". Per request it minimises
+(`TargetLoss`)
+    mean over the P contexts of the answer's mean token NLL
+    + kl_coef KL(p_delta || p) of the next token at the last subject token of "{subject} is a"
+    + norm_coef |delta| / |h|^2
+by Adam, clamps |delta| <= clamp_factor |h| after each step, and stops once its loss is under
+stop_loss (`optimise_targets`).
 """
+import json
 import re
 import unicodedata
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
+from transformers import DynamicCache
 
-from data.collate import Collator
+from data.collate import IGNORE, Collator
 from data.records import DataError, EditRecord
-from model.lm import logits, logits_at, nll, to_device
+from editor.stats import cached_path, vocab_digest
+from model.lm import logits_at, nll, to_device
+from util import atomic_write
 
 
 @dataclass(frozen=True)
@@ -74,10 +86,58 @@ def _boundary(text: str, i: int) -> bool:
                                          or unicodedata.category(text[i]).startswith("M"))
 
 
-def make_prefixes(texts: list[str], n_prefixes: int, n_words: int, seed: int = 0) -> list[str]:
-    """The empty prefix and `n_prefixes` openings of `n_words` words of texts drawn from `texts`."""
-    picks = np.random.default_rng(seed).choice(len(texts), min(n_prefixes, len(texts)), replace=False)
-    return [""] + [" ".join(texts[i].split()[:n_words]).rstrip(".?!,;:") + ". " for i in picks]
+def generate_prefixes(model: nn.Module, tokenizer, starts: list[str], n_tokens: int, top_k: int, seed: int,
+                      device) -> list[str]:
+    """One text per start: the start's tokens continued to `n_tokens` tokens in all, each sampled from
+    the `top_k` most likely next tokens (special tokens excluded) with a torch.Generator seeded by
+    `seed`. A start that the vocabulary cannot read (the toy model's word-level vocabulary has no
+    "Therefore") is replaced by the BOS token (else EOS), which the text then leaves out. Whitespace
+    runs become one space."""
+    gen = torch.Generator().manual_seed(seed)
+    special = torch.tensor(sorted(tokenizer.all_special_ids), dtype=torch.long)
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    texts = []
+    for start in starts:
+        ids = tokenizer(start, add_special_tokens=False)["input_ids"]
+        drop = int(not ids or tokenizer.unk_token_id in ids)  # leading tokens that are not text
+        ids = torch.tensor([[bos] if drop else ids], device=device)  # (1, t)
+        while ids.shape[1] < n_tokens + drop:
+            last = torch.zeros_like(ids, dtype=torch.bool)
+            last[0, -1] = True
+            with torch.no_grad():
+                lg = logits_at(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, "causal", last)
+            lg = lg[0].float().cpu().index_fill(0, special, -float("inf"))  # (V,)
+            top = lg.topk(min(top_k, int(torch.isfinite(lg).sum())))
+            pick = top.indices[torch.multinomial(top.values.softmax(-1), 1, generator=gen)]  # (1,)
+            ids = torch.cat([ids, pick[None].to(device)], 1)
+        texts.append(" ".join(tokenizer.decode(ids[0, drop:], skip_special_tokens=True).split()))
+    return texts
+
+
+def context_prefixes(model: nn.Module, tokenizer, *, n_prefixes: int, starts: list[str], n_tokens: int,
+                     top_k: int, model_id: str, cache_dir: str | Path, device, seed: int = 0) -> list[str]:
+    """The P = 1 + n_prefixes prefixes of MEMIT's contexts: "" (the bare prompt) and, for i < n_prefixes,
+    a text generated from starts[i % len(starts)] followed by ". " (" " if the vocabulary has no "."),
+    cached in cache_dir/context_prefixes/<model>/ under a key of everything they depend on."""
+    if n_prefixes <= 0:
+        return [""]
+    wanted = [starts[i % len(starts)] for i in range(n_prefixes)]
+    key = {"model": model_id, "dtype": str(next(model.parameters()).dtype), "vocab_sha256": vocab_digest(tokenizer),
+           "starts": wanted, "n_tokens": n_tokens, "top_k": top_k, "seed": seed}
+    path = cached_path(cache_dir, "context_prefixes", key, f"n{n_prefixes}", ".json")
+    saved = json.loads(path.read_text()) if path.is_file() else None
+    if saved is None or saved.get("key") != key:  # the digest names the key; this guards against a collision
+        saved = {"key": key, "texts": generate_prefixes(model, tokenizer, wanted, n_tokens, top_k, seed, device)}
+        atomic_write(path, json.dumps(saved, indent=1, ensure_ascii=False))
+    dot = tokenizer(".", add_special_tokens=False)["input_ids"]
+    dot = bool(dot) and (tokenizer.unk_token_id is None or tokenizer.unk_token_id not in dot)
+    return [""] + [t + (". " if dot else " ") for t in saved["texts"]]
+
+
+def template_mean(x: torch.Tensor) -> torch.Tensor:
+    """(n, P, d) values in the P contexts of n requests -> (n, d): the mean of the bare prompt's value
+    (context 0) and of the mean over the prefixed contexts; with P = 1, the bare prompt's."""
+    return x[:, 0] if x.shape[1] == 1 else (x[:, 0] + x[:, 1:].mean(1)) / 2
 
 
 def contexts(reqs: list[Request], prefixes: list[str]) -> tuple[list[str], list[int]]:
@@ -114,24 +174,43 @@ def _first(out):
     return out[0] if isinstance(out, tuple) else out  # GPT-J blocks return a tuple, GPT-2 blocks a tensor
 
 
+class _Stop(Exception):
+    """Ends a forward pass once the hooked modules have run: nothing after them is read."""
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))  # bf16/fp16 -> float32; float64 kept
+
+
 @torch.no_grad()
 def subject_states(model: nn.Module, tokenizer, texts: list[str], ends: list[int], modules: dict[str, nn.Module],
                    block: nn.Module, batch_size: int, device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """At the last subject token of each text: the input of each module (keys, (N, d_in) each) and
-    the output of `block` (hidden states (N, d)), in float32."""
+    the output of `block` (hidden states (N, d)), in float32 (float64 for a float64 model). Each
+    forward pass stops after `block` (the modules lie at or below it)."""
     seen = {}
-    handles = [m.register_forward_hook(lambda mod, inp, out, n=n: seen.__setitem__(n, inp[0]))
-               for n, m in modules.items()]
-    handles.append(block.register_forward_hook(lambda mod, inp, out: seen.__setitem__(None, _first(out))))
+
+    def record(name):
+        def hook(mod, inp, out):
+            seen[name] = _first(out) if name is None else inp[0]
+            if len(seen) == len(modules) + 1:
+                raise _Stop
+        return hook
+    handles = [m.register_forward_hook(record(n)) for n, m in modules.items()]
+    handles.append(block.register_forward_hook(record(None)))
     keys, hidden = {n: [] for n in modules}, []
     try:
         for i in range(0, len(texts), batch_size):
             batch, pos = encode(tokenizer, texts[i: i + batch_size], ends[i: i + batch_size])
-            model(**to_device(batch, device))
+            seen.clear()
+            try:
+                model(**to_device(batch, device))
+            except _Stop:
+                pass
             rows = torch.arange(len(pos))  # CPU indices index a tensor on any device (modules may sit on several)
             for n in modules:
-                keys[n].append(seen[n][rows, pos].float().to(device))  # (b, d_in)
-            hidden.append(seen[None][rows, pos].float().to(device))  # (b, d)
+                keys[n].append(_upcast(seen[n][rows, pos]).to(device))  # (b, d_in)
+            hidden.append(_upcast(seen[None][rows, pos]).to(device))  # (b, d)
     finally:
         for h in handles:
             h.remove()
@@ -151,56 +230,155 @@ def added_at(module: nn.Module, rows: torch.Tensor, pos: torch.Tensor, vectors: 
         handle.remove()
 
 
-def target_vectors(model: nn.Module, tokenizer, reqs: list[Request], prefixes: list[str], block: nn.Module,
-                   inject: nn.Module, *, n_steps: int, lr: float, kl_coef: float, norm_coef: float,
-                   clamp_factor: float, batch_size: int, device) -> torch.Tensor:
-    """z = h + delta (n, d) after `block` at the last subject token, h averaged over the prefixes.
+class Suffixes:
+    """Sequences (R, T), right-padded, whose rows change only from position pos[r] on (delta is added there,
+    and attention is causal): the tokens before pos[r] run once, and their keys and values are kept; each
+    call runs only the rest, against them. Same logits as the whole sequence, at a fraction of the cost.
 
-    delta minimises, by `n_steps` of Adam, the answer's mean token NLL over the prefixed prompts
-    + kl_coef KL(p || p_delta) of the next token after "{subject} is a" (keeps the subject's other
-    properties) + norm_coef (|delta| / |h|)^2, and is clamped to |delta| <= clamp_factor |h|.
-    Requests are independent (the loss is a sum and Adam acts per coordinate), so they are solved
-    `batch_size` at a time with the same result.
-    """
-    z = [_targets(model, tokenizer, reqs[i: i + batch_size], prefixes, block, inject, n_steps, lr, kl_coef,
-                  norm_coef, clamp_factor, device)
-         for i in tqdm(range(0, len(reqs), batch_size), desc="MEMIT targets", leave=False, dynamic_ncols=True)]
-    return torch.cat(z)
+    The prefixes are right-padded to c = max(pos) and the suffixes to S = max(length - pos); positions
+    are given explicitly, and the padding between a row's prefix and its suffix is masked out."""
+
+    def __init__(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, pos: torch.Tensor,
+                 device):
+        self.model, lengths, pos = model, attention_mask.sum(1).cpu(), pos.cpu()
+        n, c, s = len(pos), int(pos.max()), int((lengths - pos).max())
+        pre_ids, pre_mask = torch.zeros(n, c, dtype=torch.long), torch.zeros(n, c, dtype=torch.long)
+        self.ids, mask = torch.zeros(n, s, dtype=torch.long), torch.zeros(n, s, dtype=torch.long)
+        for r, (p, length) in enumerate(zip(pos.tolist(), lengths.tolist())):
+            pre_ids[r, :p], pre_mask[r, :p] = input_ids[r, :p], 1
+            self.ids[r, :length - p], mask[r, :length - p] = input_ids[r, p:length], 1
+        self.mask = torch.cat([pre_mask, mask], 1)  # (R, c + S) over cached and new positions
+        self.positions = pos[:, None] + torch.arange(s)  # (R, S)
+        self.suffix = mask.bool()  # (R, S)
+        self.pos, self.past = pos, None
+        if c:
+            head = model.get_output_embeddings()  # no logits are read here: the head sees no position
+            handle = head.register_forward_pre_hook(lambda m, args: (args[0][:, :0],) + args[1:])
+            try:
+                with torch.no_grad():
+                    out = model(input_ids=pre_ids.to(device), attention_mask=pre_mask.to(device),
+                                position_ids=torch.arange(c).expand(n, c).to(device), use_cache=True)
+            finally:
+                handle.remove()
+            keep = pre_mask.bool().to(device)[:, None, :, None]  # padding's keys and values: zero, never NaN
+            self.past = [(layer.keys.where(keep.to(layer.keys.device), 0), layer.values.where(keep.to(
+                layer.values.device), 0)) for layer in out.past_key_values.layers]  # (R, heads, c, d_head) each
+        self.device = device
+
+    def cut(self, labels: torch.Tensor) -> torch.Tensor:
+        """Labels (R, T) aligned with the sequences, as (R, S) aligned with the suffixes (IGNORE-padded)."""
+        out = torch.full(self.ids.shape, IGNORE, dtype=labels.dtype)
+        for r, p in enumerate(self.pos.tolist()):
+            width = min(self.ids.shape[1], labels.shape[1] - p)
+            out[r, :width] = labels[r, p: p + width].cpu()
+        return out
+
+    def logits(self, rows: torch.Tensor, at: torch.Tensor, inject: nn.Module, delta: torch.Tensor) -> torch.Tensor:
+        """Logits (N, V) of rows `rows` (a,) at the N suffix positions where at (a, S) is True, row-major,
+        with delta (a, d) added to `inject`'s output at each row's first suffix position (pos[r])."""
+        past = (DynamicCache([(k[rows.to(k.device)], v[rows.to(v.device)]) for k, v in self.past])
+                if self.past is not None else None)
+        with added_at(inject, torch.arange(len(rows)), torch.zeros(len(rows), dtype=torch.long), delta):
+            head = self.model.get_output_embeddings()
+            handle = head.register_forward_pre_hook(lambda m, args: (args[0][at.to(args[0].device)],) + args[1:])
+            try:
+                return self.model(input_ids=self.ids[rows].to(self.device),
+                                  attention_mask=self.mask[rows].to(self.device),
+                                  position_ids=self.positions[rows].to(self.device), past_key_values=past,
+                                  use_cache=past is not None).logits
+            finally:
+                handle.remove()
 
 
-def _targets(model, tokenizer, reqs, prefixes, block, inject, n_steps, lr, kl_coef, norm_coef, clamp_factor,
-             device) -> torch.Tensor:
-    b, n_pre = len(reqs), len(prefixes)
-    texts, ends = contexts(reqs, prefixes)
-    _, h = subject_states(model, tokenizer, texts, ends, {}, block, len(texts), device)
-    h = h.view(b, n_pre, -1).mean(1)  # (b, d)
-    batch = to_device(Collator(tokenizer, "causal")(texts, [r.answer for r in reqs for _ in prefixes]), device)
-    _, pos = encode(tokenizer, texts, ends)  # the Collator tokenises prompts the same way
-    n_answer = (batch["labels"] != -100).sum(1)  # (b * P,)
-    owner = torch.arange(b * n_pre, device=device) // n_pre  # request of each row
-    kl_batch, kl_pos = encode(tokenizer, [f"{r.subject} is a" for r in reqs], [len(r.subject) for r in reqs])
-    kl_batch = to_device(kl_batch, device)
-    rows, last = torch.arange(b, device=device), kl_batch["attention_mask"].sum(1) - 1
-    at_last = torch.zeros_like(kl_batch["attention_mask"], dtype=torch.bool)
-    at_last[rows, last] = True  # (b, T) the position after "is a"
-    with torch.no_grad():
-        ref = logits_at(model, kl_batch, "causal", at_last).float().log_softmax(-1)  # (b, V)
+class TargetLoss:
+    """MEMIT's loss of the target offsets delta (b, d) of b requests, term by term per request.
 
-    delta = torch.zeros_like(h, requires_grad=True)
+    Built once per batch of requests on the unedited model: h (b, d), the output of `block` at the last
+    subject token of each bare prompt; the P contexts of each request with its answer (row i * P + j)
+    and the prompts "{subject} is a" up to their last subject token, each as `Suffixes` split at the
+    last subject token; the model's own next-token log-probabilities there (b, V)."""
+
+    def __init__(self, model: nn.Module, tokenizer, reqs: list[Request], prefixes: list[str], block: nn.Module,
+                 inject: nn.Module, device):
+        self.inject, self.n_ctx = inject, len(prefixes)
+        texts, ends = contexts(reqs, prefixes)
+        _, self.h = subject_states(model, tokenizer, texts[::self.n_ctx], ends[::self.n_ctx], {}, block,
+                                   len(reqs), device)  # (b, d) at the bare prompts
+        batch = Collator(tokenizer, "causal")(texts, [r.answer for r in reqs for _ in prefixes])  # (b * P, T)
+        _, pos = encode(tokenizer, texts, ends)  # (b * P,) the Collator tokenises prompts the same way
+        before = (batch["labels"] != IGNORE) & (torch.arange(batch["labels"].shape[1]) < pos[:, None])  # (b * P, T)
+        if before.any():  # cannot happen: the subject lies in the prompt, the answer after it
+            raise ValueError("MEMIT: an answer token is predicted before the last subject token")
+        self.ctx = Suffixes(model, batch["input_ids"], batch["attention_mask"], pos, device)
+        self.labels = self.ctx.cut(batch["labels"])  # (b * P, S)
+        self.n_answer = (self.labels != IGNORE).sum(1)  # (b * P,)
+        kl_batch, kl_pos = encode(tokenizer, [f"{r.subject} is a" for r in reqs], [len(r.subject) for r in reqs])
+        upto = (torch.arange(kl_batch["input_ids"].shape[1]) <= kl_pos[:, None]).long()  # (b, T'): only up to it
+        self.kl = Suffixes(model, kl_batch["input_ids"], upto, kl_pos, device)  # suffix: the one token
+        with torch.no_grad():
+            self.ref = self._kl_logp(torch.zeros_like(self.h), torch.arange(len(reqs)))  # (b, V)
+
+    def _kl_logp(self, delta: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """log p(next token | "{subject} is a" up to the last subject token), delta added there: (a, V)."""
+        return _upcast(self.kl.logits(rows, self.kl.suffix[rows], self.inject, delta)).log_softmax(-1)
+
+    def __call__(self, delta: torch.Tensor, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The terms (a,) of the requests `rows` (a,), CPU indices, whose offsets are delta (a, d):
+        nll (mean over contexts of the answer's mean token NLL), kl (KL(p_delta || p)), reg (|delta| / |h|^2)."""
+        ctx = (rows[:, None] * self.n_ctx + torch.arange(self.n_ctx)).flatten()  # (a * P,) request-major
+        labels = self.labels[ctx]  # (a * P, S)
+        lg = self.ctx.logits(ctx, labels != IGNORE, self.inject, delta.repeat_interleave(self.n_ctx, 0))
+        token_mean = nll(lg, {"labels": labels}, "causal") / self.n_answer[ctx].to(lg.device)  # (a * P,)
+        logp = self._kl_logp(delta, rows)  # (a, V)
+        kl = (logp.exp() * (logp - self.ref[rows.to(self.ref.device)])).sum(-1)
+        h = self.h[rows.to(self.h.device)]
+        return {"nll": token_mean.view(len(rows), self.n_ctx).mean(1), "kl": kl,
+                "reg": delta.norm(dim=-1) / h.norm(dim=-1) ** 2}
+
+
+def optimise_targets(loss_fn: TargetLoss, *, n_steps: int, lr: float, kl_coef: float, norm_coef: float,
+                     clamp_factor: float, stop_loss: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """delta (b, d) of each request and the number of losses it took (b,), by MEMIT's loop: at most
+    `n_steps` losses, each followed by an Adam step, except the last and any under `stop_loss`, after
+    which that request's delta is final; then |delta| <= clamp_factor |h|. Requests are independent (the
+    loss is a sum, Adam acts per coordinate, a finished request's delta is restored after each step),
+    so any batch of them gives each the same delta. One read-back per step: which requests are done."""
+    h = loss_fn.h
+    delta = torch.zeros_like(h, requires_grad=True)  # (b, d), float32 (float64 for a float64 model)
     opt = torch.optim.Adam([delta], lr=lr)
-    all_rows, pos, kl_pos = torch.arange(b * n_pre, device=device), pos.to(device), kl_pos.to(device)
-    for _ in range(n_steps):
-        with added_at(inject, all_rows, pos, delta[owner]):
-            answer = (nll(logits(model, batch, "causal"), batch, "causal") / n_answer).view(b, n_pre).mean(1)
-        with added_at(inject, rows, kl_pos, delta):
-            logp = logits_at(model, kl_batch, "causal", at_last).float().log_softmax(-1)
-        kl = (ref.exp() * (ref - logp)).sum(-1)  # (b,)
-        reg = (delta.norm(dim=-1) / h.norm(dim=-1)) ** 2
-        loss = (answer + kl_coef * kl + norm_coef * reg).sum()
+    limit = clamp_factor * h.norm(dim=-1, keepdim=True)  # (b, 1)
+    done, steps = torch.zeros(len(h), dtype=torch.bool), torch.zeros(len(h), dtype=torch.long)  # CPU
+    for step in range(n_steps):
+        rows = (~done).nonzero()[:, 0]  # (a,) CPU
+        terms = loss_fn(delta[rows.to(delta.device)], rows)
+        loss = terms["nll"] + kl_coef * terms["kl"] + norm_coef * terms["reg"]  # (a,)
+        under = (loss.detach() < stop_loss).cpu()  # the one read-back of the step
+        steps[rows] += 1
+        done[rows[under]] = True
+        if step == n_steps - 1 or done.all():
+            break
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss[~under.to(loss.device)].sum().backward()
+        final = done.to(delta.device)
+        kept = delta.detach()[final]
         opt.step()
         with torch.no_grad():
-            limit = clamp_factor * h.norm(dim=-1, keepdim=True)
+            delta[final] = kept  # Adam's momentum would move them: a finished request stays as it stopped
             delta.mul_((limit / delta.norm(dim=-1, keepdim=True).clamp(min=1e-12)).clamp(max=1.0))
-    return h + delta.detach()
+    return delta.detach(), steps
+
+
+def target_vectors(model: nn.Module, tokenizer, reqs: list[Request], prefixes: list[str], block: nn.Module,
+                   inject: nn.Module, *, n_steps: int, lr: float, kl_coef: float, norm_coef: float,
+                   clamp_factor: float, stop_loss: float, batch_size: int, device
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """z = h + delta (n, d) after `block` at the last subject token of each bare prompt, and the losses
+    each request took (n,) (`optimise_targets`), `batch_size` requests at a time."""
+    z, steps = [], []
+    for i in tqdm(range(0, len(reqs), batch_size), desc="MEMIT targets", leave=False, dynamic_ncols=True):
+        loss_fn = TargetLoss(model, tokenizer, reqs[i: i + batch_size], prefixes, block, inject, device)
+        delta, n = optimise_targets(loss_fn, n_steps=n_steps, lr=lr, kl_coef=kl_coef, norm_coef=norm_coef,
+                                    clamp_factor=clamp_factor, stop_loss=stop_loss)
+        z.append(loss_fn.h + delta)
+        steps.append(n)
+    return torch.cat(z), torch.cat(steps)

@@ -3,8 +3,10 @@
 All edits are shuffled into mini-batches (100) and the whole set is visited once per epoch (up to 25),
 instead of fitting each batch of edits in turn. Adam (lr 5e-4) tunes the weight of one localised
 module on the target tokens plus an end-of-sequence token (EOS for causal LMs, </s> for T5; the
-classifier has one label). A step whose batch loss is under `loss_threshold` (1e-2) is
-skipped, and training stops once an epoch's mean batch loss is under it.
+classifier has one label). The loss of an example is the mean NLL over its target tokens, and a
+batch's loss the mean over its examples, so a long answer weighs as much as a short one. A step
+whose batch loss is under `loss_threshold` (1e-2) is skipped, and training stops once the epoch's
+loss, the batch losses weighted by batch size (the mean over all examples), is under it.
 
 The EOS target is added here, to the tensors of the edit batches (`with_eos`), so the shared
 Collator and the evaluation keep their answer-only labels.
@@ -61,13 +63,15 @@ class LocFTBF(Editor):
         self.lr, self.batch_size, self.n_epochs = lr, batch_size, n_epochs
         self.loss_threshold, self.eos_id, self.seed = loss_threshold, eos_id, seed
         self.epochs_run = 0  # of the last edit (early stopping)
+        self.epoch_losses: list[float] = []  # of the last edit: each epoch's loss, the mean over its examples
 
     def loss(self, batch: dict, params: dict) -> torch.Tensor:
-        """Mean NLL per target token of the batch (binary cross-entropy per example for the classifier)."""
-        lg = logits(self.model, batch, self.family, params)
+        """Mean over the batch's examples of each one's mean NLL per target token (binary cross-entropy
+        for the classifier)."""
+        per_example = nll(logits(self.model, batch, self.family, params), batch, self.family)  # (B,) summed
         if self.family == "classifier":
-            return nll(lg, batch, self.family).mean()
-        return nll(lg, batch, self.family).sum() / (batch["labels"] != IGNORE).sum()
+            return per_example.mean()
+        return (per_example / (batch["labels"] != IGNORE).sum(1)).mean()
 
     def edit(self, batches: list[dict]) -> Shifts:
         data = concat(batches)
@@ -78,18 +82,21 @@ class LocFTBF(Editor):
         opt = torch.optim.Adam([leaf], lr=self.lr)
         gen = torch.Generator().manual_seed(self.seed)
         n = len(data["input_ids"])
+        self.epoch_losses = []
         for epoch in tqdm(range(self.n_epochs), desc="LocFT-BF epochs", leave=False, dynamic_ncols=True):
-            losses = []
+            total = 0.0  # sum over batches of batch loss * batch size
             for idx in torch.randperm(n, generator=gen).split(self.batch_size):
                 batch = to_device({k: v[idx] for k, v in data.items()}, self.device)
                 loss = self.loss(batch, {self.param: leaf.to(original.dtype)})
-                losses.append(loss.item())
-                if losses[-1] < self.loss_threshold:
+                value = loss.item()  # decides the step: one read-back per mini-batch
+                total += value * len(idx)
+                if value < self.loss_threshold:
                     continue  # this mini-batch is already learnt: no step
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
             self.epochs_run = epoch + 1
-            if sum(losses) / len(losses) < self.loss_threshold:
+            self.epoch_losses.append(total / n)
+            if total / n < self.loss_threshold:
                 break
         return {self.param: leaf.detach() - original.float()}

@@ -195,7 +195,7 @@ class MALMEN(Editor):
             systems = {n: self.system(n, cache[n][0]) for n in self.modules}
             shifts = self.shifts(cache, systems)
         # Stage 1: the LM alone, with W~ as fresh leaves, accumulates G = dL_meta/dW~.
-        leaves = {n: shifted(mod.weight, to_param_layout(mod, shifts[n]), f"{n}.weight", self.name).detach()
+        leaves = {n: shifted(mod.weight, to_param_layout(mod, shifts[n]), f"{n}.weight", self.label).detach()
                   .requires_grad_()
                   for n, mod in self.modules.items()}
         gen, loc = self.meta_losses(group, {f"{n}.weight": w for n, w in leaves.items()}, backward=True)
@@ -211,7 +211,7 @@ class MALMEN(Editor):
         cache = self.cache(group.edit)
         self.update_norms(cache)
         shifts = self.shifts(cache)
-        params = {f"{n}.weight": shifted(mod.weight, to_param_layout(mod, shifts[n]), f"{n}.weight", self.name)
+        params = {f"{n}.weight": shifted(mod.weight, to_param_layout(mod, shifts[n]), f"{n}.weight", self.label)
                   for n, mod in self.modules.items()}
         gen, loc = self.meta_losses(group, params, backward=False)
         (gen + self.loc_coef * loc).backward()

@@ -1,12 +1,13 @@
 """MEMIT (Meng et al., ICLR 2023): mass editing of causal LMs at the last subject token, in closed form.
 
-1. Target vectors z_i: the hidden state after the last critical layer L, at the last subject token,
-   that makes the model answer (editor.locate.target_vectors).
+1. Target vectors z_i: the hidden state after the last critical layer L, at the last subject token
+   of the bare prompt, that makes the model answer in every context (editor.locate.target_vectors).
 2. For each critical layer l, in order, with the updates of the earlier layers applied: keys
-   K_l = inputs of the FFN output projection at the last subject token (d_in, n), residual
-   R = (z - h_L) / (number of layers left) (d_out, n), and
+   K_l = inputs of the FFN output projection at the last subject token (d_in, n), the mean of the
+   bare prompt's key and of the prefixed contexts' mean (editor.locate.template_mean), residual
+   R = (z - h_L) / (number of layers left) (d_out, n) with h_L at the bare prompt, and
        Delta_l = R K_l^T (lambda C_l + K_l K_l^T)^{-1},   C_l = E[k k^T] over generic text,
-   solved with torch.linalg.solve. Spreading R over the layers keeps each layer's change small.
+   solved with torch.linalg.solve in float64. Spreading R over the layers keeps each layer's change small.
 
 Ill-posed solves are refused (IllPosedSolve), never run: key statistics from fewer tokens than the
 module's input width d_in (C then has rank < d_in), and any system whose condition number kappa
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from editor.base import Editor, Shifts, apply_shifts, to_param_layout
-from editor.locate import contexts, make_prefixes, requests, subject_states, target_vectors
+from editor.locate import context_prefixes, contexts, requests, subject_states, target_vectors, template_mean
 from editor.stats import key_second_moments, model_fingerprint, sample_texts
 from model.load import resolve_modules
 
@@ -71,12 +72,13 @@ class MEMIT(Editor):
     name = "memit"
 
     def __init__(self, model: nn.Module, family: str, tokenizer, *, layers: list[int], module: str, lam: float,
-                 n_steps: int, lr: float, kl_coef: float, norm_coef: float, clamp_factor: float, n_prefixes: int,
-                 prefix_words: int, batch_size: int, stats_texts: list[str], stats_source: str, n_samples: int,
-                 stats_max_len: int, stats_batch_size: int, cache_dir: str | Path, model_id: str | None,
-                 stats_file: str | None = None, device="cpu"):
+                 n_steps: int, lr: float, kl_coef: float, norm_coef: float, clamp_factor: float, stop_loss: float,
+                 n_prefixes: int, prefix_starts: list[str], prefix_tokens: int, prefix_top_k: int, batch_size: int,
+                 stats_texts: list[str], stats_source: str, n_samples: int, stats_max_len: int,
+                 stats_batch_size: int, cache_dir: str | Path, model_id: str | None, stats_file: str | None = None,
+                 device="cpu"):
         if family != "causal":
-            raise ValueError(f"editor {self.name} edits causal LMs (GPT-2, GPT-J) at the last subject token; "
+            raise ValueError(f"editor {self.name} edits causal LMs (GPT-2, GPT-J, Llama) at the last subject token; "
                              f"model family {family!r} is not supported (use malmen, mend, ft or locft_bf)")
         super().__init__(model, family, device)
         if "{}" not in module or not layers:
@@ -88,14 +90,17 @@ class MEMIT(Editor):
         self.block = model.get_submodule(module[: module.index("{}") + 2].format(max(layers)))
         self.inject = self.modules[module.format(max(layers))]
         self.target_args = dict(n_steps=n_steps, lr=lr, kl_coef=kl_coef, norm_coef=norm_coef,
-                                clamp_factor=clamp_factor, batch_size=batch_size)
+                                clamp_factor=clamp_factor, stop_loss=stop_loss, batch_size=batch_size)
         self.batch_size = batch_size
         self.dtype = torch.float64  # the closed-form solves, whatever the model's dtype (as MEMIT's authors)
+        model_id = model_id or f"random-{model_fingerprint(model)[:16]}"  # built here: named by its weights
+        self.prefixes = context_prefixes(model, tokenizer, n_prefixes=n_prefixes, starts=list(prefix_starts),
+                                         n_tokens=prefix_tokens, top_k=prefix_top_k, model_id=model_id,
+                                         cache_dir=cache_dir, device=self.device)
         texts = sample_texts(stats_texts, n_samples, stats_source)
         self.covs, self.stats_tokens, self.stats_time_s = key_second_moments(
-            model, tokenizer, self.modules, texts, source=stats_source, n_samples=n_samples,
-            model_id=model_id or f"random-{model_fingerprint(model)[:16]}", cache_dir=cache_dir,
-            max_len=stats_max_len, batch_size=stats_batch_size, device=self.device)
+            model, tokenizer, self.modules, texts, source=stats_source, n_samples=n_samples, model_id=model_id,
+            cache_dir=cache_dir, max_len=stats_max_len, batch_size=stats_batch_size, device=self.device)
         where = f" ({stats_file})" if stats_file else ""
         self.stats_origin = (f"editor.stats_source={stats_source!r}{where}, {len(texts)} of "
                              f"{len(stats_texts)} texts (editor.n_samples={n_samples})")
@@ -109,8 +114,9 @@ class MEMIT(Editor):
                     f"tokens of {self.stats_origin}, fewer than the module's input width d_in = {cov.shape[0]}: "
                     f"C = E[k k^T] has rank at most {self.stats_tokens[name]}, so the closed-form solve is singular "
                     f"or meaningless. Fix: statistics from at least {cov.shape[0]} tokens: {self.more_text}")
-        self.prefixes = make_prefixes(texts, n_prefixes, prefix_words)
         self.solves: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # last edit's (K, R, C) per layer
+        self.z = torch.zeros(0)  # last edit's target vectors (n, d)
+        self.target_steps = torch.zeros(0, dtype=torch.long)  # last edit's losses per request (early stop)
 
     def conditioned(self, name: str, fix: str) -> Check:
         """A check for the systems of module `name`'s solve: IllPosedSolve when kappa > 1 / eps of the
@@ -139,17 +145,18 @@ class MEMIT(Editor):
     def edit_records(self, records, path: str = "<records>") -> Shifts:
         """Shifts of the critical layers' weights that insert all `records` at once."""
         reqs = requests(records, path, self.name)
-        n, n_pre = len(reqs), len(self.prefixes)
-        texts, ends = contexts(reqs, self.prefixes)
-        z = target_vectors(self.model, self.tokenizer, reqs, self.prefixes, self.block, self.inject,
-                           device=self.device, **self.target_args)  # (n, d)
+        n, n_ctx = len(reqs), len(self.prefixes)
+        texts, ends = contexts(reqs, self.prefixes)  # (n * P,) request-major, context 0 the bare prompt
+        z, self.target_steps = target_vectors(self.model, self.tokenizer, reqs, self.prefixes, self.block,
+                                              self.inject, device=self.device, **self.target_args)  # (n, d)
+        self.z = z
         shifts, self.solves = {}, {}
         for i, (name, module) in enumerate(self.modules.items()):
             with apply_shifts(self.model, shifts, self.name):  # keys and h_L see the earlier layers' updates
                 keys, hidden = subject_states(self.model, self.tokenizer, texts, ends, {name: module}, self.block,
-                                              self.batch_size * n_pre, self.device)
-            k = keys[name].view(n, n_pre, -1).mean(1).T.to(self.dtype)  # (d_in, n), averaged over prefixes
-            h = hidden.view(n, n_pre, -1).mean(1).T.to(self.dtype)  # (d, n)
+                                              self.batch_size * n_ctx, self.device)
+            k = template_mean(keys[name].view(n, n_ctx, -1)).T.to(self.dtype)  # (d_in, n)
+            h = hidden.view(n, n_ctx, -1)[:, 0].T.to(self.dtype)  # (d, n) at the bare prompt, where z is
             resid = (z.T.to(self.dtype) - h) / (len(self.modules) - i)  # (d_out, n): this layer's share
             cov = self.covs[name].to(self.dtype)
             delta = self.layer_delta(name, k, resid, cov)  # (d_out, d_in)

@@ -14,9 +14,11 @@ class MEND(MALMEN):
 
     name = "mend"
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, label: str | None = None, **kwargs):
         kwargs["regularize"] = False  # lambda does not exist here; keep it out of the optimiser
         super().__init__(*args, **kwargs)
+        if label is not None:  # e.g. "malmen (ablation=sum)": messages name what the user asked for
+            self.label = label
 
     def system(self, name: str, keys: torch.Tensor) -> None:
         """No normal equation to build: the shifts are summed."""

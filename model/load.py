@@ -1,6 +1,8 @@
 """Load the edited LM (real or tiny random) with its tokenizer, and resolve edit-module names."""
+import functools
 import logging
 import re
+import threading
 from pathlib import Path
 
 import torch
@@ -23,6 +25,8 @@ TINY_CLASSES = {"gpt2": GPT2LMHeadModel, "gptj": GPTJForCausalLM, "llama": Llama
                 "t5": T5ForConditionalGeneration}
 # Default context of the tiny byte tokenizer when the sizes do not give one (T5: relative positions).
 TINY_DEFAULT_CONTEXT = 512
+# Seconds the hub may take to answer before a hub name missing from the cache is refused.
+HUB_PROBE_TIMEOUT = 5.0
 
 
 def load_model(arch: str, family: str, name_or_path: str | None, tokenizer: str | None, dtype: str,
@@ -117,16 +121,51 @@ def check_resident(model: nn.Module) -> None:
 
 def _pretrained(load, source: str, key: str, **kwargs):
     """load(source, **kwargs) (a from_pretrained); a hub name that cannot be fetched (no network, HF_HUB_OFFLINE,
-    a wrong or gated name) stops with one message naming `key` and the override for a local folder."""
+    a wrong or gated name) stops with one message naming `key` and the override for a local folder.
+
+    A hub name is looked up in the local cache first; only on a miss is the hub probed (once per process, a few
+    seconds at most) before the download, because huggingface_hub retries an unreachable hub for about a minute."""
+    if Path(source).is_dir():  # a local folder: its own error says what is missing
+        return load(source, **kwargs)
+    from huggingface_hub import constants
     try:
+        if constants.is_offline_mode():  # HF_HUB_OFFLINE: the cache alone, no retries
+            return load(source, **kwargs)
+        try:
+            return load(source, local_files_only=True, **kwargs)
+        except OSError:  # not (fully) in the cache: download it, if the hub answers
+            unreachable = _hub_unreachable(constants.ENDPOINT)
+            if unreachable:
+                raise OSError(f"{constants.ENDPOINT} cannot be reached: {unreachable}") from None
         return load(source, **kwargs)
     except OSError as err:  # transformers turns every hub failure into an OSError
-        if Path(source).is_dir():  # a local folder: its own error says what is missing
-            raise
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"{key}={source}: not a local folder, and the Hugging Face hub cannot provide it "
                          f"({reason}). Download it where there is a network (e.g. `hf download {source} "
                          f"--local-dir DIR`) and pass {key}=/path/to/folder") from err
+
+
+@functools.cache
+def _hub_unreachable(endpoint: str, timeout: float = HUB_PROBE_TIMEOUT) -> str | None:
+    """Why `endpoint` (HF_ENDPOINT) does not answer one HEAD request within `timeout` s, or None if it does.
+
+    A status below 500 is an answer; 5xx (a gateway, an outage) is what huggingface_hub would retry for a
+    minute. huggingface_hub's session, so its proxies and client factory apply; run in a daemon thread because
+    name resolution does not obey the request's timeout."""
+    from huggingface_hub import get_session
+    outcome = []
+
+    def probe():
+        try:
+            status = get_session().head(endpoint, timeout=timeout).status_code
+            outcome.append(f"it answers HTTP {status}" if status >= 500 else None)
+        except Exception as err:  # connection, DNS, TLS, proxy: all mean the download would fail too
+            outcome.append(str(err).strip() or type(err).__name__)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return outcome[0] if outcome else f"no answer within {timeout:g} s"
 
 
 def _load_tokenizer(arch: str, name_or_path: str | None, tokenizer: str | None,

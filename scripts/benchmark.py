@@ -140,7 +140,7 @@ def run(args, m: int) -> dict:
     family = cfg.model.family
     pre = timer.phase("pre-edit metrics", experiment.evaluate, model, group, family, device)
     shifts, _ = timer.phase("edit", editor.edit_with_residual, group.edit)
-    with apply_shifts(model, shifts, editor.name):
+    with apply_shifts(model, shifts, editor.label):
         post = timer.phase("post-edit metrics", experiment.evaluate, model, group, family, device)
     row.update({k: (timer.wall[k], timer.cpu[k]) for k in ("pre-edit metrics", "edit", "post-edit metrics")})
     row["validation group"] = tuple(sum(row[k][i] for k in ("pre-edit metrics", "edit", "post-edit metrics"))

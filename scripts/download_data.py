@@ -7,9 +7,10 @@ FEVER's unrelated claims come from FEVER 2.0 (held out from the classifier's fin
 paper); `--unrel-source train` draws them from the training claims instead (LS then sits near the
 classifier's training accuracy).
 
-Raw files go to OUT/raw (or stay in DIR); their sha256 is recorded in SHA256SUMS beside them on first
-sight and verified on every later run (`sha256sum -c SHA256SUMS` checks them by hand). No hash is built
-in: none could be checked against the real release when this script was written.
+Raw files go to OUT/raw (or stay in DIR, which is only read); their sha256 is recorded in OUT/raw/SHA256SUMS
+on first sight and verified on every later run (`sha256sum -c SHA256SUMS` in the folder holding the files
+checks them by hand). No hash is built in: none could be checked against the real release when this script
+was written.
 Exit status: 0 done; 1 files missing (offline: the message says what to download and where to put
 it); 2 bad data or a checksum mismatch.
 """
@@ -69,14 +70,15 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown dataset(s) {unknown}; choose from {sorted(SOURCES)}")
     args.datasets = sorted(set(args.datasets)) or sorted(SOURCES)
-    raw = Path(args.from_dir) if args.from_dir else Path(args.raw or Path(args.out) / "raw")
+    store = Path(args.raw or Path(args.out) / "raw")  # downloads and the manifest: never the user's --from-dir
+    raw = Path(args.from_dir) if args.from_dir else store
     files = _files(args.datasets, args.unrel_source)
     try:
         if args.from_dir:
             _require(raw, list(files), args.datasets)
         else:
             _download(raw, files, args.datasets, args.mirror)
-        hashes = verify_manifest(raw, list(files))
+        hashes = verify_manifest(raw, list(files), store / MANIFEST)
         for name in args.datasets:
             convert = _convert_zsre if name == "zsre" else _convert_fever
             convert(raw, _config_paths(name, args.out), hashes, args)
@@ -89,9 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def verify_manifest(raw: Path, names: list[str]) -> dict[str, str]:
-    """sha256 of each file; compared with raw/SHA256SUMS, and recorded there when new."""
-    manifest = raw / MANIFEST
+def verify_manifest(raw: Path, names: list[str], manifest: Path) -> dict[str, str]:
+    """sha256 of each file in `raw`; compared with `manifest` (sha256sum format), and recorded there when new."""
     known = _read_manifest(manifest)
     hashes = {name: sha256(raw / name) for name in names}
     bad = [f"  {raw / n}: expected {known[n]}, got {h}" for n, h in hashes.items() if n in known and known[n] != h]
@@ -103,8 +104,9 @@ def verify_manifest(raw: Path, names: list[str]) -> dict[str, str]:
     if new:
         try:
             atomic_write(manifest, "".join(f"{h}  {n}\n" for n, h in sorted({**known, **new}.items())))
-            print(f"recorded sha256 of {', '.join(sorted(new))} in {manifest}; later runs verify against it")
-        except OSError as err:  # e.g. a read-only --from-dir: the conversion report still keeps them
+            print(f"recorded sha256 of {', '.join(sorted(new))} (in {raw}) in {manifest}; "
+                  "later runs verify against it")
+        except OSError as err:  # e.g. a read-only OUT: the conversion report still keeps them
             print(f"warning: cannot write {manifest} ({err}); checksums go to the conversion report only",
                   file=sys.stderr)
     for name in sorted(set(hashes) - set(new)):

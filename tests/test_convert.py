@@ -184,7 +184,7 @@ def test_download_script_from_dir(shared_data, tmp_path, capsys):
     for r in train + dev_rows:
         assert (r["unrel_prompt"], r["unrel_ans"]) == (fever2[r["unrel_id"]]["claim"], fever2[r["unrel_id"]]["label"])
     assert len({r["unrel_id"] for r in dev_rows}) == 40  # drawn across the whole pool
-    manifest = (tmp_path / "release" / "SHA256SUMS").read_text().splitlines()
+    manifest = (out / "raw" / "SHA256SUMS").read_text().splitlines()
     assert sorted(line.split()[1] for line in manifest) == sorted(
         ["zsre_mend_train.json", "zsre_mend_eval.json", "fever-train-kilt.jsonl", "fever-dev-kilt.jsonl",
          "fever2-fixers-dev.jsonl"])

@@ -51,7 +51,7 @@ def test_edit_mode_saves_a_model_that_reloads_with_the_edits(tmp_path, editor):
     m = cfg.model
     modules = {"ft": m.ft_modules, "memit": [m.memit.module.format(i) for i in m.memit.layers],
                "locft_bf": [m.locft_module]}
-    modules["emmet"] = modules["memit"]
+    modules["emmet"] = [m.memit.module.format(i) for i in m.memit.emmet.layers]  # EMMET: its own layer(s)
     expected = sorted(f"{n}.weight" for n in modules.get(editor, m.edit_modules))  # Llama's linears have no bias
     assert record["edited_parameters"] == expected
     model, tok = reloaded(cfg, tmp_path / "edited")

@@ -1,25 +1,35 @@
 """A newcomer's first hour (issue 18): results.md beside results.json, a warning when an edit did not
 raise ES, CSVs with a byte-order mark, no litter behind a refused or early-interrupted run, no resume
-hint without a checkpoint, shareable file modes, an absolute facts path, edit runs' own folder names, and
-one message for a hub model that cannot be fetched."""
+hint without a checkpoint, shareable file modes, an absolute facts path, edit runs' own folder names, one
+message for a hub model that cannot be fetched (in seconds, without the hub), --from-dir that leaves the
+user's folder alone, and missing data files that say how to get them."""
+import http.server
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
+from huggingface_hub import constants
 
 from data.facts import read_facts
+from data.records import DataError, load_records
+from editor.base import NonFiniteEdit
 from main import run, run_edit
+from model.load import _hub_unreachable
 from report import no_gain_warning
-from tests.conftest import ROOT, make_cfg, qa_records, write_records
+from scripts import download_data
+from tests.conftest import ROOT, build_model, make_cfg, qa_records, write_records
 from tests.test_checkpoint import train_cfg
+from tests.test_convert import _release_dir
 from tests.test_edit import FACTS, edit_cfg, ft
 from tests.test_facts import FACTS as CSV_FACTS, write
-from tests.test_main import cli
+from tests.test_main import cli, smoke_cfg
 
 FT_NOOP = ["editor=ft", "editor.lr=0", "editor.n_epochs=1"]  # AdamW with lr 0: every shift is zero
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -165,3 +175,124 @@ def test_hub_model_that_cannot_be_fetched_is_one_message(tmp_path):
                                                    "folder, and the Hugging Face hub cannot provide it"), lines
     assert lines[0].endswith("pass model.name_or_path=/path/to/folder")
 
+
+def _hub_answers() -> bool:
+    """Whether the Hugging Face hub (HF_ENDPOINT) answers here; the test below needs it not to."""
+    return _hub_unreachable(constants.ENDPOINT) is None
+
+
+def test_hub_model_is_refused_in_seconds_when_the_hub_cannot_be_reached(tmp_path):
+    """HF_HUB_OFFLINE unset, empty cache, no network: huggingface_hub alone retries for 54 s; the cache is
+    tried first and the hub probed once (at most HUB_PROBE_TIMEOUT s), so the one message comes at once."""
+    if _hub_answers():
+        pytest.skip("the Hugging Face hub is reachable from this machine; this test needs it not to be")
+    (tmp_path / "facts.json").write_text(json.dumps(FACTS))
+    env = {k: v for k, v in ENV.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env["HF_HOME"] = str(tmp_path / "hf")
+    start = time.time()
+    proc = subprocess.run([sys.executable, "main.py", f"hydra.run.dir={tmp_path / 'run'}", "mode=edit", "model=gpt2",
+                           "data=zsre", "editor=ft", f"edit.facts={tmp_path / 'facts.json'}"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    took = time.time() - start
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: model.name_or_path=openai-community/gpt2: not a local "
+                                                   "folder, and the Hugging Face hub cannot provide it"), lines
+    assert "cannot be reached" in lines[0] and lines[0].endswith("pass model.name_or_path=/path/to/folder")
+    assert took < 40, f"refused after {took:.0f} s"  # the retries alone took 54 s; the imports take ~10 s here
+    # the load itself, without the imports: the probe's few seconds at most
+    code = ("import time; from model.load import HUB_PROBE_TIMEOUT, load_model; start = time.time()\n"
+            "try: load_model('gpt2', 'causal', 'openai-community/gpt2', None, 'float32')\n"
+            "except ValueError: print(time.time() - start, HUB_PROBE_TIMEOUT)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    took, limit = map(float, proc.stdout.split())
+    assert took < limit + 2, f"the load was refused after {took:.1f} s"
+
+
+def test_hub_model_in_the_cache_loads_without_the_hub(tmp_path):
+    """A hub name already in the hub cache loads from it (HF_HUB_OFFLINE unset), whether or not the hub answers."""
+    model, tok = build_model(make_cfg("model=tiny-gpt2"))
+    repo = tmp_path / "hf" / "hub" / "models--someone--tiny-gpt2"
+    commit = "0" * 40
+    model.save_pretrained(repo / "snapshots" / commit)
+    tok.save_pretrained(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    env = {k: v for k, v in ENV.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    code = ("from model.load import load_model; m, _ = load_model('gpt2', 'causal', 'someone/tiny-gpt2', None, "
+            "'float32'); print(sum(p.numel() for p in m.parameters()))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env, "HF_HOME": str(tmp_path / "hf")},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert int(proc.stdout.split()[-1]) == sum(p.numel() for p in model.parameters())
+
+
+def test_download_script_from_dir_leaves_the_users_folder_alone(shared_data, tmp_path, capsys):
+    """--from-dir only reads DIR: the checksums go to OUT/raw/SHA256SUMS, and are verified from there."""
+    release, out = tmp_path / "release", tmp_path / "datasets"
+    _release_dir(shared_data, release)
+    before = {f.name: f.read_bytes() for f in release.iterdir()}
+    argv = ["zsre", "--from-dir", str(release), "--out", str(out)]
+    assert download_data.main(argv) == 0
+    assert {f.name: f.read_bytes() for f in release.iterdir()} == before  # nothing added, nothing changed
+    manifest = (out / "raw" / "SHA256SUMS").read_text().splitlines()
+    assert [line.split()[1] for line in manifest] == ["zsre_mend_eval.json", "zsre_mend_train.json"]
+    assert "warning" not in capsys.readouterr().err
+    with open(release / "zsre_mend_eval.json", "a") as fh:  # a changed release file: refused
+        fh.write(" ")
+    assert download_data.main(argv) == 2
+    assert f"checksum mismatch against {out / 'raw' / 'SHA256SUMS'}" in capsys.readouterr().err
+
+
+def test_missing_data_files_say_how_to_get_them(tmp_path, monkeypatch):
+    """data=zsre before the download: one line naming the file and the command that fetches it."""
+    code, err = cli(tmp_path, "model=tiny-gpt2", "data=zsre", f"data_dir={tmp_path / 'datasets'}")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0] == (f"error: {tmp_path / 'datasets' / 'zsre' / 'zsre_mend_train.json'}: cannot read file: "
+                        "missing; `python scripts/download_data.py` downloads the paper's zsRE and FEVER splits")
+    monkeypatch.chdir(tmp_path)  # a relative path (data_dir is relative to the launch directory): where it looked
+    with pytest.raises(DataError, match=f"cannot read file: missing \\(looked for {tmp_path / 'fever' / 'x.json'}\\); "
+                                        "`python scripts/download_data.py`"):
+        load_records("fever/x.json", "fever")
+
+
+def test_hub_probe_gives_up_in_seconds():
+    """The probe before a download: a hub that never replies, refuses, or answers 5xx (what huggingface_hub
+    retries for a minute) is unreachable within its timeout; any other status is an answer."""
+    class Reply(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self.send_response(503 if self.path.startswith("/down") else 404)
+            self.end_headers()
+
+        def log_message(self, *args):  # keep pytest's output clean
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Reply)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts connections (backlog), never replies
+    closed = socket.create_server(("127.0.0.1", 0))
+    closed_port = closed.getsockname()[1]
+    closed.close()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        assert _hub_unreachable(url, timeout=2.0) is None  # 404 at the root: the host answers
+        assert _hub_unreachable(url + "/down", timeout=2.0) == "it answers HTTP 503"
+        assert "refused" in _hub_unreachable(f"http://127.0.0.1:{closed_port}", timeout=2.0).lower()
+        start = time.time()
+        assert _hub_unreachable(f"http://127.0.0.1:{silent.getsockname()[1]}", timeout=1.0)
+        assert time.time() - start < 3
+    finally:
+        server.shutdown()
+        silent.close()
+
+
+def test_sum_ablation_is_named_as_the_user_asked_in_messages(tmp_path):
+    """editor=malmen ablation=sum runs MEND's code (editor.name 'mend' stays for it); its messages say what ran."""
+    with pytest.raises(NonFiniteEdit, match=r"^editor malmen \(ablation=sum\): the edited parameter "):
+        run(smoke_cfg(tmp_path, "tiny-gpt2", "zsre", "malmen", "ablation=sum", "model.dtype=float16",
+                      "editor.lr_init=1e6"), tmp_path)
+    (tmp_path / "mend").mkdir()
+    with pytest.raises(NonFiniteEdit, match=r"^editor mend: the edited parameter "):  # editor=mend: its own name
+        run(smoke_cfg(tmp_path / "mend", "tiny-gpt2", "zsre", "mend", "model.dtype=float16", "editor.lr_init=1e6"),
+            tmp_path / "mend")
