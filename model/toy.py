@@ -23,6 +23,7 @@ from model.lm import accuracy, logits, nll
 
 log = logging.getLogger(__name__)
 EOS, UNK = "<|endoftext|>", "<unk>"
+MAX_LENGTH = 64  # positions of the toy LM, and its tokenizer's limit
 
 
 def word_tokenizer(texts: list[str], max_length: int) -> PreTrainedTokenizerFast:
@@ -50,10 +51,10 @@ def pretrain(facts: list[dict], texts: list[str], *, n_layer: int, n_embd: int, 
 
     Deterministic for a given torch build and thread count (the caller keys the cache by both)."""
     torch.manual_seed(seed)
-    tok = word_tokenizer(texts, max_length=64)
+    tok = word_tokenizer(texts, max_length=MAX_LENGTH)
     # No dropout: the toy LM must memorise random facts, which dropout fights.
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_layer=n_layer, n_embd=n_embd,
-                                       n_head=n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=MAX_LENGTH, n_layer=n_layer,
+                                       n_embd=n_embd, n_head=n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                                        bos_token_id=0, eos_token_id=0, pad_token_id=0))
     collator = Collator(tok, "causal")
     prompts, answers = [f["prompt"] for f in facts], [f["answer"] for f in facts]
@@ -84,11 +85,33 @@ def pretrain(facts: list[dict], texts: list[str], *, n_layer: int, n_embd: int, 
     return stats
 
 
+# Raised whenever a change of this file or model.lm changes the pretrained weights bit-wise, so that a
+# cache made by older code is not mistaken for this code's LM. 2: the output head only at the answer
+# positions (issue 17), which sums the head's gradient over fewer rows (max weight change 0.8).
+PRETRAIN_VERSION = 2
+
+
+def world_texts(facts_path: str, texts_paths: list[str]) -> list[str]:
+    """The texts the toy LM's vocabulary is built from: every text the runs will tokenise (the world's
+    facts, and the edits, rephrasings and unrelated questions of `texts_paths`)."""
+    texts = [f["prompt"] + " " + f["answer"] for f in json.loads(Path(facts_path).read_text())]
+    for p in texts_paths:
+        texts += [" ".join(str(v) for v in r.values()) for r in json.loads(Path(p).read_text())]
+    return texts
+
+
+def world_tokenizer(facts_path: str, texts_paths: list[str]) -> PreTrainedTokenizerFast:
+    """The tokenizer the toy LM of this world gets, built without pretraining (seconds): main.py refuses
+    facts with words outside it before the minutes-long pretraining."""
+    return word_tokenizer(world_texts(facts_path, texts_paths), max_length=MAX_LENGTH)
+
+
 def ensure_toy_model(facts_path: str, texts_paths: list[str], settings: dict, cache_dir: str | Path) -> str:
     """Directory of the toy LM for these facts and settings, pretraining it on first use."""
-    # What else changes the weights is part of the key: torch's kernels (its version) and the thread
-    # count (float sums split per thread); same key, same machine kind -> bit-identical weights.
-    build = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+    # What else changes the weights is part of the key: torch's kernels (its version), the thread
+    # count (float sums split per thread) and the pretraining's own arithmetic (PRETRAIN_VERSION);
+    # same key, same machine kind -> bit-identical weights.
+    build = {"torch": torch.__version__, "threads": torch.get_num_threads(), "pretrain_version": PRETRAIN_VERSION}
     digest = hashlib.sha256(json.dumps({**settings, **build}, sort_keys=True).encode())
     for p in [facts_path, *texts_paths]:
         digest.update(Path(p).read_bytes())
@@ -96,10 +119,7 @@ def ensure_toy_model(facts_path: str, texts_paths: list[str], settings: dict, ca
     if (out / "pretrain.json").is_file():
         return str(out)
     facts = json.loads(Path(facts_path).read_text())
-    # The vocabulary covers every text the runs will tokenise (edits, rephrasings, unrelated questions).
-    texts = [f["prompt"] + " " + f["answer"] for f in facts]
-    for p in texts_paths:
-        texts += [" ".join(str(v) for v in r.values()) for r in json.loads(Path(p).read_text())]
+    texts = world_texts(facts_path, texts_paths)
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".toy-"))
     try:
