@@ -1,6 +1,6 @@
 """Edit a model with a user's facts, all at once, and save the edited model with its provenance.
 
-main.py (mode=edit) reads the config, the facts (data/facts.py) and builds the editor; this module
+experiment.py (mode=edit) reads the config, the facts (data/facts.py) and builds the editor; this module
 measures ES and GS before and after, applies the shifts, and writes to `out_dir`:
   the model and tokenizer (`save_pretrained`; the FEVER classifier: its encoder, plus the whole
   classifier as classifier.safetensors), and provenance.json (where the edit came from).
@@ -21,6 +21,7 @@ from torch import nn
 from data.groups import EditGroup
 from editor.base import Editor, apply_shifts
 from model.lm import success
+from preflight import check_out_dir
 from util import default_mode, save_json
 
 CLASSIFIER_FILE = "classifier.safetensors"
@@ -33,13 +34,6 @@ def sha256(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def check_out_dir(out_dir: Path) -> None:
-    """Refuse to overwrite an earlier edited model; checked before any work is done."""
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise ValueError(f"edit.out_dir {out_dir} already exists and is not empty: choose another edit.out_dir "
-                         "or remove it (an edited model is never overwritten)")
 
 
 def fact_metrics(model: nn.Module, group: EditGroup, family: str, device) -> dict[str, float | None]:

@@ -1,5 +1,5 @@
 """What a run prints and writes for a person to read: results.md, the terminal table, the warning
-that an edit did nothing, and the clean-up of a refused run's empty output directory."""
+that an edit did nothing, and the clean-up of a refused run's output directory."""
 import shutil
 from pathlib import Path
 
@@ -19,9 +19,11 @@ def _table(rows: dict[str, dict]) -> list[str]:
     return lines
 
 
-def no_gain_warning(pre: dict, post: dict, editor: str) -> str | None:
-    """A plain warning when editing did not raise ES, None otherwise."""
-    if pre.get("ES") is None or post.get("ES") is None or post["ES"] > pre["ES"] or pre["ES"] >= 1.0:
+def no_gain_warning(pre: dict | None, post: dict | None, editor: str) -> str | None:
+    """A plain warning when editing did not raise ES, None otherwise (and without metrics: no validation)."""
+    if not pre or not post or pre.get("ES") is None or post.get("ES") is None:
+        return None
+    if post["ES"] > pre["ES"] or pre["ES"] >= 1.0:
         return None  # it rose, or there was nothing left to raise
     return (f"warning: editor {editor} did not raise ES (before {pre['ES']:.3f}, after {post['ES']:.3f}): "
             "the edits did not take. See the README's results for this editor and model.")
@@ -32,9 +34,13 @@ def results_markdown(results: dict, run_dir: Path) -> str:
     cfg = results["config"]
     lines = [f"# {cfg['editor']['name']} on {cfg['model']['name']} / {cfg['data']['name']}, "
              f"m = {cfg['data']['n_edits']}, seed {cfg['seed']}", ""]
-    lines += _table({"before editing": results["pre_edit"], "after editing": results["final"]})
-    lines += [""] + [f"- **{k}**: {v}." for k, v in METRIC_MEANINGS.items()]
-    lines.append(f"- Means over {len(results['valid'])} validation group(s) of m edits, each edited at once.")
+    if results["final"] is None:  # max_valid_steps=0
+        lines.append("No validation (max_valid_steps=0): ES, GS and LS were not measured. Validate the "
+                     "checkpoint with editor.checkpoint=PATH n_epochs=0.")
+    else:
+        lines += _table({"before editing": results["pre_edit"], "after editing": results["final"]})
+        lines += [""] + [f"- **{k}**: {v}." for k, v in METRIC_MEANINGS.items()]
+        lines.append(f"- Means over {len(results['valid'])} validation group(s) of m edits, each edited at once.")
     if "residual" in results:
         lines.append(f"- Mean residual ‖S*u − d‖ / ‖d‖ (Fig. 8): {results['residual']:.3g}.")
     warning = no_gain_warning(results["pre_edit"], results["final"], cfg["editor"]["name"])
@@ -64,12 +70,33 @@ def edit_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def remove_if_empty(run_dir: Path) -> bool:
-    """Remove a run directory that holds only Hydra's .hydra/ and an empty log (a refused run's litter)."""
+def terminal_summary(results: dict, mode: str, run_dir: Path) -> str:
+    """What a finished run prints: the ES/GS(/LS) table before and after editing, and where the files are."""
+    if mode == "edit":  # GS is '-' when no fact has rephrasings
+        lines = [f"\n{results['n_facts']} facts, {results['n_rephrases']} rephrasings", f"{'':8}{'ES':>8}{'GS':>8}"]
+        lines += [f"{row:8}" + "".join(f"{'-':>8}" if v is None else f"{v:8.3f}" for v in results[row].values())
+                  for row in ("before", "after")]
+        lines.append(f"edited model in {results['out_dir']} (provenance.json); load it with "
+                     + " ".join(results["reload"]))
+        return "\n".join(lines + [f"summary in {run_dir / 'results.md'}"])
+    f, p = results["final"], results["pre_edit"]
+    lines = ["\nno validation (max_valid_steps=0)"] if f is None else \
+        [f"\n{'':8}{'ES':>8}{'GS':>8}{'LS':>8}", f"{'pre':8}{p['ES']:8.3f}{p['GS']:8.3f}{p['LS']:8.3f}",
+         f"{'post':8}{f['ES']:8.3f}{f['GS']:8.3f}{f['LS']:8.3f}"]
+    lines.append(f"time {results['time_s']:.1f} s, peak memory {results['peak_memory_mb']:.0f} MB, "
+                 f"results in {run_dir} (results.md, results.json)")
+    return "\n".join(lines)
+
+
+def remove_if_empty(run_dir: Path, refused: bool = False) -> bool:
+    """Remove a run directory that holds only Hydra's .hydra/ and an empty log (the litter of a run that
+    stopped before doing anything). `refused`: the run was refused for bad input; then a log with lines
+    goes too, as it holds only the warnings about that input, which the terminal showed (Hydra logs to
+    both). Anything else in the directory (a checkpoint, results, wandb/) keeps it."""
     if not run_dir.is_dir():
         return False
     for p in run_dir.iterdir():
-        if p.name == ".hydra" or (p.suffix == ".log" and p.stat().st_size == 0):
+        if p.name == ".hydra" or (p.suffix == ".log" and p.is_file() and (refused or p.stat().st_size == 0)):
             continue
         return False
     shutil.rmtree(run_dir, ignore_errors=True)

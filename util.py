@@ -1,4 +1,4 @@
-"""Small helpers for main.py: seeding, checkpoints, memory, logging."""
+"""Small helpers for experiment.py: seeding, checkpoints, memory, logging."""
 import contextlib
 import json
 import os
@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from preflight import check_threads, not_a_checkpoint
+
 
 def set_threads(threads: int | None) -> None:
     """Pin torch's CPU threads (config `threads`); None keeps torch's default of one per core.
@@ -21,11 +23,9 @@ def set_threads(threads: int | None) -> None:
     A different thread count splits float sums differently, and training amplifies the last-bit
     differences (two toy LMs pretrained with 1 and 2 threads differed by up to 0.84 in a weight), so a
     fixed count is what makes a seed's numbers bit-identical on a machine, whatever its load."""
-    if threads is None:
-        return
-    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
-        raise ValueError(f"threads must be a positive integer or null, got {threads!r}")
-    torch.set_num_threads(threads)
+    check_threads(threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
 
 
 def seed_everything(seed: int) -> None:
@@ -85,28 +85,6 @@ def atomic_write(path: str | Path, data: str | bytes) -> None:
 def save_checkpoint(state: dict, path: str | Path) -> None:
     """Write {net, opt, step, config} atomically (temp file + rename)."""
     _atomic(Path(path), lambda f: torch.save(state, f))
-
-
-def not_a_checkpoint(path: Path) -> str | None:
-    """What `path` is when it cannot be a torch checkpoint (a directory, a JSON or text file), else None.
-    torch.save writes a zip archive (or, before torch 1.6, a pickle starting with byte 0x80)."""
-    if path.is_dir():
-        inside = " (it holds checkpoint.pt: give that file)" if (path / "checkpoint.pt").is_file() else ""
-        return f"is a directory, not a checkpoint file{inside}"
-    with open(path, "rb") as f:
-        head = f.read(1 << 16)
-    if head.startswith(b"PK") or head.startswith(b"\x80"):
-        return None
-    try:
-        text = head.decode("utf-8")
-    except UnicodeDecodeError:
-        return None  # binary: let torch.load say what is wrong with it
-    try:
-        json.loads(Path(path).read_text(encoding="utf-8"))
-        return "is a JSON file, not a torch checkpoint (checkpoint.pt, written by a training run)"
-    except (ValueError, UnicodeDecodeError):
-        return (f"is a text file, not a torch checkpoint (checkpoint.pt, written by a training run); it begins "
-                f"{text[:40]!r}" if text.strip() else "is empty or blank, not a torch checkpoint")
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -1,6 +1,6 @@
-"""Data: loading edit records, tokenising tuples, grouping edits."""
-from data.collate import Collator
-from data.groups import EditGroup, edit_groups, n_groups
-from data.records import DataError, EditRecord, load_records
+"""Data: loading edit records (data.records), a user's facts (data.facts), tokenising tuples
+(data.collate), grouping edits (data.groups).
 
-__all__ = ["Collator", "DataError", "EditGroup", "EditRecord", "edit_groups", "load_records", "n_groups"]
+Nothing is imported here: main.py reads facts and records before torch is imported, so that a bad
+input is refused in seconds, and data.collate and data.groups import torch.
+"""

@@ -7,6 +7,8 @@ One fact is {prompt, answer, rephrases (optional), subject (optional)}:
 Facts carry no unrelated (locality) tuple: their EditRecords have empty `unrel_*` fields, and
 `fact_group` builds no unrelated batches, so nothing reads them. Every problem is one DataError
 naming the file, the record (0-based, in file order; CSV record i is on line i + 2) and the field.
+Reading and checking a file needs no torch (main.py does it before the heavy imports); `fact_group`,
+which tokenises, imports data.groups when called.
 """
 from __future__ import annotations
 
@@ -15,11 +17,13 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from data.collate import Collator
-from data.groups import EditGroup
 from data.records import DataError, EditRecord, _Fields, read_objects
+
+if TYPE_CHECKING:  # data.collate and data.groups import torch; reading facts (main.py's checks) must not
+    from data.collate import Collator
+    from data.groups import EditGroup
 
 FIELDS = ("prompt", "answer", "rephrases", "subject")
 SUFFIXES = (".json", ".jsonl", ".csv")
@@ -159,6 +163,7 @@ def require_subjects(facts: list[EditRecord], path: str, editor: str) -> None:
 
 def fact_group(facts: list[EditRecord], batch_size: int, collator: Collator, path: str) -> EditGroup:
     """All facts as one EditGroup: edit batches, and batches of every (rephrase, answer); no unrelated ones."""
+    from data.groups import EditGroup  # torch: imported only when the facts are tokenised
     if batch_size < 1:
         raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
     for fact in facts:  # tokenise each tuple alone first, so an error names its record and field

@@ -56,10 +56,7 @@ def load_records(path: str, fmt: str) -> list[EditRecord]:
     """Load a JSON list or JSONL file of `fmt` ("zsre" or "fever") records; DataError on any bad record."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown data format {fmt!r}; expected one of {FORMATS}")
-    if not Path(path).exists():  # most often the paper's data, not downloaded yet
-        where = "" if Path(path).is_absolute() else f" (looked for {Path(path).resolve()})"
-        raise DataError(path, None, None, f"cannot read file: missing{where}; `python scripts/download_data.py` "
-                                          "downloads the paper's zsRE and FEVER splits")
+    require_file(path)
     rows = read_objects(path)
     records = [parse_record(raw, fmt, path, i) for i, raw in enumerate(rows)]
     if not records:
@@ -69,6 +66,15 @@ def load_records(path: str, fmt: str) -> list[EditRecord]:
         log.warning("%s: %d of %d records use the claim itself as its equivalent prompt (stand-in, no "
                     "rephrasing): GS on them measures ES, not generalisation", path, standins, len(rows))
     return records
+
+
+def require_file(path: str) -> None:
+    """DataError naming `path` and how to get the paper's data when it does not exist (main.py checks this
+    before the heavy imports; load_records again)."""
+    if not Path(path).exists():  # most often the paper's data, not downloaded yet
+        where = "" if Path(path).is_absolute() else f" (looked for {Path(path).resolve()})"
+        raise DataError(path, None, None, f"cannot read file: missing{where}; `python scripts/download_data.py` "
+                                          "downloads the paper's zsRE and FEVER splits")
 
 
 def parse_record(raw: Any, fmt: str, path: str, index: int) -> EditRecord:

@@ -37,7 +37,7 @@ import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-import main as experiment  # noqa: E402
+import experiment  # noqa: E402
 from data.collate import Collator  # noqa: E402
 from data.groups import edit_groups  # noqa: E402
 from data.records import load_records  # noqa: E402

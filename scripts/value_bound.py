@@ -28,7 +28,7 @@ from data.collate import Collator  # noqa: E402
 from data.groups import edit_groups  # noqa: E402
 from data.records import load_records  # noqa: E402
 from editor.base import apply_shifts, shifted, to_param_layout  # noqa: E402
-from main import evaluate, load, materialize  # noqa: E402
+from experiment import evaluate, load, materialize  # noqa: E402
 from model.lm import kl, logits, nll  # noqa: E402
 from model.load import resolve_modules  # noqa: E402
 from model.trace import trace  # noqa: E402
@@ -47,7 +47,7 @@ def main(cfg: DictConfig) -> None:
     family, device = cfg.model.family, torch.device(cfg.model_device)
     records = load_records(cfg.data.valid_path, cfg.data.format)
     group = next(edit_groups(records, cfg.data.n_edits, cfg.data.batch_size, Collator(tokenizer, family),
-                             seed=cfg.seed, shuffle=True, path=cfg.data.valid_path))  # as main.validate
+                             seed=cfg.seed, shuffle=True, path=cfg.data.valid_path))  # as experiment.validate
     modules = resolve_modules(model, list(cfg.editor.modules))
     cache = trace(model, modules, group.edit, family, cfg.editor.token, device, device)  # keys (n, d_in)
     diffs = {n: torch.zeros_like(g, requires_grad=True) for n, (_, g) in cache.items()}  # D (n, d_out)

@@ -16,7 +16,7 @@ from data.records import DataError, load_records
 from editor.base import NonFiniteEdit
 from editor.locate import encode, subject_end
 from editor.memit import IllPosedSolve, condition_number
-from main import run, run_edit
+from experiment import run, run_edit
 from model.lm import MetricError, accuracy, logits, success
 from model.tiny import byte_tokenizer
 from model.toy import word_tokenizer

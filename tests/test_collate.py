@@ -3,7 +3,7 @@ decoder labels carry no </s> (methods.md, "Where the paper is silent")."""
 import torch
 
 from data.collate import Collator
-from main import build_editor
+from experiment import build_editor
 from model.lm import logits, nll
 from tests.conftest import build_model, make_cfg, one_group, qa_records
 

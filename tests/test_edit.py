@@ -8,7 +8,7 @@ import torch
 from data.collate import Collator
 from data.facts import fact_group, read_facts
 from data.records import DataError
-from main import load, run, run_edit
+from experiment import load, run, run_edit
 from model.lm import success
 from tests.conftest import make_cfg, qa_records, write_records
 from tests.test_main import cli

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from editor.base import apply_shifts
-from main import build_editor
+from experiment import build_editor
 from model.trace import weight_shape
 from tests.conftest import build_model, make_cfg, one_group, qa_records
 

@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 from data.collate import Collator
 from data.convert import convert_fever, dumps_records, fever_claims
 from data.records import DataError, load_records, read_objects
-from main import run as run_main
+from experiment import run as run_main
 from model.lm import logits
 from scripts.finetune_fever import CHECKPOINT, run
 from tests.conftest import ROOT, SHARED, build_model, make_cfg

@@ -6,7 +6,7 @@ from omegaconf import OmegaConf
 
 from checkpoint import load_editor_checkpoint
 from editor.hypernet import HyperNet
-from main import build_editor
+from experiment import build_editor
 from tests.conftest import build_model, make_cfg, one_group, records_for
 from util import save_checkpoint
 

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from data.collate import Collator
 from data.facts import fact_group, read_facts
-from main import build_editor, load, materialize, run, run_edit
+from experiment import build_editor, load, materialize, run, run_edit
 from model import gguf_cache
 from model.load import check_resident, resolve_modules
 from model.lm import success

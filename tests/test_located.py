@@ -25,7 +25,7 @@ from editor.locate import subject_end
 from editor.locft_bf import LocFTBF, with_eos
 from editor.memit import condition_number, memit_delta
 from editor.stats import key_second_moments
-from main import build_editor, evaluate, run
+from experiment import build_editor, evaluate, run
 from model.lm import nll, logits
 from tests.conftest import build_model, make_cfg, one_group, write_records
 

@@ -13,7 +13,7 @@ from data.collate import IGNORE
 from data.records import EditRecord
 from editor.locate import Suffixes, TargetLoss, context_prefixes, requests, target_vectors
 from editor.locft_bf import LocFTBF, concat, with_eos
-from main import build_editor, stats_texts
+from experiment import build_editor, stats_texts
 from tests.conftest import build_model, make_cfg, one_group
 from tests.test_located import edited, world, world_cfg  # noqa: F401 (world is a fixture)
 

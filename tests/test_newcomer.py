@@ -20,7 +20,7 @@ from huggingface_hub import constants
 from data.facts import read_facts
 from data.records import DataError, load_records
 from editor.base import NonFiniteEdit
-from main import run, run_edit
+from experiment import run, run_edit
 from model.load import _hub_unreachable
 from report import no_gain_warning
 from scripts import download_data

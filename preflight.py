@@ -1,0 +1,144 @@
+"""A run's inputs checked before the heavy imports: whatever the config and the files alone show to be
+wrong is refused in seconds, with one message, before torch, transformers and the editors are imported
+(8 s on a busy 2-core machine) and before a model is loaded or the toy LM pretrained.
+
+main.py calls `check_run` first; experiment.run, run_edit and build_editor call these checks too, for
+the tests and scripts that call them directly. This module imports only the standard library,
+OmegaConf and data.facts/data.records (no torch): keep it so.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from data.facts import read_facts, require_subjects
+from data.records import EditRecord, require_file
+
+MODES = ("train", "edit")
+EDITORS = ("malmen", "mend", "ft", "memit", "emmet", "locft_bf")
+META_TRAINED = ("malmen", "mend")  # editors with a hyper-network; the others edit without meta-training
+LOCATED = {"locft_bf": "locft_module", "memit": "memit", "emmet": "memit.emmet"}  # editor: its model.<key>
+
+
+def check_run(cfg: DictConfig, run_dir: Path) -> list[EditRecord] | None:
+    """Refuse a run whose config or files are wrong (ValueError, FileNotFoundError); mode=edit: its facts.
+    The user's own facts are checked before the data files (which say how to download them)."""
+    check_config(cfg)
+    facts = check_edit(cfg, run_dir) if cfg.mode == "edit" else None
+    for path in data_files(cfg):
+        require_file(path)
+    return facts
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Config values and combinations that cannot run."""
+    if cfg.mode not in MODES:
+        raise ValueError(f"mode must be train or edit, got {cfg.mode!r}")
+    check_threads(cfg.threads)
+    if cfg.logger not in (None, "wandb"):
+        raise ValueError(f"logger must be null or wandb, got {cfg.logger!r}")
+    for key in ("n_epochs", "max_train_steps", "max_valid_steps"):
+        value = cfg[key]
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise ValueError(f"{key} must be a non-negative integer{'' if key == 'n_epochs' else ' or null'}, "
+                             f"got {value!r}")
+    if cfg.mode == "train" and cfg.model.family == "classifier" and cfg.data.format != "fever":
+        raise ValueError(f"model={cfg.model.name} is a binary FEVER classifier: it needs data=fever")
+    if cfg.variant != "none" and cfg.editor.name != "malmen":
+        raise ValueError(f"ablation={cfg.variant} is a switch of the MALMEN editor: use editor=malmen, "
+                         f"not editor={cfg.editor.name}")
+    check_editor(cfg)
+    if cfg.mode == "train" and cfg.max_valid_steps == 0 and cfg.editor.name not in META_TRAINED:
+        raise ValueError(f"max_valid_steps=0 skips validation, and editor {cfg.editor.name} does not meta-train: "
+                         "the run would do nothing")
+
+
+def check_editor(cfg: DictConfig) -> None:
+    """The editor exists, suits the model, and finds its settings and checkpoint."""
+    e, family = cfg.editor, cfg.model.family
+    if e.name not in EDITORS:
+        raise ValueError(f"unknown editor {e.name!r}: choose {', '.join(EDITORS)}")
+    if e.name in ("memit", "emmet") and family != "causal":
+        raise ValueError(f"editor {e.name} edits causal LMs (GPT-2, GPT-J, Llama) at the last subject token; "
+                         f"model {cfg.model.name} is {family}")
+    if e.name in LOCATED and OmegaConf.select(cfg.model, LOCATED[e.name]) is None:
+        # checked before the editor config's ${model.<key>...} is resolved
+        raise ValueError(f"editor {e.name} needs model.{LOCATED[e.name]} in the config of model {cfg.model.name} "
+                         "(see docs/configuration.md)")
+    if e.name in ("memit", "emmet") and e.stats_source not in ("train", "wikitext"):
+        raise ValueError(f"editor.stats_source must be train or wikitext, got {e.stats_source!r}")
+    if e.name in META_TRAINED and e.aggregation not in ("normal_equation", "sum"):
+        raise ValueError(f"editor.aggregation must be normal_equation or sum, got {e.aggregation!r}")
+    if e.get("checkpoint"):
+        check_checkpoint(e.checkpoint)
+
+
+def check_edit(cfg: DictConfig, run_dir: Path) -> list[EditRecord]:
+    """mode=edit: the facts (read and checked), an editor that can edit them, a free output folder."""
+    e = cfg.editor
+    if not cfg.edit.facts:
+        raise ValueError("mode=edit needs edit.facts=PATH (a .json, .jsonl or .csv file of facts; see README)")
+    if e.name in META_TRAINED and not e.checkpoint:
+        raise ValueError(f"editor {e.name} edits with a trained hyper-network: set editor.checkpoint=PATH "
+                         "(the checkpoint.pt of a training run); ft, memit, emmet and locft_bf need none")
+    check_out_dir(Path(cfg.edit.out_dir or run_dir / "edited"))
+    facts = read_facts(cfg.edit.facts, labels=cfg.model.family == "classifier")
+    if e.name in ("memit", "emmet"):
+        require_subjects(facts, cfg.edit.facts, e.name)
+    return facts
+
+
+def data_files(cfg: DictConfig) -> list[str]:
+    """The data files this run will read (null paths: the synthetic world, generated later)."""
+    e = cfg.editor
+    train = (cfg.mode == "train" and e.name in META_TRAINED and cfg.n_epochs > 0) or \
+        (e.name in ("memit", "emmet") and e.stats_source == "train")  # MEMIT/EMMET's key statistics
+    valid = cfg.mode == "train" and cfg.max_valid_steps != 0
+    paths = ([cfg.data.train_path] if train else []) + ([cfg.data.valid_path] if valid else [])
+    return [p for p in paths if p is not None]
+
+
+def check_threads(threads) -> None:
+    """Config `threads`: a positive integer or null."""
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise ValueError(f"threads must be a positive integer or null, got {threads!r}")
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Refuse to overwrite an earlier edited model; checked before any work is done."""
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ValueError(f"edit.out_dir {out_dir} already exists and is not empty: choose another edit.out_dir "
+                         "or remove it (an edited model is never overwritten)")
+
+
+def check_checkpoint(path: str) -> None:
+    """An editor checkpoint that is missing, or plainly not a torch checkpoint, is refused by name."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"editor checkpoint {path} does not exist")
+    what = not_a_checkpoint(Path(path))
+    if what:
+        raise ValueError(f"editor checkpoint {path} {what}")
+
+
+def not_a_checkpoint(path: Path) -> str | None:
+    """What `path` is when it cannot be a torch checkpoint (a directory, a JSON or text file), else None.
+    torch.save writes a zip archive (or, before torch 1.6, a pickle starting with byte 0x80)."""
+    if path.is_dir():
+        inside = " (it holds checkpoint.pt: give that file)" if (path / "checkpoint.pt").is_file() else ""
+        return f"is a directory, not a checkpoint file{inside}"
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    if head.startswith(b"PK") or head.startswith(b"\x80"):
+        return None
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return None  # binary: let torch.load say what is wrong with it
+    try:
+        json.loads(Path(path).read_text(encoding="utf-8"))
+        return "is a JSON file, not a torch checkpoint (checkpoint.pt, written by a training run)"
+    except (ValueError, UnicodeDecodeError):
+        return (f"is a text file, not a torch checkpoint (checkpoint.pt, written by a training run); it begins "
+                f"{text[:40]!r}" if text.strip() else "is empty or blank, not a torch checkpoint")
