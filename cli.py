@@ -41,9 +41,41 @@ def override_problem(argv: list[str], config_name: str = "config") -> str | None
             return f"cannot read the override {err.override!r}: {_one_line(err.message)}"
         for job in _jobs(parsed) if args.multirun else [args.overrides]:
             try:
-                compose(config_name, overrides=job, return_hydra_config=True)
+                cfg = compose(config_name, overrides=job, return_hydra_config=True)
             except ConfigCompositionException as err:
                 return _explain(err, parsed, job, config_name)
+            problem = _wrong_type(cfg, job, config_name)
+            if problem:
+                return problem
+    return None
+
+
+def _wrong_type(cfg, job: list[str], config_name: str) -> str | None:
+    """One line on an override that gives a number or a switch a value of another kind (data.n_edits=abc),
+    which would otherwise fail minutes later (after the toy LM's pretraining) with a TypeError."""
+    groups = set(_groups())
+    choices = [o for o in job if _key(o.partition("=")[0]) in groups]
+    default = compose(config_name, overrides=choices, return_hydra_config=True)
+    for override in job:
+        key = _key(override.partition("=")[0])
+        if key in groups or key.startswith("hydra."):
+            continue
+        try:
+            before = OmegaConf.select(default, key, throw_on_missing=False)
+            after = OmegaConf.select(cfg, key, throw_on_missing=False)
+        except Exception:  # an interpolation that resolves only at run time: left to the run
+            continue
+        if after is None or before is None:
+            continue
+        if isinstance(before, bool) and not isinstance(after, bool):
+            kind = "true or false"
+        elif isinstance(before, int) and not isinstance(before, bool) and not isinstance(after, int):
+            kind = "an integer"
+        elif isinstance(before, float) and (isinstance(after, bool) or not isinstance(after, (int, float))):
+            kind = "a number"
+        else:
+            continue
+        return f"{override}: {key} takes {kind} (its default is {before!r}), not {after!r}"
     return None
 
 

@@ -190,12 +190,13 @@ def main(argv: list[str] | None = None) -> int:
                    "model's own; gpt2 for the random-weight models)")
     p.add_argument("--model", default="gpt2", help="gpt2, gpt-j (random weights), a tiny model config, or a model "
                    "whose weights need no hub (smollm2)")
-    p.add_argument("--m", type=int, nargs="+", default=[64])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--m", type=int, nargs="+", default=[64], help="numbers of edits (one group each); one per "
+                   "process gives each m its own peak memory")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: the project's default)")
     p.add_argument("--batch-size", type=int, default=64, help="LM batch (tuples), as data/zsre.yaml")
     p.add_argument("--steps", type=int, default=1, help="meta-steps timed; the last one is reported")
-    p.add_argument("--out", type=Path, default=Path("outputs/benchmark"))
+    p.add_argument("--out", type=Path, default=Path("outputs/benchmark"), help="folder for benchmark.md and .json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     results = []

@@ -81,7 +81,12 @@ def test_override_problems_in_process():
     assert override_problem(["+seed=3"]).startswith("+seed=...: the config already has 'seed'")
     assert override_problem(["editor=malmen,mend"]).startswith("editor=malmen,mend: a comma-separated value is a sweep")
     assert override_problem(["mode=["]).startswith("cannot read the override 'mode=['")
-    for fine in (["+foo=1", "++data.n_edits=3", "~seed"], ["-m", "editor=malmen,mend", "data.n_edits=1,2"],
+    # a value of the wrong kind: refused now, not after minutes of toy pretraining with a TypeError
+    assert override_problem(["data.n_edits=abc"]) == (
+        "data.n_edits=abc: data.n_edits takes an integer (its default is 256), not 'abc'")
+    assert override_problem(["editor.lr_init=fast"]).startswith("editor.lr_init=fast: editor.lr_init takes a number")
+    assert override_problem(["cache_pre_edit=maybe"]).startswith("cache_pre_edit=maybe: cache_pre_edit takes true")
+    for fine in (["+foo=1", "++data.n_edits=3", "~seed"], ["editor.lr_init=1", "max_train_steps=3"], ["-m", "editor=malmen,mend", "data.n_edits=1,2"],
                  ["-m", "experiment=toy_table"], ["hydra/launcher=joblib"], ["--help", "edtor=x"], []):
         assert override_problem(fine) is None, fine
 
