@@ -114,7 +114,8 @@ def test_killed_cli_run_resumes_to_the_same_numbers(tmp_path):
             "editor.lr_init=1e-3", f"data.train_path={cfg.data.train_path}", f"data.valid_path={cfg.data.valid_path}",
             "data.n_edits=4", "data.batch_size=3", "n_epochs=3", "save_every=1", f"hydra.run.dir={tmp_path / 'cli'}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # even if we ignore it
     ckpt, deadline = tmp_path / "cli" / "checkpoint.pt", time.time() + 120
     while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
