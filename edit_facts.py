@@ -6,7 +6,6 @@ measures ES and GS before and after, applies the shifts, and writes to `out_dir`
   classifier as classifier.safetensors), and provenance.json (where the edit came from).
 The directory is written under a temporary name and renamed, so it is complete or absent.
 """
-import hashlib
 import json
 import os
 import shutil
@@ -26,14 +25,6 @@ from util import default_mode, save_json
 
 CLASSIFIER_FILE = "classifier.safetensors"
 
-
-def sha256(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def fact_metrics(model: nn.Module, group: EditGroup, family: str, device) -> dict[str, float | None]:

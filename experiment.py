@@ -18,7 +18,7 @@ from checkpoint import load_editor_checkpoint, resume, rng_state
 from data.collate import Collator
 from data.facts import fact_group
 from data.groups import edit_groups, n_groups
-from data.records import EditRecord, load_records
+from data.records import EditRecord, file_sha256, load_records
 from data.synthetic import WorldConfig, write_world
 from editor.base import Editor, apply_shifts
 from editor.emmet import EMMET
@@ -28,7 +28,7 @@ from editor.malmen import MALMEN
 from editor.memit import MEMIT
 from editor.mend import MEND
 from editor.stats import context_length, model_fingerprint, wikitext_texts
-from edit_facts import base_model, edit_and_save, reload_overrides, sha256
+from edit_facts import base_model, edit_and_save, reload_overrides
 from model.gguf_cache import ensure_gguf_model
 from model.lm import success
 from model.load import load_model, resolve_modules
@@ -277,9 +277,9 @@ def run_edit(cfg: DictConfig, run_dir: Path, facts: list[EditRecord] | None = No
     editor = build_editor(cfg, model, tokenizer=tokenizer)
     base = base_model(OmegaConf.to_container(cfg.model, resolve=True))  # a re-edited model keeps its base
     provenance = {
-        "facts": {"path": str(Path(cfg.edit.facts).resolve()), "sha256": sha256(cfg.edit.facts)},
+        "facts": {"path": str(Path(cfg.edit.facts).resolve()), "sha256": file_sha256(cfg.edit.facts)},
         "editor": {"name": e.name, "checkpoint": e.get("checkpoint"),
-                   "checkpoint_sha256": sha256(e.checkpoint) if e.get("checkpoint") else None},
+                   "checkpoint_sha256": file_sha256(e.checkpoint) if e.get("checkpoint") else None},
         "base_model": base,  # editor checkpoints trained for it accept this model (checkpoint.py)
         "reload": reload_overrides(cfg.model.name, out_dir, cfg.model.family, base["tiny"] is not None),
         "config": OmegaConf.to_container(cfg, resolve=True),

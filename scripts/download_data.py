@@ -17,7 +17,6 @@ it); 2 bad data or a checksum mismatch.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import http.client
 import json
 import os
@@ -32,7 +31,7 @@ from tqdm import tqdm  # noqa: E402
 
 from data.convert import (MISSING_EQUIV, convert_fever, convert_zsre, dumps_records,  # noqa: E402
                           fever2_pool, fever_claims, nq_pairs)
-from data.records import DataError, load_records, read_objects  # noqa: E402
+from data.records import DataError, file_sha256, load_records, read_objects  # noqa: E402
 from util import atomic_write  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
 def verify_manifest(raw: Path, names: list[str], manifest: Path) -> dict[str, str]:
     """sha256 of each file in `raw`; compared with `manifest` (sha256sum format), and recorded there when new."""
     known = _read_manifest(manifest)
-    hashes = {name: sha256(raw / name) for name in names}
+    hashes = {name: file_sha256(raw / name) for name in names}
     bad = [f"  {raw / n}: expected {known[n]}, got {h}" for n, h in hashes.items() if n in known and known[n] != h]
     if bad:
         raise ValueError(f"checksum mismatch against {manifest}:\n" + "\n".join(bad)
@@ -128,14 +127,6 @@ def _read_manifest(manifest: Path) -> dict[str, str]:
         known[parts[1].lstrip("*")] = parts[0].lower()  # '*' marks binary mode in sha256sum output
     return known
 
-
-def sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _parser() -> argparse.ArgumentParser:

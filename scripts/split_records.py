@@ -14,7 +14,6 @@ is in both parts.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -24,18 +23,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a plain script from anywhere
 
 from data.convert import dumps_records  # noqa: E402
-from data.records import DataError, parse_record, read_objects  # noqa: E402
+from data.records import DataError, file_sha256, parse_record, read_objects  # noqa: E402
 
 PARTS = ("train", "valid")
 
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def split_indices(n_records: int, sizes: dict[str, int], seed: int | None, path: str) -> dict[str, list[int]]:

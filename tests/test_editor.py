@@ -10,14 +10,19 @@ from model.trace import weight_shape
 from tests.conftest import build_model, make_cfg, one_group, qa_records
 
 
-@pytest.mark.parametrize("n_tokens", [40, 300])  # fewer and more cached tokens than d_in = 128
-def test_normal_equation_matches_ridge_least_squares(n_tokens):
+def float64_editor():
+    """A float64 MALMEN editor on tiny GPT-2 (rank 16, hyper-network batch 7), its first module and its network."""
     cfg = make_cfg("model=tiny-gpt2", "editor=malmen", "editor.rank=16", "editor.batch_size=7")
     torch.manual_seed(0)
     model, _ = build_model(cfg)
     editor = build_editor(cfg, model, dtype=torch.float64)
     name = next(iter(editor.modules))
-    net, layer = editor._net(name)
+    return editor, name, *editor._net(name)
+
+
+@pytest.mark.parametrize("n_tokens", [40, 300])  # fewer and more cached tokens than d_in = 128
+def test_normal_equation_matches_ridge_least_squares(n_tokens):
+    editor, name, net, layer = float64_editor()
     with torch.no_grad():
         net.lr.fill_(0.1)
         net.log_lambda.fill_(math.log(0.3))
@@ -88,12 +93,7 @@ def test_primal_and_dual_normal_equations_agree(n_tokens):
     """S*, dL/dD and <M, S*> from K^T K + lambda I (d_in, d_in) and from K K^T + lambda I (n, n)
     (editor/normal_equation.py) agree, and match M = G (K^T K + lambda I)^-1 written out with an
     explicit inverse."""
-    cfg = make_cfg("model=tiny-gpt2", "editor=malmen", "editor.rank=16", "editor.batch_size=7")
-    torch.manual_seed(0)
-    model, _ = build_model(cfg)
-    editor = build_editor(cfg, model, dtype=torch.float64)
-    name = next(iter(editor.modules))
-    net, layer = editor._net(name)
+    editor, name, net, layer = float64_editor()
     with torch.no_grad():
         net.log_lambda.fill_(math.log(0.3))
         net.B.normal_(0, 0.1)
