@@ -211,6 +211,8 @@ def validate(cfg: DictConfig, model, editor: Editor, collator: Collator, logger:
             shifts = editor.edit_group(group)
         with apply_shifts(model, shifts, editor.label):  # NonFiniteEdit: never applied or reported
             post = evaluate(model, group, cfg.model.family, device)
+        if diagnostics := editor.diagnostics():  # MEMIT/EMMET's targets, LocFT-BF's epochs
+            extra["editor"] = diagnostics
         rows.append({**post, "pre_edit": pre, **extra})
         logger.log({f"valid/{k}": v for k, v in post.items()}, editor.step + len(rows))
     return rows

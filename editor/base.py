@@ -3,6 +3,7 @@
 Shifts = {parameter name: delta in the parameter's own layout}. Editors that learn (MALMEN, MEND)
 also implement `meta_step(group)`; the others only `edit`.
 """
+import math
 from contextlib import contextmanager
 
 import torch
@@ -61,6 +62,23 @@ def apply_shifts(model: nn.Module, shifts: Shifts, editor: str = "?"):
             model.get_parameter(name).data = original
 
 
+def finite(x: float) -> float | None:
+    """x, or None when it is not finite: a diagnostic is never reported as a number it is not."""
+    return x if math.isfinite(x) else None
+
+
+def mean(t: torch.Tensor) -> float | None:
+    return finite(float(t.double().mean()))
+
+
+def maximum(t: torch.Tensor) -> float | None:
+    return finite(float(t.double().max()))
+
+
+def frac(mask: torch.Tensor) -> float:
+    return float(mask.double().mean())
+
+
 class Editor:
     """Base class: an editor is built from a model and its hyper-parameters."""
 
@@ -80,6 +98,11 @@ class Editor:
     def edit_group(self, group) -> Shifts:
         """Shifts for an EditGroup; editors that need the records themselves (MEMIT's subjects) override it."""
         return self.edit(group.edit)
+
+    def diagnostics(self) -> dict:
+        """What the last edit did, for results.json's validation rows (e.g. MEMIT's targets, LocFT-BF's
+        epochs); JSON-ready, {} when there is nothing to say."""
+        return {}
 
     def meta_step(self, group) -> dict[str, float]:
         """One meta-training step on an EditGroup; returns scalar metrics."""

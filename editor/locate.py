@@ -337,22 +337,25 @@ class TargetLoss:
 
 
 def optimise_targets(loss_fn: TargetLoss, *, n_steps: int, lr: float, kl_coef: float, norm_coef: float,
-                     clamp_factor: float, stop_loss: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """delta (b, d) of each request and the number of losses it took (b,), by MEMIT's loop: at most
-    `n_steps` losses, each followed by an Adam step, except the last and any under `stop_loss`, after
-    which that request's delta is final; then |delta| <= clamp_factor |h|. Requests are independent (the
-    loss is a sum, Adam acts per coordinate, a finished request's delta is restored after each step),
-    so any batch of them gives each the same delta. One read-back per step: which requests are done."""
+                     clamp_factor: float, stop_loss: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """delta (b, d) of each request by MEMIT's loop: at most `n_steps` losses, each followed by an Adam
+    step, except the last and any under `stop_loss`, after which that request's delta is final; then
+    |delta| <= clamp_factor |h|. Requests are independent (the loss is a sum, Adam acts per coordinate,
+    a finished request's delta is restored after each step), so any batch of them gives each the same
+    delta. Also, per request (b,) on the CPU: `steps`, the number of losses it took; `loss` and `nll`,
+    the total loss and the answer's NLL term at its final delta. One read-back per step."""
     h = loss_fn.h
     delta = torch.zeros_like(h, requires_grad=True)  # (b, d), float32 (float64 for a float64 model)
     opt = torch.optim.Adam([delta], lr=lr)
     limit = clamp_factor * h.norm(dim=-1, keepdim=True)  # (b, 1)
     done, steps = torch.zeros(len(h), dtype=torch.bool), torch.zeros(len(h), dtype=torch.long)  # CPU
+    last = torch.zeros(2, len(h), dtype=torch.float64)  # (loss, nll) at each request's latest delta, CPU
     for step in range(n_steps):
         rows = (~done).nonzero()[:, 0]  # (a,) CPU
         terms = loss_fn(delta[rows.to(delta.device)], rows)
         loss = terms["nll"] + kl_coef * terms["kl"] + norm_coef * terms["reg"]  # (a,)
-        under = (loss.detach() < stop_loss).cpu()  # the one read-back of the step
+        last[:, rows] = torch.stack([loss, terms["nll"]]).detach().double().cpu()  # the one read-back of the step
+        under = last[0, rows] < stop_loss
         steps[rows] += 1
         done[rows[under]] = True
         if step == n_steps - 1 or done.all():
@@ -365,20 +368,22 @@ def optimise_targets(loss_fn: TargetLoss, *, n_steps: int, lr: float, kl_coef: f
         with torch.no_grad():
             delta[final] = kept  # Adam's momentum would move them: a finished request stays as it stopped
             delta.mul_((limit / delta.norm(dim=-1, keepdim=True).clamp(min=1e-12)).clamp(max=1.0))
-    return delta.detach(), steps
+    return delta.detach(), {"steps": steps, "loss": last[0], "nll": last[1]}
 
 
 def target_vectors(model: nn.Module, tokenizer, reqs: list[Request], prefixes: list[str], block: nn.Module,
                    inject: nn.Module, *, n_steps: int, lr: float, kl_coef: float, norm_coef: float,
                    clamp_factor: float, stop_loss: float, batch_size: int, device
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """z = h + delta (n, d) after `block` at the last subject token of each bare prompt, and the losses
-    each request took (n,) (`optimise_targets`), `batch_size` requests at a time."""
-    z, steps = [], []
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """z = h + delta (n, d) after `block` at the last subject token of each bare prompt, `batch_size`
+    requests at a time, and per request (n,) on the CPU: steps, loss and nll (`optimise_targets`) and
+    delta_ratio = |delta| / |h| (at most clamp_factor)."""
+    z, info = [], []
     for i in tqdm(range(0, len(reqs), batch_size), desc="MEMIT targets", leave=False, dynamic_ncols=True):
         loss_fn = TargetLoss(model, tokenizer, reqs[i: i + batch_size], prefixes, block, inject, device)
-        delta, n = optimise_targets(loss_fn, n_steps=n_steps, lr=lr, kl_coef=kl_coef, norm_coef=norm_coef,
-                                    clamp_factor=clamp_factor, stop_loss=stop_loss)
+        delta, terms = optimise_targets(loss_fn, n_steps=n_steps, lr=lr, kl_coef=kl_coef, norm_coef=norm_coef,
+                                        clamp_factor=clamp_factor, stop_loss=stop_loss)
+        terms["delta_ratio"] = (delta.norm(dim=-1) / loss_fn.h.norm(dim=-1)).double().cpu()
         z.append(loss_fn.h + delta)
-        steps.append(n)
-    return torch.cat(z), torch.cat(steps)
+        info.append(terms)
+    return torch.cat(z), {k: torch.cat([t[k] for t in info]) for k in info[0]}

@@ -17,7 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from data.collate import IGNORE
-from editor.base import Editor, Shifts
+from editor.base import Editor, Shifts, finite
 from model.lm import logits, nll, to_device
 from model.load import resolve_modules
 
@@ -64,6 +64,7 @@ class LocFTBF(Editor):
         self.loss_threshold, self.eos_id, self.seed = loss_threshold, eos_id, seed
         self.epochs_run = 0  # of the last edit (early stopping)
         self.epoch_losses: list[float] = []  # of the last edit: each epoch's loss, the mean over its examples
+        self.steps_taken = 0  # of the last edit: Adam steps (mini-batches under loss_threshold take none)
 
     def loss(self, batch: dict, params: dict) -> torch.Tensor:
         """Mean over the batch's examples of each one's mean NLL per target token (binary cross-entropy
@@ -72,6 +73,16 @@ class LocFTBF(Editor):
         if self.family == "classifier":
             return per_example.mean()
         return (per_example / (batch["labels"] != IGNORE).sum(1)).mean()
+
+    def diagnostics(self) -> dict:
+        """The last edit: epochs run, Adam steps taken (ceil(m / batch_size) per epoch at most, so 25 in
+        all at m <= 100), whether the epoch loss reached loss_threshold, and each epoch's loss (nats per
+        target token, the mean over examples; None where not finite)."""
+        if not self.epoch_losses:
+            return {}
+        return {"epochs": self.epochs_run, "steps": self.steps_taken,
+                "stopped_early": self.epoch_losses[-1] < self.loss_threshold,
+                "epoch_losses": [finite(x) for x in self.epoch_losses]}
 
     def edit(self, batches: list[dict]) -> Shifts:
         data = concat(batches)
@@ -82,7 +93,7 @@ class LocFTBF(Editor):
         opt = torch.optim.Adam([leaf], lr=self.lr)
         gen = torch.Generator().manual_seed(self.seed)
         n = len(data["input_ids"])
-        self.epoch_losses = []
+        self.epoch_losses, self.steps_taken = [], 0
         for epoch in tqdm(range(self.n_epochs), desc="LocFT-BF epochs", leave=False, dynamic_ncols=True):
             total = 0.0  # sum over batches of batch loss * batch size
             for idx in torch.randperm(n, generator=gen).split(self.batch_size):
@@ -95,6 +106,7 @@ class LocFTBF(Editor):
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                self.steps_taken += 1
             self.epochs_run = epoch + 1
             self.epoch_losses.append(total / n)
             if total / n < self.loss_threshold:

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from editor.base import Editor, Shifts, apply_shifts, to_param_layout
+from editor.base import Editor, Shifts, apply_shifts, frac, maximum, mean, to_param_layout
 from editor.locate import context_prefixes, contexts, requests, subject_states, target_vectors, template_mean
 from editor.stats import key_second_moments, model_fingerprint, sample_texts
 from model.load import resolve_modules
@@ -116,7 +116,7 @@ class MEMIT(Editor):
                     f"or meaningless. Fix: statistics from at least {cov.shape[0]} tokens: {self.more_text}")
         self.solves: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # last edit's (K, R, C) per layer
         self.z = torch.zeros(0)  # last edit's target vectors (n, d)
-        self.target_steps = torch.zeros(0, dtype=torch.long)  # last edit's losses per request (early stop)
+        self.targets: dict[str, torch.Tensor] = {}  # last edit's per request: steps, loss, nll, delta_ratio
 
     def conditioned(self, name: str, fix: str) -> Check:
         """A check for the systems of module `name`'s solve: IllPosedSolve when kappa > 1 / eps of the
@@ -136,6 +136,20 @@ class MEMIT(Editor):
         fix = f"more statistics text ({self.more_text}) or a larger editor.lam (now {self.lam:g})"
         return memit_delta(keys, resid, cov, self.lam, self.conditioned(name, fix))
 
+    def diagnostics(self) -> dict:
+        """The last edit's target vectors: of n requests, the fraction whose loss reached `stop_loss`
+        (`converged`) and whose delta ended at the clamp (`at_clamp`), the mean number of losses
+        (`steps`), the answer's mean token NLL at z (nats; mean and max) and |delta| / |h| (mean and
+        max). ES after the edit cannot exceed what z reaches; these show which limit binds."""
+        t = self.targets
+        if not t:
+            return {}
+        ratio, clamp = t["delta_ratio"], self.target_args["clamp_factor"]
+        return {"targets": {"n": len(ratio), "converged": frac(t["loss"] < self.target_args["stop_loss"]),
+                            "at_clamp": frac(ratio >= clamp * (1 - 1e-4)), "steps": mean(t["steps"]),
+                            "nll_mean": mean(t["nll"]), "nll_max": maximum(t["nll"]),
+                            "delta_ratio_mean": mean(ratio), "delta_ratio_max": maximum(ratio)}}
+
     def edit(self, batches: list[dict]) -> Shifts:
         raise NotImplementedError(f"{self.name} needs each edit's subject: call edit_group(group) or edit_records")
 
@@ -147,7 +161,7 @@ class MEMIT(Editor):
         reqs = requests(records, path, self.name)
         n, n_ctx = len(reqs), len(self.prefixes)
         texts, ends = contexts(reqs, self.prefixes)  # (n * P,) request-major, context 0 the bare prompt
-        z, self.target_steps = target_vectors(self.model, self.tokenizer, reqs, self.prefixes, self.block,
+        z, self.targets = target_vectors(self.model, self.tokenizer, reqs, self.prefixes, self.block,
                                               self.inject, device=self.device, **self.target_args)  # (n, d)
         self.z = z
         shifts, self.solves = {}, {}

@@ -33,6 +33,15 @@ def test_every_editor_trains_and_validates(tmp_path, editor):
     assert saved["final"] == results["final"] and saved["config"]["model"]["arch"] == "llama"
     assert all(0.0 <= v <= 1.0 for v in (*results["final"].values(), *results["pre_edit"].values()))
     assert len(results["valid"]) == 1 and len(results["train"]) == (editor in ("malmen", "mend"))
+    diag = saved["valid"][0].get("editor")  # what the edit did, recorded per validation group
+    if editor in ("memit", "emmet"):
+        t = diag["targets"]
+        assert t["n"] == saved["config"]["data"]["n_edits"] and 1 <= t["steps"] <= saved["config"]["editor"]["n_steps"]
+        assert 0 <= t["converged"] <= 1 and 0 < t["delta_ratio_mean"] <= saved["config"]["editor"]["clamp_factor"]
+    elif editor == "locft_bf":
+        assert 1 <= diag["epochs"] == len(diag["epoch_losses"]) <= saved["config"]["editor"]["n_epochs"]
+    else:
+        assert diag is None
 
 
 @pytest.mark.parametrize("editor", EDITORS)

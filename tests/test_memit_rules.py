@@ -184,14 +184,20 @@ def test_early_stop_per_request_clamp_and_batch_invariance(world, tmp_path):
     def targets(stop_loss, rs=reqs, **kw):
         return target_vectors(editor.model, editor.tokenizer, rs, editor.prefixes, editor.block, editor.inject,
                               **{**args, "stop_loss": stop_loss, **kw})
-    z, steps = targets(1e9)  # every loss is under: no step at all
-    assert torch.equal(z, h) and steps.tolist() == [1, 1]
-    z, steps = targets(0.0)  # never under: n_steps losses, n_steps - 1 steps
-    assert steps.tolist() == [6, 6] and ((z - h).norm(dim=-1) > 0).all()
-    with torch.no_grad():  # at delta = 0 the loss is the answer's NLL: stop between the two requests' values
-        start = loss_fn(torch.zeros_like(h), torch.arange(2))["nll"]
+    z, info = targets(1e9)  # every loss is under: no step at all
+    assert torch.equal(z, h) and info["steps"].tolist() == [1, 1]
+    z, info = targets(0.0)  # never under: n_steps losses, n_steps - 1 steps
+    assert info["steps"].tolist() == [6, 6] and ((z - h).norm(dim=-1) > 0).all()
+    with torch.no_grad():  # the reported loss and NLL are those of the returned z, recomputed here
+        final = loss_fn(z - h, torch.arange(2))
+        start = loss_fn(torch.zeros_like(h), torch.arange(2))["nll"]  # at delta = 0 the loss is the NLL
+    total = final["nll"] + args["kl_coef"] * final["kl"] + args["norm_coef"] * final["reg"]
+    assert torch.allclose(info["loss"], total, rtol=1e-10) and torch.allclose(info["nll"], final["nll"], rtol=1e-10)
+    assert torch.allclose(info["delta_ratio"], (z - h).norm(dim=-1) / h.norm(dim=-1), rtol=1e-10)
+    assert (info["nll"] < start).all()  # 5 Adam steps lowered each answer's NLL
     low = int(start.argmin())
-    z, steps = targets(float(start.mean()))
+    z, info = targets(float(start.mean()))
+    steps = info["steps"]
     assert steps[low] == 1 and torch.equal(z[low], h[low]) and steps[1 - low] > 1
     alone = [targets(float(start.mean()), rs=[r])[0][0] for r in reqs]  # each request by itself
     assert torch.allclose(z, torch.stack(alone), rtol=1e-10, atol=1e-12)
@@ -290,6 +296,9 @@ def test_locft_epoch_loss_is_weighted_by_batch_size(world, tmp_path):
         return ed
     ed = run(want * (1 - 1e-9))
     assert ed.epochs_run == 3 and all(abs(v - want) < 1e-9 * want for v in ed.epoch_losses)
+    every = run(0.0).diagnostics()  # no batch loss under 0: 3 epochs of batches 2, 2, 1 take 9 steps
+    assert every == {"epochs": 3, "steps": 9, "stopped_early": False, "epoch_losses": every["epoch_losses"]}
+    assert run(want * (1 + 1e-9)).diagnostics()["stopped_early"]
     assert run(want * (1 + 1e-9)).epochs_run == 1  # stops after the first epoch, by the weighted mean
 
 
