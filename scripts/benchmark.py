@@ -33,6 +33,27 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a plain script from anywhere
 
+
+def arguments() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", required=True, help="zsRE records (MEND format), e.g. zsre_mend_train-1k.json")
+    p.add_argument("--tokenizer", help="tokenizer folder or name, e.g. ../shared/data/gpt2-tokenizer (default: the "
+                   "model's own; gpt2 for the random-weight models)")
+    p.add_argument("--model", default="gpt2", help="gpt2, gpt-j (random weights), a tiny model config, or a model "
+                   "whose weights need no hub (smollm2)")
+    p.add_argument("--m", type=int, nargs="+", default=[64], help="numbers of edits (one group each); one per "
+                   "process gives each m its own peak memory")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: the project's default)")
+    p.add_argument("--batch-size", type=int, default=64, help="LM batch (tuples), as data/zsre.yaml")
+    p.add_argument("--steps", type=int, default=1, help="meta-steps timed; the last one is reported")
+    p.add_argument("--out", type=Path, default=Path("outputs/benchmark"), help="folder for benchmark.md and .json")
+    return p
+
+
+if __name__ == "__main__":  # --help and bad arguments answer before torch is imported (it takes seconds)
+    arguments().parse_args()
+
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
@@ -184,20 +205,7 @@ def table(results: list[dict], args, env: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", required=True, help="zsRE records (MEND format), e.g. zsre_mend_train-1k.json")
-    p.add_argument("--tokenizer", help="tokenizer folder or name, e.g. ../shared/data/gpt2-tokenizer (default: the "
-                   "model's own; gpt2 for the random-weight models)")
-    p.add_argument("--model", default="gpt2", help="gpt2, gpt-j (random weights), a tiny model config, or a model "
-                   "whose weights need no hub (smollm2)")
-    p.add_argument("--m", type=int, nargs="+", default=[64], help="numbers of edits (one group each); one per "
-                   "process gives each m its own peak memory")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1: the project's default)")
-    p.add_argument("--batch-size", type=int, default=64, help="LM batch (tuples), as data/zsre.yaml")
-    p.add_argument("--steps", type=int, default=1, help="meta-steps timed; the last one is reported")
-    p.add_argument("--out", type=Path, default=Path("outputs/benchmark"), help="folder for benchmark.md and .json")
-    args = p.parse_args(argv)
+    args = arguments().parse_args(argv)
     torch.set_num_threads(args.threads)
     results = []
     for m in args.m:  # one process: the peak memory of a later m is max(earlier, its own); run one m per call

@@ -39,6 +39,16 @@ def test_help_does_not_import_torch(tmp_path):
     assert "hydra" in modules and not modules & set(HEAVY), modules & set(HEAVY)
 
 
+def test_benchmark_help_and_bad_arguments_do_not_import_torch():
+    for args, code in ((["--help"], 0), (["--m", "64"], 2)):  # --data is required
+        proc = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / "scripts" / "benchmark.py"), *args],
+                              env=ENV, capture_output=True, text=True, timeout=300)
+        imported = {ln.rsplit("|", 1)[1].strip().split(".")[0] for ln in proc.stderr.splitlines()
+                    if ln.startswith("import time:")}
+        assert proc.returncode == code and not imported & set(HEAVY), (args, proc.stderr[-500:])
+        assert "--data" in proc.stdout + proc.stderr
+
+
 def test_bad_facts_are_refused_before_torch_and_leave_no_folder(tmp_path):
     """Hydra's default run directory, launched from the user's folder: the refusal removes it."""
     (tmp_path / "bad.json").write_text(json.dumps([FACTS[0], {"prompt": "p"}]))
