@@ -133,7 +133,9 @@ def build_tables(runs: list[Run], by: list[str]) -> list[dict]:
         lacking = next((r for r in every if r.pre_edit is None), None)
         if lacking:
             raise AggregateError(lacking.path, "pre_edit", "missing")
-        before = _row(BEFORE, every, [[r.pre_edit[k] for k in METRICS] for r in every])
+        seeds = sorted({r.seed for r in every})  # the editors of one seed edit the same groups: one value per seed
+        per_seed = [np.mean([[r.pre_edit[k] for k in METRICS] for r in every if r.seed == s], axis=0) for s in seeds]
+        before = {**_row(BEFORE, every, per_seed, " ".join(map(str, seeds))), "n": len(seeds)}
         tables.append({"title": f"m = {m} ({model}, {data})", "rows": [before, *rows], "runs": every})
     return tables
 

@@ -118,8 +118,9 @@ def test_table_means_stds_before_row_and_provenance(sweep, capsys):
     lines = out.splitlines()
     assert lines[:5] == [
         "| m = 256 (toy-gpt2, synthetic) | seeds | ES | GS | LS |", "|---|---|---|---|---|",
-        # pre_edit over the 4 runs: LS 1, 1, 1, 0.96 -> mean 0.99, std sqrt((3 * 0.01^2 + 0.03^2) / 4) = 0.0173
-        "| before editing | 4 | 0.000 (0.000) | 0.000 (0.000) | 0.990 (0.017) |",
+        # pre_edit per seed: LS (1 + 0.96) / 2 = 0.98 (seed 0: MALMEN and MEND), 1, 1 -> mean 0.9933,
+        # std over the 3 seeds sqrt((0.01333^2 + 2 * 0.00667^2) / 3) = 0.0094
+        "| before editing | 3 | 0.000 (0.000) | 0.000 (0.000) | 0.993 (0.009) |",
         "| MEND | 1 | 0.125 | 0.250 | 0.750 |",  # one seed: the mean alone
         # ES 0.4, 0.5, 0.9 -> 0.6, sqrt((0.04 + 0.01 + 0.09) / 3) = 0.216; LS 1, 0.9, 0.8 -> 0.9, 0.0816
         "| MALMEN | 3 | 0.600 (0.216) | 0.200 (0.000) | 0.900 (0.082) |"]
