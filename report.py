@@ -43,6 +43,7 @@ def results_markdown(results: dict, run_dir: Path) -> str:
         lines.append(f"- Means over {len(results['valid'])} validation group(s) of m edits, each edited at once.")
     if "residual" in results:
         lines.append(f"- Mean residual ‖S*u − d‖ / ‖d‖ (Fig. 8): {results['residual']:.3g}.")
+    lines += diagnostics_lines([v["editor"] for v in results["valid"] if v.get("editor")], cfg["editor"])
     warning = no_gain_warning(results["pre_edit"], results["final"], cfg["editor"]["name"])
     if warning:
         lines.append(f"- **{warning}**")
@@ -53,6 +54,38 @@ def results_markdown(results: dict, run_dir: Path) -> str:
                  "No editor checkpoint (this editor does not meta-train).")
     lines.append(f"Everything else, the resolved config included: `{run_dir / 'results.json'}`.")
     return "\n".join(lines) + "\n"
+
+
+def _number(x: float | None, fmt: str) -> str:
+    return "n/a (not finite)" if x is None else format(x, fmt)
+
+
+def diagnostics_lines(rows: list[dict], editor: dict) -> list[str]:
+    """results.md lines from the validation groups' editor diagnostics (Editor.diagnostics): what bounded
+    the edit. MEMIT/EMMET: their target vectors z, weighted by edits; LocFT-BF: epochs, steps, losses."""
+    if not rows:
+        return []
+    if "targets" in rows[0]:
+        t = [r["targets"] for r in rows]
+        n = sum(x["n"] for x in t)
+
+        def mean(key):  # over edits; None if any group's value was not finite
+            values = [x[key] for x in t]
+            return None if None in values else sum(v * x["n"] for v, x in zip(values, t)) / n
+        worst = [x["nll_max"] for x in t]
+        return [f"- Target vectors z ({n} edits): {mean('converged'):.1%} reached the stop loss "
+                f"({editor.get('stop_loss')}), {mean('at_clamp'):.1%} ended at the clamp |δ| = "
+                f"{editor.get('clamp_factor')}·|h|; the answer's NLL at z was {_number(mean('nll_mean'), '.3f')} "
+                f"nats per token on average (worst {_number(None if None in worst else max(worst), '.3f')}), "
+                f"after {mean('steps'):.1f} of at most {editor.get('n_steps')} losses. ES cannot exceed what z "
+                f"reaches."]
+    if "epochs" in rows[0]:
+        last = [r["epoch_losses"][-1] for r in rows]
+        return [f"- LocFT-BF: {', '.join(str(r['epochs']) for r in rows)} epoch(s) of at most "
+                f"{editor.get('n_epochs')} ({', '.join(str(r['steps']) for r in rows)} Adam steps) per group; the "
+                f"last epoch's loss {', '.join(_number(x, '.3g') for x in last)} nats per target token "
+                f"(early stop under {editor.get('loss_threshold')}). Each epoch's loss: results.json."]
+    return []
 
 
 def edit_markdown(results: dict) -> str:

@@ -34,6 +34,9 @@ def test_every_editor_trains_and_validates(tmp_path, editor):
     assert all(0.0 <= v <= 1.0 for v in (*results["final"].values(), *results["pre_edit"].values()))
     assert len(results["valid"]) == 1 and len(results["train"]) == (editor in ("malmen", "mend"))
     diag = saved["valid"][0].get("editor")  # what the edit did, recorded per validation group
+    md = (tmp_path / "results.md").read_text()
+    assert ("- Target vectors z (" in md) == (editor in ("memit", "emmet")) and ("- LocFT-BF: " in md) == (
+        editor == "locft_bf")
     if editor in ("memit", "emmet"):
         t = diag["targets"]
         assert t["n"] == saved["config"]["data"]["n_edits"] and 1 <= t["steps"] <= saved["config"]["editor"]["n_steps"]
