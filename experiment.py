@@ -221,7 +221,7 @@ def validate(cfg: DictConfig, model, editor: Editor, collator: Collator, logger:
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Train (editors that learn) and validate; write and return the results dict. max_valid_steps=0: no
     validation, and results carry no final or pre-edit metrics (None)."""
-    start = time.time()
+    start, cpu_start = time.time(), time.process_time()
     check_config(cfg)
     set_threads(cfg.threads)  # before the toy LM's pretraining, whose weights depend on it
     materialize(cfg)
@@ -249,6 +249,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "pre_edit": mean_metrics([v["pre_edit"] for v in valid_log]),
         "pre_edit_source": pre_edit.summary() if pre_edit else None,  # computed in this run or loaded
         "time_s": time.time() - start,
+        "cpu_time_s": time.process_time() - cpu_start,  # this process's CPU seconds: load moves it far less
         "stats_time_s": editor.stats_time_s,  # MEMIT/EMMET key statistics; 0 when loaded from the cache
         "peak_memory_mb": peak_memory_mb(device),
         "environment": run_environment(),  # commit, machine, threads, load: the README tables' provenance

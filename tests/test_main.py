@@ -59,7 +59,7 @@ def test_every_combination_runs(tmp_path, model, data, editor):
         assert set(saved[key]) == {"ES", "GS", "LS"}
         assert all(0.0 <= v <= 1.0 for v in saved[key].values())
     assert len(saved["valid"]) == 1
-    assert saved["time_s"] > 0 and saved["peak_memory_mb"] > 0
+    assert saved["time_s"] > 0 and 0 < saved["cpu_time_s"] and saved["peak_memory_mb"] > 0
     assert (saved["stats_time_s"] > 0) == (editor in ("memit", "emmet"))  # a fresh cache_dir: computed
     if editor not in ("malmen", "mend"):
         assert saved["train"] == [] and not (tmp_path / "checkpoint.pt").exists()
