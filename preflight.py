@@ -20,6 +20,11 @@ MODES = ("train", "edit")
 EDITORS = ("malmen", "mend", "ft", "memit", "emmet", "locft_bf")
 META_TRAINED = ("malmen", "mend")  # editors with a hyper-network; the others edit without meta-training
 LOCATED = {"locft_bf": "locft_module", "memit": "memit", "emmet": "memit.emmet"}  # editor: its model.<key>
+# Ranges of numeric settings, checked for the keys the run's editor has (a value of the wrong kind is cli.py's).
+AT_LEAST_ONE = ("n_steps", "batch_size", "n_epochs", "rank", "n_blocks", "stats_batch_size", "n_samples",
+                "prefix_tokens", "prefix_top_k")  # integers
+NON_NEGATIVE = ("n_prefixes", "lr", "meta_lr", "kl_coef", "norm_coef", "weight_decay", "lam", "lam_e", "loc_coef")
+POSITIVE = ("clamp_factor", "max_grad_norm", "lambda_init")
 
 
 def check_run(cfg: DictConfig, run_dir: Path) -> list[EditRecord] | None:
@@ -67,12 +72,32 @@ def check_editor(cfg: DictConfig) -> None:
         # checked before the editor config's ${model.<key>...} is resolved
         raise ValueError(f"editor {e.name} needs model.{LOCATED[e.name]} in the config of model {cfg.model.name} "
                          "(see docs/configuration.md)")
+    check_ranges(cfg)
     if e.name in ("memit", "emmet") and e.stats_source not in ("train", "wikitext"):
         raise ValueError(f"editor.stats_source must be train or wikitext, got {e.stats_source!r}")
     if e.name in META_TRAINED and e.aggregation not in ("normal_equation", "sum"):
         raise ValueError(f"editor.aggregation must be normal_equation or sum, got {e.aggregation!r}")
     if e.get("checkpoint"):
         check_checkpoint(e.checkpoint)
+
+
+def check_ranges(cfg: DictConfig) -> None:
+    """data.n_edits, data.batch_size and the editor's numeric settings lie in their ranges: n_steps <= 0
+    would report targets never optimised, clamp_factor <= 0 a clamp that zeroes every delta."""
+    settings = {f"data.{k}": cfg.data.get(k) for k in ("n_edits", "batch_size")}
+    settings.update({f"editor.{k}": cfg.editor[k] for k in AT_LEAST_ONE + NON_NEGATIVE + POSITIVE if k in cfg.editor})
+    for key, value in settings.items():
+        name = key.split(".")[1]
+        integer = isinstance(value, int) and not isinstance(value, bool)
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue  # null or not a number: cli.py and the code that reads it say so
+        if key.startswith("data.") or name in AT_LEAST_ONE:
+            if not integer or value < 1:
+                raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
+        elif name in NON_NEGATIVE and not value >= 0:
+            raise ValueError(f"{key} must be >= 0, got {value!r}")
+        elif name in POSITIVE and not value > 0:
+            raise ValueError(f"{key} must be > 0, got {value!r}")
 
 
 def check_edit(cfg: DictConfig, run_dir: Path) -> list[EditRecord]:

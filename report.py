@@ -77,14 +77,16 @@ def diagnostics_lines(rows: list[dict], editor: dict) -> list[str]:
                 f"({editor.get('stop_loss')}), {mean('at_clamp'):.1%} ended at the clamp |δ| = "
                 f"{editor.get('clamp_factor')}·|h|; the answer's NLL at z was {_number(mean('nll_mean'), '.3f')} "
                 f"nats per token on average (worst {_number(None if None in worst else max(worst), '.3f')}), "
-                f"after {mean('steps'):.1f} of at most {editor.get('n_steps')} losses. ES cannot exceed what z "
-                f"reaches."]
+                f"after {mean('steps'):.1f} of at most {editor.get('n_steps')} losses (per group: results.json)."]
     if "epochs" in rows[0]:
-        last = [r["epoch_losses"][-1] for r in rows]
-        return [f"- LocFT-BF: {', '.join(str(r['epochs']) for r in rows)} epoch(s) of at most "
-                f"{editor.get('n_epochs')} ({', '.join(str(r['steps']) for r in rows)} Adam steps) per group; the "
-                f"last epoch's loss {', '.join(_number(x, '.3g') for x in last)} nats per target token "
-                f"(early stop under {editor.get('loss_threshold')}). Each epoch's loss: results.json."]
+        def spread(values: list, fmt: str = "") -> str:  # every group's value, or the range of many
+            if len(values) > 3 and None not in values:
+                return f"{format(min(values), fmt)}–{format(max(values), fmt)} over {len(values)} groups"
+            return ", ".join(_number(v, fmt) for v in values)
+        return [f"- LocFT-BF: {spread([r['epochs'] for r in rows])} epoch(s) of at most {editor.get('n_epochs')} "
+                f"({spread([r['steps'] for r in rows])} Adam steps) per group; the last epoch's loss "
+                f"{spread([r['epoch_losses'][-1] for r in rows], '.3g')} nats per target token (early stop under "
+                f"{editor.get('loss_threshold')}). Each epoch's loss: results.json."]
     return []
 
 

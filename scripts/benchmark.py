@@ -4,7 +4,8 @@ python scripts/benchmark.py --data ZSRE.json --tokenizer DIR [--model gpt2] [--m
                             [--threads 1] [--steps 1] [--out DIR]
 
 For each m: the first m records of --data (real zsRE, e.g. ../shared/data/zsre/zsre_mend_train-1k.json)
-make one group, tokenised by --tokenizer (e.g. ../shared/data/gpt2-tokenizer) and batched as
+make one group, tokenised by --tokenizer (needed by gpt2 and gpt-j, e.g. ../shared/data/gpt2-tokenizer;
+the model's own by default) and batched as
 data/groups.py batches it. The model is the real architecture with random weights (`gpt2`: GPT2Config(),
 GPT-2 124M; `gpt-j`: GPTJConfig(), 6B; a model with a `tiny` config: as in the tests), or a real model
 that needs no hub (`smollm2`, converted once into cache/); nothing is downloaded. The editor is config/editor/malmen.yaml (A.6: rank 1920, hyper-network batch 1024) on the
@@ -38,7 +39,7 @@ def arguments() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", required=True, help="zsRE records (MEND format), e.g. zsre_mend_train-1k.json")
     p.add_argument("--tokenizer", help="tokenizer folder or name, e.g. ../shared/data/gpt2-tokenizer (default: the "
-                   "model's own; gpt2 for the random-weight models)")
+                   "model's own; needed by the random-weight gpt2 and gpt-j)")
     p.add_argument("--model", default="gpt2", help="gpt2, gpt-j (random weights), a tiny model config, or a model "
                    "whose weights need no hub (smollm2)")
     p.add_argument("--m", type=int, nargs="+", default=[64], help="numbers of edits (one group each); one per "
@@ -51,8 +52,22 @@ def arguments() -> argparse.ArgumentParser:
     return p
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The arguments, checked: one line and exit 2 (argparse's) for a missing --data file, m < 1, or a
+    random-weight model without --tokenizer (its default would be the hub's gpt2)."""
+    p = arguments()
+    args = p.parse_args(argv)
+    if not Path(args.data).is_file():
+        p.error(f"--data {args.data}: no such file")
+    if min(args.m) < 1 or args.steps < 1 or args.threads < 1 or args.batch_size < 1:
+        p.error("--m, --steps, --threads and --batch-size must be >= 1")
+    if args.model in ("gpt2", "gpt-j") and args.tokenizer is None:
+        p.error(f"--model {args.model} (random weights) needs --tokenizer, e.g. ../shared/data/gpt2-tokenizer")
+    return args
+
+
 if __name__ == "__main__":  # --help and bad arguments answer before torch is imported (it takes seconds)
-    arguments().parse_args()
+    parse()
 
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
@@ -122,8 +137,8 @@ def build_model(name: str, tokenizer: str | None, device: str):
     if name not in ("gpt2", "gpt-j") and mc.tiny is None:  # real weights, converted or local
         experiment.materialize(cfg)
         model, tok = experiment.load(cfg)
-    elif mc.tiny is not None:
-        model, _ = load_model(arch=mc.arch, family=mc.family, name_or_path=None, tokenizer=None, dtype=mc.dtype,
+    elif mc.tiny is not None:  # with its own tokenizer (a byte-level one): the tiny vocabulary is 257
+        model, tok = load_model(arch=mc.arch, family=mc.family, name_or_path=None, tokenizer=None, dtype=mc.dtype,
                               tiny=OmegaConf.to_container(mc.tiny), device=device)
     else:
         from transformers import GPT2Config, GPT2LMHeadModel, GPTJConfig, GPTJForCausalLM
@@ -132,10 +147,14 @@ def build_model(name: str, tokenizer: str | None, device: str):
         with torch.device(device):
             model = built[name]().to(dtype).eval()
         model.requires_grad_(False)
-    if tokenizer is not None or tok is None:
+    if tokenizer is not None:
         from transformers import AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(tokenizer or "gpt2")
+        tok = AutoTokenizer.from_pretrained(tokenizer)
         tok.pad_token = tok.pad_token or tok.eos_token
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tok) > rows:
+        sys.exit(f"error: --tokenizer {tokenizer} has {len(tok)} tokens, more than model {name}'s {rows} "
+                 "embeddings: leave --tokenizer out to use the model's own")
     return cfg, model, tok
 
 
@@ -205,7 +224,7 @@ def table(results: list[dict], args, env: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = arguments().parse_args(argv)
+    args = parse(argv)
     torch.set_num_threads(args.threads)
     results = []
     for m in args.m:  # one process: the peak memory of a later m is max(earlier, its own); run one m per call

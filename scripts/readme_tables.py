@@ -4,7 +4,8 @@ usage: python scripts/readme_tables.py table DIR [DIR ...] [--by KEY ...] [--csv
        python scripts/readme_tables.py check DIR [DIR ...] [--readme README.md] [--name default_seed0] [--tol 0.03]
 
 `table` reads every results.json under the DIRs (run or sweep directories, searched recursively) and
-prints one Markdown table per (model, data, m): a "before editing" row (the runs' pre_edit), then one
+prints one Markdown table per (model, data, m): a "before editing" row (the runs' pre_edit, one value per
+seed, since the editors of one seed edit the same groups; runs of a seed that disagree are refused), then one
 row per editor and ablation variant (and per value of each `--by` config key, e.g. `--by n_epochs`),
 with ES, GS and LS as mean (std over seeds, numpy's ddof=0; the mean alone for one seed). Under each
 table goes one provenance line: the command of each row (rebuilt from the runs' .hydra/overrides.yaml),
@@ -116,6 +117,20 @@ def _sortable(value) -> tuple:
     return (0, value, "") if isinstance(value, (int, float)) and not isinstance(value, bool) else (1, 0, str(value))
 
 
+def _level_before(runs: list[Run], seed: int, tol: float = 1e-6) -> list[float]:
+    """[ES, GS, LS] before editing of the runs of `seed`, which must agree (the same validation groups);
+    AggregateError naming two runs that do not."""
+    mine = [r for r in runs if r.seed == seed]
+    for r in mine[1:]:
+        for k in METRICS:
+            if not abs(r.pre_edit[k] - mine[0].pre_edit[k]) <= tol:
+                raise AggregateError(r.path, "pre_edit", f"{k} {r.pre_edit[k]:.6g} before editing, but "
+                                     f"{mine[0].pre_edit[k]:.6g} in {mine[0].path} (seed {seed}, same m): the runs "
+                                     "edited other validation groups (another max_valid_steps or validation file) "
+                                     "or measured them otherwise; put them in separate tables")
+    return [mine[0].pre_edit[k] for k in METRICS]
+
+
 def build_tables(runs: list[Run], by: list[str]) -> list[dict]:
     """One table per (model, data, m): {title, rows, runs}; the first row is before editing."""
     with np.errstate(invalid="ignore"):  # an infinite value: n/a in the table
@@ -134,8 +149,8 @@ def build_tables(runs: list[Run], by: list[str]) -> list[dict]:
         if lacking:
             raise AggregateError(lacking.path, "pre_edit", "missing")
         seeds = sorted({r.seed for r in every})  # the editors of one seed edit the same groups: one value per seed
-        per_seed = [np.mean([[r.pre_edit[k] for k in METRICS] for r in every if r.seed == s], axis=0) for s in seeds]
-        before = {**_row(BEFORE, every, per_seed, " ".join(map(str, seeds))), "n": len(seeds)}
+        before = {**_row(BEFORE, every, [_level_before(every, s) for s in seeds], " ".join(map(str, seeds))),
+                  "n": len(seeds)}
         tables.append({"title": f"m = {m} ({model}, {data})", "rows": [before, *rows], "runs": every})
     return tables
 

@@ -81,6 +81,20 @@ def test_override_typo_is_one_line_naming_the_closest_key(tmp_path, args, line):
     assert not modules & set(HEAVY) and not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("args,line", [
+    (["editor=memit", "editor.n_steps=0"], "error: editor.n_steps must be an integer >= 1, got 0"),
+    (["editor=memit", "editor.clamp_factor=-1"], "error: editor.clamp_factor must be > 0, got -1"),
+    (["editor=locft_bf", "editor.batch_size=0"], "error: editor.batch_size must be an integer >= 1, got 0"),
+    (["editor=emmet", "editor.lam_e=-0.5"], "error: editor.lam_e must be >= 0, got -0.5"),
+    (["data.n_edits=0"], "error: data.n_edits must be an integer >= 1, got 0"),
+])
+def test_setting_out_of_range_is_one_line_naming_the_key(tmp_path, args, line):
+    """A number of the right kind but out of range (n_steps=0 would report targets never optimised)."""
+    code, err, modules, _ = main_py(tmp_path, "model=tiny-gpt2", "data=zsre", *args, f"hydra.run.dir={tmp_path / 'run'}")
+    assert code == 2 and err == [line], err
+    assert not modules & set(HEAVY) and not (tmp_path / "run").exists()
+
+
 def test_override_problems_in_process():
     assert override_problem(["-m", "editor=malmen,memit", "editor.lam=3"]) == (
         "editor.lam=3: the config with editor=malmen has no key 'editor.lam'; to add a new key, write +editor.lam=3")

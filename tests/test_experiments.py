@@ -306,3 +306,15 @@ def test_memory_benchmark_reports_both_procedures(tmp_path):
     two_stage, end_to_end = (float(r["peak_mb"]) / 1024 for r in rows)  # the table is in GiB, as the plot
     assert f"| 4 | {two_stage:.2f} | {end_to_end:.2f} | {ratio:.2f} |" in proc.stdout
     assert (out / "memory.png").stat().st_size > 0 and (out / "memory.md").read_text() in proc.stdout
+
+
+def test_speed_benchmark_runs_offline_on_a_tiny_model(tmp_path):
+    """scripts/benchmark.py on tiny-llama with its own (byte-level) tokenizer: every phase timed, no hub."""
+    data = write_records(tmp_path / "zsre.json", qa_records(8), "zsre")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "scripts/benchmark.py", "--data", str(data), "--model", "tiny-llama",
+                           "--m", "4", "--out", str(tmp_path / "bench")], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((tmp_path / "bench" / "benchmark.json").read_text())["results"][0]
+    assert result["m"] == 4 and all(result["phases"][k][1] > 0 for k in ("meta-step", "validation group")), result

@@ -100,9 +100,9 @@ def sweep(tmp_path):
     for seed, final, load, day in ((0, (0.4, 0.2, 1.0), 0.5, "02"), (1, (0.5, 0.2, 0.9), 1.5, "03"),
                                    (2, (0.9, 0.2, 0.8), 1.0, "02")):
         write_result(root / f"{seed}_malmen", final=final, seed=seed, overrides=[f"seed={seed}", "n_epochs=40"],
+                     pre=(0.0, 0.0, 0.96 if seed == 1 else 1.0),  # seed 1's groups: another level before editing
                      env={**ENV, "load_1min": load, "date": f"2026-01-{day}T10:00:00+00:00"})
-    write_result(root / "mend", final=(0.125, 0.25, 0.75), pre=(0.0, 0.0, 0.96), editor="mend", env=None,
-                 overrides=["editor=mend"])
+    write_result(root / "mend", final=(0.125, 0.25, 0.75), editor="mend", env=None, overrides=["editor=mend"])
     return root
 
 
@@ -118,9 +118,9 @@ def test_table_means_stds_before_row_and_provenance(sweep, capsys):
     lines = out.splitlines()
     assert lines[:5] == [
         "| m = 256 (toy-gpt2, synthetic) | seeds | ES | GS | LS |", "|---|---|---|---|---|",
-        # pre_edit per seed: LS (1 + 0.96) / 2 = 0.98 (seed 0: MALMEN and MEND), 1, 1 -> mean 0.9933,
-        # std over the 3 seeds sqrt((0.01333^2 + 2 * 0.00667^2) / 3) = 0.0094
-        "| before editing | 3 | 0.000 (0.000) | 0.000 (0.000) | 0.993 (0.009) |",
+        # pre_edit, one value per seed (seed 0: MALMEN's and MEND's, equal): LS 1, 0.96, 1 -> mean 0.9867,
+        # std over the 3 seeds sqrt((2 * 0.01333^2 + 0.02667^2) / 3) = 0.0189
+        "| before editing | 3 | 0.000 (0.000) | 0.000 (0.000) | 0.987 (0.019) |",
         "| MEND | 1 | 0.125 | 0.250 | 0.750 |",  # one seed: the mean alone
         # ES 0.4, 0.5, 0.9 -> 0.6, sqrt((0.04 + 0.01 + 0.09) / 3) = 0.216; LS 1, 0.9, 0.8 -> 0.9, 0.0816
         "| MALMEN | 3 | 0.600 (0.216) | 0.200 (0.000) | 0.900 (0.082) |"]
@@ -130,6 +130,14 @@ def test_table_means_stds_before_row_and_provenance(sweep, capsys):
     assert "Commit abc1234;" in note and "Test CPU, 2 cores, torch threads 1, no GPU" in note
     assert "load (1 min, at the end) 0.50–1.50" in note and "date 2026-01-02 to 2026-01-03" in note
     assert "environment not recorded for 1 of 4 runs" in note
+
+
+def test_table_refuses_runs_of_one_seed_with_other_levels_before_editing(sweep, capsys):
+    """Editors of one seed edit the same groups; a different pre_edit means other groups (e.g. another
+    max_valid_steps): one value for the row would be neither run's."""
+    write_result(sweep / "ft", final=(0.3, 0.2, 0.9), pre=(0.0, 0.1, 1.0), editor="ft", overrides=["editor=ft"])
+    code, _, err = tables(capsys, "table", sweep)
+    assert code == 2 and "field 'pre_edit'" in err and "GS" in err and "seed 0" in err, err
 
 
 def test_table_rows_by_a_config_key(tmp_path, capsys):
