@@ -26,7 +26,8 @@ def no_gain_warning(pre: dict | None, post: dict | None, editor: str) -> str | N
     if post["ES"] > pre["ES"] or pre["ES"] >= 1.0:
         return None  # it rose, or there was nothing left to raise
     return (f"warning: editor {editor} did not raise ES (before {pre['ES']:.3f}, after {post['ES']:.3f}): "
-            "the edits did not take. See the README's results for this editor and model.")
+            "the edits did not take. The tiny random models run the code, not the method (docs/experiments.md); "
+            "for the others, the README's results and results.md's diagnostics say what to expect.")
 
 
 def results_markdown(results: dict, run_dir: Path) -> str:
