@@ -14,7 +14,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from data.facts import read_facts, require_subjects
-from data.records import EditRecord, require_file
+from data.records import DataError, EditRecord, load_records, require_file
 
 MODES = ("train", "edit")
 EDITORS = ("malmen", "mend", "ft", "memit", "emmet", "locft_bf")
@@ -34,7 +34,20 @@ def check_run(cfg: DictConfig, run_dir: Path) -> list[EditRecord] | None:
     facts = check_edit(cfg, run_dir) if cfg.mode == "edit" else None
     for path in data_files(cfg):
         require_file(path)
+    check_validation_size(cfg)
     return facts
+
+
+def check_validation_size(cfg: DictConfig) -> None:
+    """A validation file with fewer records than m makes no group: refused now, not after the model loads.
+    Its records are read (and checked) here; a bad record is refused as load_records refuses it."""
+    path = cfg.data.valid_path
+    if cfg.mode != "train" or cfg.max_valid_steps == 0 or path is None:
+        return
+    n = len(load_records(path, cfg.data.format))
+    if n < cfg.data.n_edits:
+        raise DataError(path, None, None, f"has {n} records, fewer than data.n_edits={cfg.data.n_edits}: no "
+                        "validation group of m edits")
 
 
 def check_config(cfg: DictConfig) -> None:

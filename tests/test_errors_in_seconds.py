@@ -13,7 +13,7 @@ from cli import override_problem
 from experiment import run
 from preflight import check_config
 from report import results_markdown, terminal_summary
-from tests.conftest import ROOT, make_cfg
+from tests.conftest import ROOT, make_cfg, qa_records, write_records
 from tests.test_checkpoint import train_cfg
 from tests.test_default import TINY_WORLD
 from tests.test_edit import FACTS
@@ -92,6 +92,15 @@ def test_setting_out_of_range_is_one_line_naming_the_key(tmp_path, args, line):
     """A number of the right kind but out of range (n_steps=0 would report targets never optimised)."""
     code, err, modules, _ = main_py(tmp_path, "model=tiny-gpt2", "data=zsre", *args, f"hydra.run.dir={tmp_path / 'run'}")
     assert code == 2 and err == [line], err
+    assert not modules & set(HEAVY) and not (tmp_path / "run").exists()
+
+
+def test_validation_file_smaller_than_m_is_refused_before_torch(tmp_path):
+    valid = write_records(tmp_path / "valid.json", qa_records(6), "zsre")
+    code, err, modules, _ = main_py(tmp_path, "model=tiny-gpt2", "data=zsre", "editor=ft", f"data.valid_path={valid}",
+                                    "data.n_edits=8", f"hydra.run.dir={tmp_path / 'run'}")
+    assert code == 2 and err == [f"error: {valid}: has 6 records, fewer than data.n_edits=8: no validation group "
+                                 "of m edits"], err
     assert not modules & set(HEAVY) and not (tmp_path / "run").exists()
 
 
