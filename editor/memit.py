@@ -140,7 +140,7 @@ class MEMIT(Editor):
         """The last edit's target vectors: of n requests, the fraction whose loss reached `stop_loss`
         (`converged`) and whose delta ended at the clamp (`at_clamp`), the mean number of losses
         (`steps`), the answer's mean token NLL at z (nats; mean and max) and |delta| / |h| (mean and
-        max). ES after the edit cannot exceed what z reaches; these show which limit binds."""
+        max): whether the targets themselves were reached, or what held them back (steps, clamp)."""
         t = self.targets
         if not t:
             return {}
@@ -162,7 +162,7 @@ class MEMIT(Editor):
         n, n_ctx = len(reqs), len(self.prefixes)
         texts, ends = contexts(reqs, self.prefixes)  # (n * P,) request-major, context 0 the bare prompt
         z, self.targets = target_vectors(self.model, self.tokenizer, reqs, self.prefixes, self.block,
-                                              self.inject, device=self.device, **self.target_args)  # (n, d)
+                                         self.inject, device=self.device, **self.target_args)  # (n, d)
         self.z = z
         shifts, self.solves = {}, {}
         for i, (name, module) in enumerate(self.modules.items()):
