@@ -63,7 +63,8 @@ def _number(x: float | None, fmt: str) -> str:
 
 def diagnostics_lines(rows: list[dict], editor: dict) -> list[str]:
     """results.md lines from the validation groups' editor diagnostics (Editor.diagnostics): what bounded
-    the edit. MEMIT/EMMET: their target vectors z, weighted by edits; LocFT-BF: epochs, steps, losses."""
+    the edit. MEMIT/EMMET: their target vectors z and how near the edited model came to them, weighted by
+    edits; LocFT-BF: epochs, steps, losses."""
     if not rows:
         return []
     if "targets" in rows[0]:
@@ -74,11 +75,23 @@ def diagnostics_lines(rows: list[dict], editor: dict) -> list[str]:
             values = [x[key] for x in t]
             return None if None in values else sum(v * x["n"] for v, x in zip(values, t)) / n
         worst = [x["nll_max"] for x in t]
-        return [f"- Target vectors z ({n} edits): {mean('converged'):.1%} reached the stop loss "
-                f"({editor.get('stop_loss')}), {mean('at_clamp'):.1%} ended at the clamp |δ| = "
-                f"{editor.get('clamp_factor')}·|h|; the answer's NLL at z was {_number(mean('nll_mean'), '.3f')} "
-                f"nats per token on average (worst {_number(None if None in worst else max(worst), '.3f')}), "
-                f"after {mean('steps'):.1f} of at most {editor.get('n_steps')} losses (per group: results.json)."]
+        lines = [f"- Target vectors z ({n} edits): {mean('converged'):.1%} reached the stop loss "
+                 f"({editor.get('stop_loss')}), {mean('at_clamp'):.1%} ended at the clamp |δ| = "
+                 f"{editor.get('clamp_factor')}·|h|; the answer's NLL at z was {_number(mean('nll_mean'), '.3f')} "
+                 f"nats per token on average (worst {_number(None if None in worst else max(worst), '.3f')}), "
+                 f"after {mean('steps'):.1f} of at most {editor.get('n_steps')} losses (per group: results.json)."]
+        if "solve" in rows[0]:
+            s = [r["solve"] for r in rows]
+            gap = None if any(x["z_gap_mean"] is None for x in s) else sum(
+                x["z_gap_mean"] * y["n"] for x, y in zip(s, t)) / n
+            worst = [x["z_gap_max"] for x in s]
+            last = [list(x["residual"].values())[-1] for x in s]  # the last layer's: it takes the rest of z - h
+            lines.append(f"- Edited model against z: after the edit, |z - h| at the bare prompts is "
+                         f"{_number(gap, '.1%')} of what it was on average (worst "
+                         f"{_number(None if None in worst else max(worst), '.1%')}); the last layer's solve missed "
+                         f"its share of z - h by {_number(None if None in last else max(last), '.1%')} on average (the "
+                         f"largest over groups; every layer's: results.json, `solve`).")
+        return lines
     if "epochs" in rows[0]:
         def spread(values: list, fmt: str = "") -> str:  # every group's value, or the range of many
             if len(values) > 3 and None not in values:

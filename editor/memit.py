@@ -117,6 +117,7 @@ class MEMIT(Editor):
         self.solves: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # last edit's (K, R, C) per layer
         self.z = torch.zeros(0)  # last edit's target vectors (n, d)
         self.targets: dict[str, torch.Tensor] = {}  # last edit's per request: steps, loss, nll, delta_ratio
+        self.fit: dict[str, torch.Tensor] = {}  # last edit's per request: each layer's solve residual, z_gap
 
     def conditioned(self, name: str, fix: str) -> Check:
         """A check for the systems of module `name`'s solve: IllPosedSolve when kappa > 1 / eps of the
@@ -140,15 +141,27 @@ class MEMIT(Editor):
         """The last edit's target vectors: of n requests, the fraction whose loss reached `stop_loss`
         (`converged`) and whose delta ended at the clamp (`at_clamp`), the mean number of losses
         (`steps`), the answer's mean token NLL at z (nats; mean and max) and |delta| / |h| (mean and
-        max): whether the targets themselves were reached, or what held them back (steps, clamp)."""
+        max): whether the targets themselves were reached, or what held them back (steps, clamp).
+
+        `solve`: where the edited model stands against z, per request i. `residual` per layer: the
+        solve's relative miss on the keys it was given, |Delta k_i - r_i| / |r_i| (mean; 0: that layer
+        took its share r_i exactly). `z_gap`: |z_i - h_i'| / |z_i - h_i| after every layer's update, h
+        at the bare prompt after layer L before (h) and after (h') the edit (mean and max; 0: the edited
+        model reaches z there, 1: it did not move). A small residual with a large z_gap means the
+        loss lies past the solves: the bare prompt's keys are not the template means they fitted, and
+        each update also moves the states the later layers read."""
         t = self.targets
         if not t:
             return {}
         ratio, clamp = t["delta_ratio"], self.target_args["clamp_factor"]
-        return {"targets": {"n": len(ratio), "converged": frac(t["loss"] < self.target_args["stop_loss"]),
-                            "at_clamp": frac(ratio >= clamp * (1 - 1e-4)), "steps": mean(t["steps"]),
-                            "nll_mean": mean(t["nll"]), "nll_max": maximum(t["nll"]),
-                            "delta_ratio_mean": mean(ratio), "delta_ratio_max": maximum(ratio)}}
+        gap = self.fit["z_gap"]
+        solve = {"residual": {name: mean(self.fit[name]) for name in self.modules},
+                 "z_gap_mean": mean(gap), "z_gap_max": maximum(gap)}
+        targets = {"n": len(ratio), "converged": frac(t["loss"] < self.target_args["stop_loss"]),
+                   "at_clamp": frac(ratio >= clamp * (1 - 1e-4)), "steps": mean(t["steps"]),
+                   "nll_mean": mean(t["nll"]), "nll_max": maximum(t["nll"]),
+                   "delta_ratio_mean": mean(ratio), "delta_ratio_max": maximum(ratio)}
+        return {"targets": targets, "solve": solve}
 
     def edit(self, batches: list[dict]) -> Shifts:
         raise NotImplementedError(f"{self.name} needs each edit's subject: call edit_group(group) or edit_records")
@@ -164,16 +177,24 @@ class MEMIT(Editor):
         z, self.targets = target_vectors(self.model, self.tokenizer, reqs, self.prefixes, self.block,
                                          self.inject, device=self.device, **self.target_args)  # (n, d)
         self.z = z
-        shifts, self.solves = {}, {}
+        shifts, self.solves, self.fit = {}, {}, {}
         for i, (name, module) in enumerate(self.modules.items()):
             with apply_shifts(self.model, shifts, self.name):  # keys and h_L see the earlier layers' updates
                 keys, hidden = subject_states(self.model, self.tokenizer, texts, ends, {name: module}, self.block,
                                               self.batch_size * n_ctx, self.device)
             k = template_mean(keys[name].view(n, n_ctx, -1)).T.to(self.dtype)  # (d_in, n)
             h = hidden.view(n, n_ctx, -1)[:, 0].T.to(self.dtype)  # (d, n) at the bare prompt, where z is
+            if i == 0:
+                h_before = h  # (d, n): no layer updated yet
             resid = (z.T.to(self.dtype) - h) / (len(self.modules) - i)  # (d_out, n): this layer's share
             cov = self.covs[name].to(self.dtype)
             delta = self.layer_delta(name, k, resid, cov)  # (d_out, d_in)
             shifts[f"{name}.weight"] = to_param_layout(module, delta)
             self.solves[name] = (k, resid, cov)
+            self.fit[name] = (delta @ k - resid).norm(dim=0) / resid.norm(dim=0)  # (n,)
+        with apply_shifts(self.model, shifts, self.name):  # h after layer L in the edited model, bare prompts
+            _, h_after = subject_states(self.model, self.tokenizer, texts[::n_ctx], ends[::n_ctx], {}, self.block,
+                                        self.batch_size, self.device)  # (n, d)
+        z64 = z.to(self.dtype)
+        self.fit["z_gap"] = (z64 - h_after.to(self.dtype)).norm(dim=1) / (z64 - h_before.T).norm(dim=1)  # (n,)
         return shifts

@@ -35,12 +35,14 @@ def test_every_editor_trains_and_validates(tmp_path, editor):
     assert len(results["valid"]) == 1 and len(results["train"]) == (editor in ("malmen", "mend"))
     diag = saved["valid"][0].get("editor")  # what the edit did, recorded per validation group
     md = (tmp_path / "results.md").read_text()
-    assert ("- Target vectors z (" in md) == (editor in ("memit", "emmet")) and ("- LocFT-BF: " in md) == (
+    located = editor in ("memit", "emmet")
+    assert ("- Target vectors z (" in md) == ("- Edited model against z: " in md) == located and ("- LocFT-BF: " in md) == (
         editor == "locft_bf")
     if editor in ("memit", "emmet"):
         t = diag["targets"]
         assert t["n"] == saved["config"]["data"]["n_edits"] and 1 <= t["steps"] <= saved["config"]["editor"]["n_steps"]
         assert 0 <= t["converged"] <= 1 and 0 < t["delta_ratio_mean"] <= saved["config"]["editor"]["clamp_factor"]
+        assert len(diag["solve"]["residual"]) == len(saved["config"]["editor"]["layers"])
     elif editor == "locft_bf":
         assert 1 <= diag["epochs"] == len(diag["epoch_losses"]) <= saved["config"]["editor"]["n_epochs"]
     else:

@@ -11,9 +11,11 @@ import torch.nn.functional as F
 
 from data.collate import IGNORE
 from data.records import EditRecord
+from editor.base import apply_shifts, from_param_layout
 from editor.locate import Suffixes, TargetLoss, context_prefixes, requests, target_vectors
 from editor.locft_bf import LocFTBF, concat, with_eos
 from experiment import build_editor, stats_texts
+from report import diagnostics_lines
 from tests.conftest import build_model, make_cfg, one_group
 from tests.test_located import edited, world, world_cfg  # noqa: F401 (world is a fixture)
 
@@ -226,6 +228,41 @@ def test_emmet_puts_the_whole_residual_on_its_one_layer(world, tmp_path):
     delta = shifts[f"{name}.weight"].T  # Conv1D layout -> (d_out, d_in)
     # equality constraints up to the stabiliser lam * lam_e = 2 against k^T C^-1 k ~ d_in = 128 (0.6% here)
     assert (delta @ k - r).norm() < 0.02 * r.norm()
+
+
+@pytest.mark.parametrize("editor_name", ["memit", "emmet"])
+def test_solve_diagnostics_against_the_edited_models_forward_pass(world, tmp_path, editor_name):
+    """`solve` in diagnostics: each layer's |Delta k - r| / |r| on the solve's own K, R and the applied shift, and
+    z_gap = |z - h'| / |z - h| with h, h' the output of block L at the bare prompt, run alone, before and after."""
+    cfg = world_cfg(world, tmp_path, editor_name, "editor.n_prefixes=2", "editor.n_steps=3", *F64)
+    editor, group, model, shifts = edited(cfg)
+    solve = editor.diagnostics()["solve"]
+    assert list(solve["residual"]) == list(editor.solves)  # every critical layer, in layer order
+    for name, (k, r, _) in editor.solves.items():
+        delta = from_param_layout(editor.modules[name], shifts[f"{name}.weight"])  # (d_out, d_in)
+        want = ((delta @ k - r).norm(dim=0) / r.norm(dim=0)).mean()
+        assert solve["residual"][name] == pytest.approx(float(want), rel=1e-9)
+    tok = editor.tokenizer
+    before = torch.stack([last_token_state(model, editor.block, tok, r.prompt, output=True) for r in group.records])
+    with apply_shifts(model, shifts):
+        after = torch.stack([last_token_state(model, editor.block, tok, r.prompt, output=True)
+                             for r in group.records])
+    gap = (editor.z - after).norm(dim=1) / (editor.z - before).norm(dim=1)
+    assert solve["z_gap_mean"] == pytest.approx(float(gap.mean()), rel=1e-9)
+    assert solve["z_gap_max"] == pytest.approx(float(gap.max()), rel=1e-9)
+    assert 0 < solve["z_gap_mean"] < 1  # the edit moved h towards z, not onto it
+
+
+def test_results_md_weighs_the_groups_z_gap_by_their_edits():
+    targets = dict(converged=0.5, at_clamp=0.0, steps=3.0, nll_mean=0.1, nll_max=0.2)
+    rows = [{"targets": {**targets, "n": 1}, "solve": {"residual": {"a": 0.9, "b": 0.01}, "z_gap_mean": 0.2,
+                                                        "z_gap_max": 0.3}},
+            {"targets": {**targets, "n": 3}, "solve": {"residual": {"a": 0.9, "b": 0.04}, "z_gap_mean": 0.6,
+                                                        "z_gap_max": 0.7}}]
+    line = diagnostics_lines(rows, {})[1]  # (0.2 * 1 + 0.6 * 3) / 4 = 0.5; the last layer "b", largest 0.04
+    assert "is 50.0% of what it was on average (worst 70.0%)" in line and "by 4.0% on average" in line
+    rows[1]["solve"]["z_gap_mean"] = None  # not finite in one group: never averaged into a number
+    assert "is n/a (not finite) of what" in diagnostics_lines(rows, {})[1]
 
 
 # ----- statistics: wikitext by default for real models, never silently -------------------------------------------
