@@ -91,7 +91,8 @@ def edit_and_save(model: nn.Module, tokenizer, editor: Editor, group: EditGroup,
             os.chmod(path, default_mode(directory=path.is_dir()))
         record = {**provenance, "n_facts": len(group.records),
                   "n_rephrases": sum(len(r.equiv_prompts) for r in group.records),
-                  "edited_parameters": sorted(shifts), "before": before, "after": after, "edit_time_s": edit_time}
+                  "edited_parameters": sorted(shifts), "before": before, "after": after, "edit_time_s": edit_time,
+                  "diagnostics": editor.diagnostics() or None}  # what bounded the edit (MEMIT, EMMET, LocFT-BF)
         save_json(record, tmp / "provenance.json")
         os.replace(tmp, out_dir)  # POSIX: replaces a missing or empty directory at once
     except BaseException:

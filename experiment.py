@@ -54,8 +54,8 @@ def stats_texts(cfg: DictConfig) -> list[str]:
         except ValueError as err:
             raise ValueError(
                 f"editor {cfg.editor.name}: the key statistics C of model {cfg.model.name} come from wikitext-103 "
-                f"(model.memit.stats_source: {cfg.model.memit.stats_source}; MEMIT's authors used 100,000 Wikipedia "
-                f"samples), but {err}. Without the hub, or a copy of it in the `datasets` cache, run with "
+                f"(editor.stats_source=wikitext, the default for model {cfg.model.name}: "
+                f"{cfg.model.memit.stats_source}; MEMIT's authors used 100,000 Wikipedia samples), but {err}. Without the hub, or a copy of it in the `datasets` cache, run with "
                 "editor.stats_source=train: C from the prompts and NQ questions of data.train_path, a "
                 "different text than the authors' (say so with the numbers)") from err
     raise ValueError(f"editor.stats_source must be train or wikitext, got {source!r}")
@@ -88,7 +88,8 @@ def build_editor(cfg: DictConfig, model: torch.nn.Module, dtype: torch.dtype = t
     e, family = cfg.editor, cfg.model.family
     if e.name in ("memit", "emmet", "locft_bf"):
         return build_located(cfg, model, tokenizer)
-    modules = resolve_modules(model, list(e.modules))
+    modules = resolve_modules(model, list(e.modules), "editor.modules (default: the model config's "
+                              + ("ft_modules)" if e.name == "ft" else "edit_modules)"))
     if e.name == "ft":
         return FT(model, family, modules, lr=e.lr, weight_decay=e.weight_decay, n_epochs=e.n_epochs,
                   device=cfg.model_device)

@@ -32,8 +32,8 @@ def check_run(cfg: DictConfig, run_dir: Path) -> list[EditRecord] | None:
     The user's own facts are checked before the data files (which say how to download them)."""
     check_config(cfg)
     facts = check_edit(cfg, run_dir) if cfg.mode == "edit" else None
-    for path in data_files(cfg):
-        require_file(path)
+    for path, why in data_files(cfg):
+        require_file(path, why)
     check_validation_size(cfg)
     return facts
 
@@ -86,12 +86,28 @@ def check_editor(cfg: DictConfig) -> None:
         raise ValueError(f"editor {e.name} needs model.{LOCATED[e.name]} in the config of model {cfg.model.name} "
                          "(see docs/configuration.md)")
     check_ranges(cfg)
+    if e.name in ("memit", "emmet"):
+        check_layers(e.layers)
+    if e.name == "emmet" and isinstance(e.lam, (int, float)) and not e.lam > 0:
+        raise ValueError(f"editor.lam must be > 0 for emmet, got {e.lam!r}: it scales the key statistics C, and "
+                         "EMMET's solve inverts lambda C")
     if e.name in ("memit", "emmet") and e.stats_source not in ("train", "wikitext"):
         raise ValueError(f"editor.stats_source must be train or wikitext, got {e.stats_source!r}")
     if e.name in META_TRAINED and e.aggregation not in ("normal_equation", "sum"):
         raise ValueError(f"editor.aggregation must be normal_equation or sum, got {e.aggregation!r}")
     if e.get("checkpoint"):
         check_checkpoint(e.checkpoint)
+
+
+def check_layers(layers) -> None:
+    """MEMIT/EMMET's editor.layers: a non-empty list of distinct layer indices >= 0 (whether the model has
+    them is checked where the model is built, listing the modules it has)."""
+    values = list(layers) if OmegaConf.is_list(layers) or isinstance(layers, (list, tuple)) else None
+    if not values or any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in values):
+        raise ValueError(f"editor.layers must be a non-empty list of layer indices >= 0, e.g. editor.layers=[5], "
+                         f"got {layers!r}")
+    if len(set(values)) < len(values):
+        raise ValueError(f"editor.layers lists a layer twice: {values} (each critical layer is edited once)")
 
 
 def check_ranges(cfg: DictConfig) -> None:
@@ -128,14 +144,18 @@ def check_edit(cfg: DictConfig, run_dir: Path) -> list[EditRecord]:
     return facts
 
 
-def data_files(cfg: DictConfig) -> list[str]:
-    """The data files this run will read (null paths: the synthetic world, generated later)."""
+def data_files(cfg: DictConfig) -> list[tuple[str, str]]:
+    """The data files this run will read, each with why when that is not plain (null paths: the synthetic
+    world, generated later)."""
     e = cfg.editor
-    train = (cfg.mode == "train" and e.name in META_TRAINED and cfg.n_epochs > 0) or \
-        (e.name in ("memit", "emmet") and e.stats_source == "train")  # MEMIT/EMMET's key statistics
+    stats = e.name in ("memit", "emmet") and e.stats_source == "train"
+    train = (cfg.mode == "train" and e.name in META_TRAINED and cfg.n_epochs > 0) or stats
     valid = cfg.mode == "train" and cfg.max_valid_steps != 0
-    paths = ([cfg.data.train_path] if train else []) + ([cfg.data.valid_path] if valid else [])
-    return [p for p in paths if p is not None]
+    why = (f"data.train_path: editor {e.name} reads its records' prompts and NQ questions for the key "
+           "statistics C (editor.stats_source=train); data.train_path=FILE names any file of such records"
+           if stats else "")
+    files = ([(cfg.data.train_path, why)] if train else []) + ([(cfg.data.valid_path, "")] if valid else [])
+    return [(path, why) for path, why in files if path is not None]
 
 
 def check_threads(threads) -> None:

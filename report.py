@@ -61,6 +61,25 @@ def _number(x: float | None, fmt: str) -> str:
     return "n/a (not finite)" if x is None else format(x, fmt)
 
 
+def _solve_line(groups: list[dict], n: int) -> str:
+    """MEMIT/EMMET's `solve` diagnostics of every group (of n edits in all) in one line, weighted by the
+    requests that asked for a change (`moved`); a group none of whose requests did has no ratios."""
+    s = [x for x in groups if x["moved"]]
+    moved = sum(x["moved"] for x in s)
+    if not s:
+        return "- Edited model against z: no edit asked for a change (every z was already h: the loss met stop_loss)."
+    gap = None if any(x["z_gap_mean"] is None for x in s) else sum(x["z_gap_mean"] * x["moved"] for x in s) / moved
+    worst = [x["z_gap_max"] for x in s]
+    last = [list(x["residual"].values())[-1] for x in s]  # the last layer's: it takes the rest of z - h
+    skipped = n - moved
+    return (f"- Edited model against z ({moved} edits that asked for a change"
+            + (f"; {skipped} whose z was already h left out" if skipped else "") + "): after the edit, |z - h| at the "
+            f"bare prompts is {_number(gap, '.1%')} of what it was on average (worst "
+            f"{_number(None if None in worst else max(worst), '.1%')}); the last layer's solve missed its share "
+            f"of z - h by {_number(None if None in last else max(last), '.1%')} (mean over edits; the worst group's). "
+            "Every layer's: results.json, `solve`.")
+
+
 def diagnostics_lines(rows: list[dict], editor: dict) -> list[str]:
     """results.md lines from the validation groups' editor diagnostics (Editor.diagnostics): what bounded
     the edit. MEMIT/EMMET: their target vectors z and how near the edited model came to them, weighted by
@@ -81,16 +100,7 @@ def diagnostics_lines(rows: list[dict], editor: dict) -> list[str]:
                  f"nats per token on average (worst {_number(None if None in worst else max(worst), '.3f')}), "
                  f"after {mean('steps'):.1f} of at most {editor.get('n_steps')} losses (per group: results.json)."]
         if "solve" in rows[0]:
-            s = [r["solve"] for r in rows]
-            gap = None if any(x["z_gap_mean"] is None for x in s) else sum(
-                x["z_gap_mean"] * y["n"] for x, y in zip(s, t)) / n
-            worst = [x["z_gap_max"] for x in s]
-            last = [list(x["residual"].values())[-1] for x in s]  # the last layer's: it takes the rest of z - h
-            lines.append(f"- Edited model against z: after the edit, |z - h| at the bare prompts is "
-                         f"{_number(gap, '.1%')} of what it was on average (worst "
-                         f"{_number(None if None in worst else max(worst), '.1%')}); the last layer's solve missed "
-                         f"its share of z - h by {_number(None if None in last else max(last), '.1%')} on average (the "
-                         f"largest over groups; every layer's: results.json, `solve`).")
+            lines.append(_solve_line([r["solve"] for r in rows], n))
         return lines
     if "epochs" in rows[0]:
         def spread(values: list, fmt: str = "") -> str:  # every group's value, or the range of many
@@ -114,6 +124,8 @@ def edit_markdown(results: dict) -> str:
     warning = no_gain_warning(results["before"], results["after"], results["editor"]["name"])
     if warning:
         lines.append(f"- **{warning}**")
+    if results.get("diagnostics"):  # per edit as in a run's results.md (provenance.json: `diagnostics`)
+        lines += diagnostics_lines([results["diagnostics"]], results["config"]["editor"])
     lines += ["", f"Time {results['time_s']:.1f} s. Edited model: `{results['out_dir']}` (with provenance.json); "
               "reload it with `" + " ".join(results["reload"]) + "`."]
     return "\n".join(lines) + "\n"

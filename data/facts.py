@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from data.records import DataError, EditRecord, _Fields, read_objects
+from data.subjects import requests
 
 if TYPE_CHECKING:  # data.collate and data.groups import torch; reading facts (main.py's checks) must not
     from data.collate import Collator
@@ -153,12 +154,14 @@ def check_consistent(facts: list[EditRecord], path: str) -> None:
 
 
 def require_subjects(facts: list[EditRecord], path: str, editor: str) -> None:
-    """MEMIT and EMMET edit at the subject's last token: every fact needs a `subject` field."""
+    """MEMIT and EMMET edit at the subject's last token: every fact needs a `subject` field that occurs in
+    its prompt; DataError naming the file, the fact and the field otherwise (before the model loads)."""
     for fact in facts:
         if fact.subject is None:
             raise DataError(path, fact.index, "subject", f"missing: editor {editor} edits at the last token of "
                             "the subject, so every fact needs a 'subject' (a part of its prompt, e.g. "
                             "\"Paris\" in \"Paris is the capital of\"); or use editor=malmen, mend, ft or locft_bf")
+    requests(facts, path, editor)  # each subject found in its prompt, as the editor will look for it
 
 
 def fact_group(facts: list[EditRecord], batch_size: int, collator: Collator, path: str) -> EditGroup:

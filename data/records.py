@@ -79,12 +79,13 @@ def load_records(path: str, fmt: str) -> list[EditRecord]:
     return records
 
 
-def require_file(path: str) -> None:
-    """DataError naming `path` and how to get the paper's data when it does not exist (main.py checks this
-    before the heavy imports; load_records again)."""
+def require_file(path: str, why: str = "") -> None:
+    """DataError naming `path`, `why` the run reads it (if given) and how to get the paper's data when it
+    does not exist (main.py checks this before the heavy imports; load_records again)."""
     if not Path(path).exists():  # most often the paper's data, not downloaded yet
         where = "" if Path(path).is_absolute() else f" (looked for {Path(path).resolve()})"
-        raise DataError(path, None, None, f"cannot read file: missing{where}; `python scripts/download_data.py` "
+        why = f" ({why})" if why else ""
+        raise DataError(path, None, None, f"cannot read file: missing{where}{why}; `python scripts/download_data.py` "
                                           "downloads the paper's zsRE and FEVER splits")
 
 

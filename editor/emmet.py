@@ -38,6 +38,6 @@ class EMMET(MEMIT):
         self.lam_e = lam_e
 
     def layer_delta(self, name: str, keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
-        fix = (f"more statistics text ({self.more_text}) for lambda C; a larger editor.lam_e (now {self.lam_e:g}) "
-               "for the other")
+        fix = (f"for lambda C, more statistics text ({self.more_text}) or a larger editor.lam (now {self.lam:g}); "
+               f"for K^T (lambda C)^-1 K + lambda_e I, a larger editor.lam_e (now {self.lam_e:g})")
         return emmet_delta(keys, resid, self.lam * cov, self.lam_e, self.conditioned(name, fix))

@@ -58,7 +58,7 @@ class LocFTBF(Editor):
         super().__init__(model, family, device)
         if family != "classifier" and eos_id is None:
             raise ValueError("editor locft_bf: the tokenizer has no EOS token to append to the targets")
-        resolve_modules(model, [module])  # a clear error (listing the modules) on a bad name
+        resolve_modules(model, [module], "editor.module (default: the model config's locft_module)")
         self.param = f"{module}.weight"
         self.lr, self.batch_size, self.n_epochs = lr, batch_size, n_epochs
         self.loss_threshold, self.eos_id, self.seed = loss_threshold, eos_id, seed

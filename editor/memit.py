@@ -23,8 +23,9 @@ from typing import Callable
 import torch
 from torch import nn
 
+from data.subjects import requests
 from editor.base import Editor, Shifts, apply_shifts, frac, maximum, mean, to_param_layout
-from editor.locate import context_prefixes, contexts, requests, subject_states, target_vectors, template_mean
+from editor.locate import context_prefixes, contexts, subject_states, target_vectors, template_mean
 from editor.stats import key_second_moments, model_fingerprint, sample_texts
 from model.load import resolve_modules
 
@@ -85,7 +86,8 @@ class MEMIT(Editor):
             raise ValueError(f"editor {self.name}: module must be a template with {{}} for the layer "
                              f"(got {module!r}) and layers non-empty (got {layers!r})")
         self.tokenizer, self.lam = tokenizer, lam
-        self.modules = resolve_modules(model, [module.format(i) for i in sorted(layers)])  # in layer order
+        self.modules = resolve_modules(model, [module.format(i) for i in sorted(layers)],  # in layer order
+                                       f"editor.layers={list(layers)} in editor.module={module!r}")
         # z lives after the block of the last critical layer: the module path up to its layer index
         self.block = model.get_submodule(module[: module.index("{}") + 2].format(max(layers)))
         self.inject = self.modules[module.format(max(layers))]
@@ -143,20 +145,22 @@ class MEMIT(Editor):
         (`steps`), the answer's mean token NLL at z (nats; mean and max) and |delta| / |h| (mean and
         max): whether the targets themselves were reached, or what held them back (steps, clamp).
 
-        `solve`: where the edited model stands against z, per request i. `residual` per layer: the
-        solve's relative miss on the keys it was given, |Delta k_i - r_i| / |r_i| (mean; 0: that layer
-        took its share r_i exactly). `z_gap`: |z_i - h_i'| / |z_i - h_i| after every layer's update, h
-        at the bare prompt after layer L before (h) and after (h') the edit (mean and max; 0: the edited
-        model reaches z there, 1: it did not move). A small residual with a large z_gap means the
-        loss lies past the solves: the bare prompt's keys are not the template means they fitted, and
-        each update also moves the states the later layers read."""
+        `solve`: where the edited model stands against z, over the `moved` requests (z != h; one whose
+        loss met stop_loss before any step asks for no change and is left out). `residual` per layer:
+        the solve's relative miss on the keys it was given, |Delta k_i - r_i| / |r_i| (mean; 0: that
+        layer took its share r_i exactly). `z_gap`: |z_i - h_i'| / |z_i - h_i|, h the output of layer L
+        at the bare prompt before (h) and after (h') the edit (mean and max; 0: the edited model reaches
+        z there, 1: it did not move). A small residual with a large z_gap means the loss lies past the
+        solves: the bare prompt's keys are not the template means they fitted, and each update also
+        moves the states the later layers read."""
         t = self.targets
         if not t:
             return {}
         ratio, clamp = t["delta_ratio"], self.target_args["clamp_factor"]
-        gap = self.fit["z_gap"]
-        solve = {"residual": {name: mean(self.fit[name]) for name in self.modules},
-                 "z_gap_mean": mean(gap), "z_gap_max": maximum(gap)}
+        moved = self.fit["moved"]
+        gap = self.fit["z_gap"][moved]
+        solve = {"moved": int(moved.sum()), "residual": {name: mean(self.fit[name][moved]) for name in self.modules},
+                 "z_gap_mean": mean(gap), "z_gap_max": maximum(gap)} if moved.any() else {"moved": 0}
         targets = {"n": len(ratio), "converged": frac(t["loss"] < self.target_args["stop_loss"]),
                    "at_clamp": frac(ratio >= clamp * (1 - 1e-4)), "steps": mean(t["steps"]),
                    "nll_mean": mean(t["nll"]), "nll_max": maximum(t["nll"]),
@@ -195,6 +199,9 @@ class MEMIT(Editor):
         with apply_shifts(self.model, shifts, self.name):  # h after layer L in the edited model, bare prompts
             _, h_after = subject_states(self.model, self.tokenizer, texts[::n_ctx], ends[::n_ctx], {}, self.block,
                                         self.batch_size, self.device)  # (n, d)
-        z64 = z.to(self.dtype)
-        self.fit["z_gap"] = (z64 - h_after.to(self.dtype)).norm(dim=1) / (z64 - h_before.T).norm(dim=1)  # (n,)
+        need = (z.to(self.dtype) - h_before.T).norm(dim=1)  # (n,) |z - h|
+        # a request whose z is h (its loss met stop_loss before any step) asks for no change: left out of
+        # the ratios, which would be 0 / 0 or float noise over float noise (1e-4 |h| is far above the latter)
+        self.fit["moved"] = need > 1e-4 * h_before.norm(dim=0)
+        self.fit["z_gap"] = (z.to(self.dtype) - h_after.to(self.dtype)).norm(dim=1) / need  # (n,)
         return shifts

@@ -214,8 +214,9 @@ def _load_checkpoint(model: nn.Module, path: str) -> None:
             f"({err.__class__.__name__}: {str(err)[:500]})") from err
 
 
-def resolve_modules(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
-    """Map configured module names to nn.Linear / transformers Conv1D modules."""
+def resolve_modules(model: nn.Module, names: list[str], key: str = "editor.modules") -> dict[str, nn.Module]:
+    """Map configured module names to nn.Linear / transformers Conv1D modules; ValueError naming the config
+    `key` the names came from and listing the model's Linear/Conv1D modules if one cannot be resolved."""
     found, bad = {}, []
     for name in names:
         try:
@@ -228,7 +229,7 @@ def resolve_modules(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
             continue
         found[name] = module
     if bad:
-        raise ValueError("cannot resolve model.edit_modules / ft_modules: " + "; ".join(bad)
+        raise ValueError(f"cannot resolve {key}: " + "; ".join(bad)
                          + "\navailable Linear/Conv1D modules:\n  "
                          + "\n  ".join(linear_module_groups(model)))
     return found

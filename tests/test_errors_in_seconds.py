@@ -58,6 +58,32 @@ def test_bad_facts_are_refused_before_torch_and_leave_no_folder(tmp_path):
     assert list(tmp_path.glob("outputs/*/*")) == []  # no outputs/<date>/<time>_* folder
 
 
+def test_memit_subject_outside_its_prompt_is_refused_before_torch(tmp_path):
+    """MEMIT/EMMET locate the subject in the prompt: a typo costs one second, not the model and its statistics."""
+    facts = [{"prompt": "The capital of Freedonia is", "answer": "Fredville", "subject": "Freedonia"},
+             {"prompt": "Acme was founded in", "answer": "1901", "subject": "Acme Corp"}]
+    (tmp_path / "facts.json").write_text(json.dumps(facts))
+    code, err, modules, _ = main_py(tmp_path, "mode=edit", "model=tiny-gpt2", "editor=memit",
+                                    f"edit.facts={tmp_path / 'facts.json'}", f"hydra.run.dir={tmp_path / 'run'}")
+    assert code == 2 and err == [f"error: {tmp_path / 'facts.json'}: record 1: field 'subject': 'Acme Corp' does not "
+                                 "occur in the prompt 'Acme was founded in', so memit cannot find its last token"], err
+    assert not modules & set(HEAVY) and not (tmp_path / "run").exists()
+
+
+def test_memit_statistics_file_missing_says_why_it_is_read(tmp_path):
+    facts = [{"prompt": "The capital of Freedonia is", "answer": "Fredville", "subject": "Freedonia"}]
+    (tmp_path / "facts.json").write_text(json.dumps(facts))
+    train = tmp_path / "datasets" / "zsre" / "zsre_mend_train.json"
+    code, err, modules, _ = main_py(tmp_path, "mode=edit", "model=tiny-gpt2", "data=zsre", "editor=emmet",
+                                    f"data_dir={train.parents[1]}",
+                                    f"edit.facts={tmp_path / 'facts.json'}", f"hydra.run.dir={tmp_path / 'run'}")
+    assert code == 2 and err == [f"error: {train}: cannot read file: missing (data.train_path: editor emmet reads its "
+                                 "records' prompts and NQ questions for the key statistics C (editor.stats_source="
+                                 "train); data.train_path=FILE names any file of such records); `python "
+                                 "scripts/download_data.py` downloads the paper's zsRE and FEVER splits"], err
+    assert not modules & set(HEAVY) and not (tmp_path / "run").exists()
+
+
 def test_refusal_after_warnings_leaves_no_folder(tmp_path):
     """The log then holds the warnings, which the terminal showed too: the folder goes all the same."""
     facts = [{**FACTS[0], "rephrase": ["typo of rephrases"]}, {"prompt": "p"}]  # a warning, then a refusal
@@ -87,6 +113,12 @@ def test_override_typo_is_one_line_naming_the_closest_key(tmp_path, args, line):
     (["editor=locft_bf", "editor.batch_size=0"], "error: editor.batch_size must be an integer >= 1, got 0"),
     (["editor=emmet", "editor.lam_e=-0.5"], "error: editor.lam_e must be >= 0, got -0.5"),
     (["data.n_edits=0"], "error: data.n_edits must be an integer >= 1, got 0"),
+    (["editor=memit", "editor.layers=2"], "error: editor.layers must be a non-empty list of layer indices >= 0, "
+                                         "e.g. editor.layers=[5], got 2"),
+    (["editor=emmet", "editor.layers=[1,1]"], "error: editor.layers lists a layer twice: [1, 1] (each critical "
+                                              "layer is edited once)"),
+    (["editor=emmet", "editor.lam=0"], "error: editor.lam must be > 0 for emmet, got 0: it scales the key "
+                                       "statistics C, and EMMET's solve inverts lambda C"),
 ])
 def test_setting_out_of_range_is_one_line_naming_the_key(tmp_path, args, line):
     """A number of the right kind but out of range (n_steps=0 would report targets never optimised)."""

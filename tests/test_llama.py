@@ -36,8 +36,8 @@ def test_every_editor_trains_and_validates(tmp_path, editor):
     diag = saved["valid"][0].get("editor")  # what the edit did, recorded per validation group
     md = (tmp_path / "results.md").read_text()
     located = editor in ("memit", "emmet")
-    assert ("- Target vectors z (" in md) == ("- Edited model against z: " in md) == located and ("- LocFT-BF: " in md) == (
-        editor == "locft_bf")
+    assert ("- Target vectors z (" in md) == ("- Edited model against z (" in md) == located
+    assert ("- LocFT-BF: " in md) == (editor == "locft_bf")
     if editor in ("memit", "emmet"):
         t = diag["targets"]
         assert t["n"] == saved["config"]["data"]["n_edits"] and 1 <= t["steps"] <= saved["config"]["editor"]["n_steps"]
@@ -68,6 +68,10 @@ def test_edit_mode_saves_a_model_that_reloads_with_the_edits(tmp_path, editor):
     modules["emmet"] = [m.memit.module.format(i) for i in m.memit.emmet.layers]  # EMMET: its own layer(s)
     expected = sorted(f"{n}.weight" for n in modules.get(editor, m.edit_modules))  # Llama's linears have no bias
     assert record["edited_parameters"] == expected
+    diag, md = record["diagnostics"], (tmp_path / "results.md").read_text()  # what bounded the edit, as in a run
+    assert (diag is not None) == (editor in ("memit", "emmet", "locft_bf"))
+    assert ("- Target vectors z (5 edits)" in md) == (editor in ("memit", "emmet")) == ("solve" in (diag or {}))
+    assert ("- LocFT-BF: " in md) == (editor == "locft_bf")
     model, tok = reloaded(cfg, tmp_path / "edited")
     group = fact_group(read_facts(str(facts)), 2, Collator(tok, "causal"), "facts.json")
     assert success(model, group.edit, "causal", "cpu").mean().item() == pytest.approx(record["after"]["ES"])

@@ -21,7 +21,7 @@ import editor.stats
 from data.records import DataError, EditRecord
 from editor.base import apply_shifts, from_param_layout
 from editor.emmet import EMMET
-from editor.locate import subject_end
+from data.subjects import subject_end
 from editor.locft_bf import LocFTBF, with_eos
 from editor.memit import condition_number, memit_delta
 from editor.stats import key_second_moments

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 
 from data.collate import IGNORE
 from data.records import EditRecord
+from data.subjects import requests
 from editor.base import apply_shifts, from_param_layout
-from editor.locate import Suffixes, TargetLoss, context_prefixes, requests, target_vectors
+from editor.locate import Suffixes, TargetLoss, context_prefixes, target_vectors
 from editor.locft_bf import LocFTBF, concat, with_eos
 from experiment import build_editor, stats_texts
 from report import diagnostics_lines
@@ -216,6 +217,18 @@ def test_emmet_reads_its_own_per_model_setting(model, layers, lam):
     assert cfg.editor.module == cfg.model.memit.module and cfg.editor.n_steps == 25
 
 
+@pytest.mark.parametrize("editor_name", ["memit", "emmet"])
+def test_a_layer_the_model_lacks_is_named_by_the_key_the_user_set(world, tmp_path, editor_name):
+    cfg = world_cfg(world, tmp_path, editor_name, "editor.layers=[1,99]")
+    torch.manual_seed(0)
+    model, tok = build_model(cfg)
+    with pytest.raises(ValueError) as err:
+        build_editor(cfg, model, tokenizer=tok)
+    msg = str(err.value)  # the key, the missing module, and the modules there are (layers 0-3 of tiny-gpt2)
+    assert msg.startswith("cannot resolve editor.layers=[1, 99] in editor.module='transformer.h.{}.mlp.c_proj': "
+                          "transformer.h.99.mlp.c_proj (no such module)") and "transformer.h.{0-3}.mlp.c_proj" in msg
+
+
 def test_emmet_puts_the_whole_residual_on_its_one_layer(world, tmp_path):
     cfg = world_cfg(world, tmp_path, "emmet", "editor.n_steps=3", *F64)
     editor, group, model, shifts = edited(cfg)
@@ -237,7 +250,7 @@ def test_solve_diagnostics_against_the_edited_models_forward_pass(world, tmp_pat
     cfg = world_cfg(world, tmp_path, editor_name, "editor.n_prefixes=2", "editor.n_steps=3", *F64)
     editor, group, model, shifts = edited(cfg)
     solve = editor.diagnostics()["solve"]
-    assert list(solve["residual"]) == list(editor.solves)  # every critical layer, in layer order
+    assert solve["moved"] == len(group.records) and list(solve["residual"]) == list(editor.solves)  # in layer order
     for name, (k, r, _) in editor.solves.items():
         delta = from_param_layout(editor.modules[name], shifts[f"{name}.weight"])  # (d_out, d_in)
         want = ((delta @ k - r).norm(dim=0) / r.norm(dim=0)).mean()
@@ -253,16 +266,26 @@ def test_solve_diagnostics_against_the_edited_models_forward_pass(world, tmp_pat
     assert 0 < solve["z_gap_mean"] < 1  # the edit moved h towards z, not onto it
 
 
-def test_results_md_weighs_the_groups_z_gap_by_their_edits():
+def test_results_md_weighs_the_groups_z_gap_by_the_edits_that_moved():
     targets = dict(converged=0.5, at_clamp=0.0, steps=3.0, nll_mean=0.1, nll_max=0.2)
-    rows = [{"targets": {**targets, "n": 1}, "solve": {"residual": {"a": 0.9, "b": 0.01}, "z_gap_mean": 0.2,
-                                                        "z_gap_max": 0.3}},
-            {"targets": {**targets, "n": 3}, "solve": {"residual": {"a": 0.9, "b": 0.04}, "z_gap_mean": 0.6,
-                                                        "z_gap_max": 0.7}}]
+    rows = [{"targets": {**targets, "n": 2}, "solve": {"moved": 1, "residual": {"a": 0.9, "b": 0.01},
+                                                        "z_gap_mean": 0.2, "z_gap_max": 0.3}},
+            {"targets": {**targets, "n": 3}, "solve": {"moved": 3, "residual": {"a": 0.9, "b": 0.04},
+                                                        "z_gap_mean": 0.6, "z_gap_max": 0.7}}]
     line = diagnostics_lines(rows, {})[1]  # (0.2 * 1 + 0.6 * 3) / 4 = 0.5; the last layer "b", largest 0.04
-    assert "is 50.0% of what it was on average (worst 70.0%)" in line and "by 4.0% on average" in line
+    assert "(4 edits that asked for a change; 1 whose z was already h left out)" in line
+    assert "is 50.0% of what it was on average (worst 70.0%)" in line and "by 4.0% (mean over edits" in line
     rows[1]["solve"]["z_gap_mean"] = None  # not finite in one group: never averaged into a number
     assert "is n/a (not finite) of what" in diagnostics_lines(rows, {})[1]
+    rows = [{"targets": {**targets, "n": 2}, "solve": {"moved": 0}}]
+    assert "no edit asked for a change" in diagnostics_lines(rows, {})[1]
+
+
+def test_requests_already_at_their_target_are_left_out_of_the_ratios(world, tmp_path):
+    """stop_loss above every loss: no step, z = h for every request; the ratios would be 0 / 0."""
+    cfg = world_cfg(world, tmp_path, "memit", "editor.n_prefixes=2", "editor.stop_loss=1e9", *F64)
+    editor, *_ = edited(cfg)
+    assert editor.diagnostics()["solve"] == {"moved": 0}
 
 
 # ----- statistics: wikitext by default for real models, never silently -------------------------------------------
