@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from model.load import hub_unreachable
 from util import save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -31,9 +32,17 @@ WIKITEXT = ("Salesforce/wikitext", "wikitext-103-raw-v1")  # the other text sour
 
 def wikitext_texts() -> list[str]:
     """Non-empty paragraphs of the wikitext-103 training split, through `datasets` (the hub, or a copy in
-    the datasets cache); ValueError saying why when it cannot be loaded."""
+    the datasets cache); ValueError saying why when it cannot be loaded. With no copy in the cache the
+    hub is probed once first (model.load.hub_unreachable): `datasets` alone retries for about 30 s."""
     try:
-        from datasets import load_dataset
+        from datasets import config, load_dataset
+        from huggingface_hub import constants
+        copy = Path(config.HF_DATASETS_CACHE) / WIKITEXT[0].replace("/", "___")  # <copy>/<config>/<version>/<hash>
+        if not constants.is_offline_mode() and not any(p.is_dir() for p in copy.glob("*/*/*")):
+            unreachable = hub_unreachable(constants.ENDPOINT)
+            if unreachable:
+                raise ConnectionError(f"{constants.ENDPOINT} cannot be reached ({unreachable}) and the datasets "
+                                      f"cache has no copy ({copy})")
         rows = load_dataset(*WIKITEXT, split="train")["text"]
     except Exception as err:  # offline: ConnectionError, hub errors, ... all mean "not available here"
         raise ValueError(f"cannot load {'/'.join(WIKITEXT)} through `datasets` "

@@ -134,7 +134,7 @@ def _pretrained(load, source: str, key: str, **kwargs):
         try:
             return load(source, local_files_only=True, **kwargs)
         except OSError:  # not (fully) in the cache: download it, if the hub answers
-            unreachable = _hub_unreachable(constants.ENDPOINT)
+            unreachable = hub_unreachable(constants.ENDPOINT)
             if unreachable:
                 raise OSError(f"{constants.ENDPOINT} cannot be reached: {unreachable}") from None
         return load(source, **kwargs)
@@ -146,7 +146,7 @@ def _pretrained(load, source: str, key: str, **kwargs):
 
 
 @functools.cache
-def _hub_unreachable(endpoint: str, timeout: float = HUB_PROBE_TIMEOUT) -> str | None:
+def hub_unreachable(endpoint: str, timeout: float = HUB_PROBE_TIMEOUT) -> str | None:
     """Why `endpoint` (HF_ENDPOINT) does not answer one HEAD request within `timeout` s, or None if it does.
 
     A status below 500 is an answer; 5xx (a gateway, an outage) is what huggingface_hub would retry for a

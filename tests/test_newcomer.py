@@ -21,7 +21,7 @@ from data.facts import read_facts
 from data.records import DataError, load_records
 from editor.base import NonFiniteEdit
 from experiment import run, run_edit
-from model.load import _hub_unreachable
+from model.load import hub_unreachable
 from report import no_gain_warning
 from scripts import download_data
 from tests.conftest import ROOT, build_model, make_cfg, qa_records, write_records
@@ -182,7 +182,7 @@ def test_hub_model_that_cannot_be_fetched_is_one_message(tmp_path):
 
 def _hub_answers() -> bool:
     """Whether the Hugging Face hub (HF_ENDPOINT) answers here; the test below needs it not to."""
-    return _hub_unreachable(constants.ENDPOINT) is None
+    return hub_unreachable(constants.ENDPOINT) is None
 
 
 def test_hub_model_is_refused_in_seconds_when_the_hub_cannot_be_reached(tmp_path):
@@ -261,6 +261,23 @@ def test_missing_data_files_say_how_to_get_them(tmp_path, monkeypatch):
         load_records("fever/x.json", "fever")
 
 
+def test_wikitext_statistics_are_refused_in_seconds_when_the_hub_cannot_be_reached(tmp_path):
+    """MEMIT's key statistics from wikitext-103 with an empty datasets cache and no network: `datasets` alone
+    retries for about 30 s; the hub is probed once first, so the refusal comes within the probe's timeout."""
+    if _hub_answers():
+        pytest.skip("the Hugging Face hub is reachable from this machine; this test needs it not to be")
+    env = {k: v for k, v in ENV.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env["HF_HOME"] = str(tmp_path / "hf")
+    code = ("import time; from editor.stats import wikitext_texts; from model.load import HUB_PROBE_TIMEOUT\n"
+            "start = time.time()\n"
+            "try: wikitext_texts()\n"
+            "except ValueError as err: print(time.time() - start, HUB_PROBE_TIMEOUT); print(err)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    took, limit = map(float, proc.stdout.splitlines()[0].split())
+    assert took < limit + 2, f"refused after {took:.1f} s"
+    assert "cannot be reached" in proc.stdout and "the datasets cache has no copy" in proc.stdout, proc.stdout
+
+
 def test_hub_probe_gives_up_in_seconds():
     """The probe before a download: a hub that never replies, refuses, or answers 5xx (what huggingface_hub
     retries for a minute) is unreachable within its timeout; any other status is an answer."""
@@ -280,11 +297,11 @@ def test_hub_probe_gives_up_in_seconds():
     closed.close()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}"
-        assert _hub_unreachable(url, timeout=2.0) is None  # 404 at the root: the host answers
-        assert _hub_unreachable(url + "/down", timeout=2.0) == "it answers HTTP 503"
-        assert "refused" in _hub_unreachable(f"http://127.0.0.1:{closed_port}", timeout=2.0).lower()
+        assert hub_unreachable(url, timeout=2.0) is None  # 404 at the root: the host answers
+        assert hub_unreachable(url + "/down", timeout=2.0) == "it answers HTTP 503"
+        assert "refused" in hub_unreachable(f"http://127.0.0.1:{closed_port}", timeout=2.0).lower()
         start = time.time()
-        assert _hub_unreachable(f"http://127.0.0.1:{silent.getsockname()[1]}", timeout=1.0)
+        assert hub_unreachable(f"http://127.0.0.1:{silent.getsockname()[1]}", timeout=1.0)
         assert time.time() - start < 3
     finally:
         server.shutdown()
