@@ -36,7 +36,7 @@ from model.toy import ensure_toy_model, world_tokenizer
 from pre_edit import PreEditCache, pre_edit_key
 from preflight import check_config, check_edit, check_editor
 from report import edit_markdown, results_markdown
-from util import (Logger, atomic_write, peak_memory_mb, run_environment, save_checkpoint, save_json,
+from util import (Logger, atomic_write, peak_memory_mb, run_environment, save_checkpoint, save_json, started_from,
                   seed_everything, set_threads)
 
 
@@ -55,7 +55,8 @@ def stats_texts(cfg: DictConfig) -> list[str]:
             raise ValueError(
                 f"editor {cfg.editor.name}: the key statistics C of model {cfg.model.name} come from wikitext-103 "
                 f"(editor.stats_source=wikitext, the default for model {cfg.model.name}: "
-                f"{cfg.model.memit.stats_source}; MEMIT's authors used 100,000 Wikipedia samples), but {err}. Without the hub, or a copy of it in the `datasets` cache, run with "
+                f"{cfg.model.memit.stats_source}; MEMIT's authors used 100,000 Wikipedia samples), but {err}. "
+                "Without the hub, or a copy of it in the `datasets` cache, run with "
                 "editor.stats_source=train: C from the prompts and NQ questions of data.train_path, a "
                 "different text than the authors' (say so with the numbers)") from err
     raise ValueError(f"editor.stats_source must be train or wikitext, got {source!r}")
@@ -224,6 +225,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     validation, and results carry no final or pre-edit metrics (None)."""
     start, cpu_start = time.time(), time.process_time()
     check_config(cfg)
+    environment = run_environment()  # its commit: the code this run imports (results.json names it)
     set_threads(cfg.threads)  # before the toy LM's pretraining, whose weights depend on it
     materialize(cfg)
     seed_everything(cfg.seed)
@@ -253,7 +255,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "cpu_time_s": time.process_time() - cpu_start,  # this process's CPU seconds: load moves it far less
         "stats_time_s": editor.stats_time_s,  # MEMIT/EMMET key statistics; 0 when loaded from the cache
         "peak_memory_mb": peak_memory_mb(device),
-        "environment": run_environment(),  # commit, machine, threads, load: the README tables' provenance
+        "environment": started_from(environment, run_environment()),  # the README tables' provenance
     }
     if valid_log and "residual" in valid_log[0]:
         results["residual"] = sum(v["residual"] for v in valid_log) / len(valid_log)

@@ -141,6 +141,16 @@ class Logger:
             self.run.finish()
 
 
+def started_from(start: dict, end: dict) -> dict:
+    """A run's environment (run_environment) at its `end`, with the commit and dirty flag of its `start`: the
+    code it imported. If the checkout moved while it ran, `checkout_changed` holds the end's (a module
+    imported late may come from that code)."""
+    env = {**end, "commit": start["commit"], "dirty": start["dirty"]}
+    if (end["commit"], end["dirty"]) != (start["commit"], start["dirty"]):
+        env["checkout_changed"] = {"commit": end["commit"], "dirty": end["dirty"]}
+    return env
+
+
 def run_environment() -> dict:
     """Where and when a run ran, for results.json: commit, date, machine, threads, load, versions.
 

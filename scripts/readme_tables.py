@@ -87,7 +87,9 @@ def provenance(runs: list[Run]) -> str:
     if not envs:
         return "Environment not recorded."
     commits = sorted({(e.get("commit") or "unknown (not a git checkout)")
-                      + (" (uncommitted changes)" if e.get("dirty") else "") for e in envs})
+                      + (" (uncommitted changes)" if e.get("dirty") else "")
+                      + (f" (checkout moved to {e['checkout_changed']['commit']} during the run)"
+                         if e.get("checkout_changed") else "") for e in envs})
     machines = sorted({f"{e.get('cpu')}, {e.get('cpu_count')} cores, torch threads {e.get('threads')}, "
                        f"{'GPU ' + e['gpu'] if e.get('gpu') else 'no GPU'}; torch {e.get('torch')}, "
                        f"transformers {e.get('transformers')}" for e in envs})

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,9 +15,10 @@ from safetensors.torch import load_file
 
 from experiment import run
 from scripts.readme_tables import main as tables_main
+from scripts.readme_tables import provenance
 from tests.conftest import ROOT, make_cfg
 from tests.test_default import TINY_WORLD
-from util import run_environment
+from util import run_environment, started_from
 
 FAST = [*TINY_WORLD, "n_epochs=2", "model.pretrain.epochs=20"]  # later overrides win
 
@@ -76,6 +78,17 @@ def test_run_environment_is_fast_and_never_fails(monkeypatch):
 # ----- scripts/readme_tables.py on hand-made results ----------------------------------------------
 ENV = {"commit": "abc1234", "dirty": False, "cpu": "Test CPU", "cpu_count": 2, "threads": 1, "gpu": None,
        "torch": "2.0", "transformers": "5.0", "load_1min": 0.5, "date": "2026-01-02T10:00:00+00:00"}
+
+
+def test_results_name_the_commit_a_run_started_from():
+    """A run imports the code of the commit it started from; the checkout may move while it runs."""
+    end = {**ENV, "commit": "def5678", "load_1min": 2.0}
+    env = started_from(ENV, end)
+    assert env["commit"] == "abc1234" and env["load_1min"] == 2.0  # the rest is the end's
+    assert env["checkout_changed"] == {"commit": "def5678", "dirty": False}
+    assert "checkout_changed" not in started_from(ENV, {**ENV, "load_1min": 3.0})
+    text = provenance([SimpleNamespace(environment=env)])  # the README tables' line under each table
+    assert "Commit abc1234 (checkout moved to def5678 during the run)" in text
 
 
 def write_result(path, *, final, pre=(0.0, 0.0, 1.0), editor="malmen", variant="none", seed=0, m=256,
