@@ -199,9 +199,10 @@ class MEMIT(Editor):
         with apply_shifts(self.model, shifts, self.name):  # h after layer L in the edited model, bare prompts
             _, h_after = subject_states(self.model, self.tokenizer, texts[::n_ctx], ends[::n_ctx], {}, self.block,
                                         self.batch_size, self.device)  # (n, d)
-        need = (z.to(self.dtype) - h_before.T).norm(dim=1)  # (n,) |z - h|
+        z64 = z.to(self.dtype)
+        need = (z64 - h_before.T).norm(dim=1)  # (n,) |z - h|
         # a request whose z is h (its loss met stop_loss before any step) asks for no change: left out of
         # the ratios, which would be 0 / 0 or float noise over float noise (1e-4 |h| is far above the latter)
         self.fit["moved"] = need > 1e-4 * h_before.norm(dim=0)
-        self.fit["z_gap"] = (z.to(self.dtype) - h_after.to(self.dtype)).norm(dim=1) / need  # (n,)
+        self.fit["z_gap"] = (z64 - h_after.to(self.dtype)).norm(dim=1) / need  # (n,)
         return shifts
