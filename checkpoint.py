@@ -12,12 +12,14 @@ import numpy as np
 import torch
 
 from edit_facts import BASE_KEYS, base_model
+from editor.hypernet import INPUT_VERSION
 from model.trace import weight_shape
 from util import load_checkpoint
 
 # What the hyper-network's weights depend on: the model and the modules it edits.
+# editor.token too: a network trained on answer tokens has not seen the prompt tokens token=all adds.
 LAYOUT_KEYS = ("model.arch", "model.name_or_path", "model.tiny", "editor.name", "editor.aggregation",
-               "editor.regularize", "editor.modules", "editor.rank", "editor.n_blocks")
+               "editor.regularize", "editor.modules", "editor.rank", "editor.n_blocks", "editor.token")
 # What else fixes the meta-training trajectory: a resumed run must agree on these too.
 TRAJECTORY_KEYS = ("seed", "model.dtype", "data.format", "data.train_path", "data.n_edits", "data.batch_size",
                    "editor.lr_init", "editor.lambda_init", "editor.meta_lr",
@@ -64,6 +66,33 @@ def refuse_old_network(net: dict, path: str | Path) -> None:
             "weights cannot be reinterpreted; meta-train the editor again")
 
 
+def refuse_old_inputs(state: dict, path: str | Path) -> None:
+    """Refuse a hyper-network trained on other inputs than this code gives it (editor/hypernet.py INPUT_VERSION):
+    before issue 25 value gradients shrank as 1/m and the normaliser did not standardise them."""
+    version = state.get("input_version", 1)
+    if version != INPUT_VERSION:
+        raise ValueError(
+            f"editor checkpoint {path} holds a hyper-network trained on inputs of version {version}; this code gives "
+            f"version {INPUT_VERSION}. Version 1 averaged the edit loss over the whole group (value gradients "
+            "shrinking as 1/m) and normalised with std = sqrt(var + 1e-8), which left value gradients of scale 1e-6 "
+            "almost unnormalised; the network has learnt those inputs and would be fed others. Meta-train the "
+            "editor again")
+
+
+def check_trained_m(trained: dict | None, m: int, path: str | Path, allow_other_m: bool) -> str | None:
+    """Refuse to evaluate, at m edits, a checkpoint meta-trained at another m, unless `allow_other_m`
+    (editor.allow_other_m=true); returns the label such results carry ("trained at m = X"), or None."""
+    if not trained or trained["m"] == m:
+        return None
+    if not allow_other_m:
+        raise ValueError(
+            f"editor checkpoint {path} was meta-trained at m = {trained['m']} edits and this run evaluates m = {m}. "
+            "The paper trains one hyper-network per m; to evaluate this one at another m anyway, add "
+            "editor.allow_other_m=true (results and tables then say 'trained at m = "
+            f"{trained['m']}')")
+    return f"trained at m = {trained['m']}"
+
+
 def as_base(config: dict) -> tuple[dict, str]:
     """`config` with its model's identity (BASE_KEYS) replaced by its base model's when the model was saved by
     mode=edit (a hyper-network trained for the base edits it again), and a note naming both; else as is."""
@@ -83,6 +112,7 @@ def load_editor_checkpoint(path: str | Path, editor, config: dict, keys: tuple[s
         found = sorted(state) if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"{path} is not an editor checkpoint: expected keys {list(REQUIRED)}, found {found}")
     refuse_old_network(state["net"], path)
+    refuse_old_inputs(state, path)
     (saved, saved_note), (current, note) = as_base(state["config"]), as_base(config)
     diffs = config_differences(saved, current, keys) + net_differences(state["net"], editor.net.state_dict())
     if diffs:

@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from checkpoint import load_editor_checkpoint, resume, rng_state
+from checkpoint import check_trained_m, load_editor_checkpoint, resume, rng_state
 from data.collate import Collator
 from data.facts import fact_group
 from data.groups import edit_groups, n_groups
@@ -239,9 +239,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     logger = Logger(cfg.logger, cfg.wandb.project, cfg.wandb.mode, config, run_dir)
     # editor.resume: continue the meta-training whose checkpoint is in this run directory
     done = resume(run_dir / "checkpoint.pt", editor, config) if cfg.editor.get("resume") else []
-    train_log = (train(cfg, editor, collator, logger, run_dir, config, done)
-                 if editor.trainable and cfg.n_epochs > 0 else done)
+    training = editor.trainable and cfg.n_epochs > 0 and cfg.max_train_steps != 0
     validating = cfg.max_valid_steps != 0  # 0: meta-training only
+    if validating and not training and editor.trainable and cfg.editor.checkpoint:  # one hyper-network per m
+        check_trained_m(editor.trained, cfg.data.n_edits, cfg.editor.checkpoint, cfg.editor.allow_other_m)
+    train_log = train(cfg, editor, collator, logger, run_dir, config, done) if training else done
     pre_edit = pre_edit_cache(cfg, model) if validating else None
     valid_log = validate(cfg, model, editor, collator, logger, pre_edit) if validating else []
     results = {
@@ -251,6 +253,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "final": mean_metrics(valid_log),
         "pre_edit": mean_metrics([v["pre_edit"] for v in valid_log]),
         "pre_edit_source": pre_edit.summary() if pre_edit else None,  # computed in this run or loaded
+        "trained": getattr(editor, "trained", None),  # MALMEN/MEND: the m, token, loss_reduction it was trained at
         "time_s": time.time() - start,
         "cpu_time_s": time.process_time() - cpu_start,  # this process's CPU seconds: load moves it far less
         "stats_time_s": editor.stats_time_s,  # MEMIT/EMMET key statistics; 0 when loaded from the cache
@@ -285,7 +288,8 @@ def run_edit(cfg: DictConfig, run_dir: Path, facts: list[EditRecord] | None = No
     provenance = {
         "facts": {"path": str(Path(cfg.edit.facts).resolve()), "sha256": file_sha256(cfg.edit.facts)},
         "editor": {"name": e.name, "checkpoint": e.get("checkpoint"),
-                   "checkpoint_sha256": file_sha256(e.checkpoint) if e.get("checkpoint") else None},
+                   "checkpoint_sha256": file_sha256(e.checkpoint) if e.get("checkpoint") else None,
+                   "trained": getattr(editor, "trained", None)},  # the m it was meta-trained at, for any m here
         "base_model": base,  # editor checkpoints trained for it accept this model (checkpoint.py)
         "reload": reload_overrides(cfg.model.name, out_dir, cfg.model.family, base["tiny"] is not None),
         "config": OmegaConf.to_container(cfg, resolve=True),

@@ -3,11 +3,22 @@ that an edit did nothing, and the clean-up of a refused run's output directory."
 import shutil
 from pathlib import Path
 
+# what model/lm.py `accuracy` computes per tuple, averaged over the group's tuples (experiment.evaluate)
 METRIC_MEANINGS = {
-    "ES": "edit success: the edited model gives the new answer to the edit prompt",
-    "GS": "generalisation success: it gives the new answer to an equivalent (rephrased) prompt",
-    "LS": "locality success: its answer to an unrelated prompt is unchanged",
+    "ES": "edit success: the teacher-forced token accuracy of the new answer after the edit prompt (the share of "
+          "its tokens that are the model's argmax; FEVER: whether the classifier gives the new label)",
+    "GS": "generalisation success: the same after an equivalent (rephrased) prompt",
+    "LS": "locality success: the same for an unrelated prompt and its own answer in the data (zsRE: the NQ "
+          "answer; FEVER: the claim's gold label), as in the paper; not whether the model's answer is unchanged, "
+          "so it can rise after editing",
 }
+
+
+def trained_label(results: dict) -> str | None:
+    """'trained at m = X' when the run's hyper-network was meta-trained at another m than it edited (the
+    `trained` record of results.json; editor.allow_other_m=true), else None. Every table shows it."""
+    trained = results.get("trained")
+    return f"trained at m = {trained['m']}" if trained and trained["m"] != results["config"]["data"]["n_edits"] else None
 
 
 def _table(rows: dict[str, dict]) -> list[str]:
@@ -42,6 +53,8 @@ def results_markdown(results: dict, run_dir: Path) -> str:
         lines += _table({"before editing": results["pre_edit"], "after editing": results["final"]})
         lines += [""] + [f"- **{k}**: {v}." for k, v in METRIC_MEANINGS.items()]
         lines.append(f"- Means over {len(results['valid'])} validation group(s) of m edits, each edited at once.")
+        if trained_at := trained_label(results):
+            lines.append(f"- The hyper-network was {trained_at}, not at this run's m (editor.allow_other_m=true).")
     if "residual" in results:
         lines.append(f"- Mean residual ‖S*u − d‖ / ‖d‖ (Fig. 8): {results['residual']:.3g}.")
     lines += diagnostics_lines([v["editor"] for v in results["valid"] if v.get("editor")], cfg["editor"])

@@ -14,12 +14,22 @@ import torch
 from torch import nn
 
 
+# What a checkpoint's hyper-network was trained on (checkpoint.py refuses any other):
+#   1  value gradients of an edit loss averaged over the whole group (they shrank as 1/m), and a normaliser
+#      std of sqrt(var + 1e-8), whose floor of 1e-4 left value-gradient channels of scale 1e-6 unnormalised
+#   2  the summed edit loss (model/trace.py) and the standardising normaliser below (issue 25)
+INPUT_VERSION = 2
+EPS = torch.finfo(torch.float32).eps  # 1.19e-7, added to the standard deviation (the authors' placement)
+
+
 class RunningNorm(nn.Module):
     """Feature-wise running mean and standard deviation (n - 1 denominator; Chan et al. merge),
-    applied as constants. MALMEN.update_norms folds in meta-training batches only: validation and
+    applied as constants: (x - mean) / (std + EPS). Every channel comes out standardised whatever its
+    scale: value gradients of scale 1e-6 as well as keys of scale 1 (a floor under std would leave the
+    small ones unnormalised). MALMEN.update_norms folds in meta-training batches only: validation and
     mode=edit never change the editor (the authors' runs also folded validation batches in)."""
 
-    def __init__(self, dim: int, eps: float = 1e-8):
+    def __init__(self, dim: int, eps: float = EPS):
         super().__init__()
         self.eps = eps
         self.register_buffer("count", torch.zeros(()))
@@ -37,10 +47,11 @@ class RunningNorm(nn.Module):
         self.count.copy_(total)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.count < 2:  # no statistics yet: identity
+        """x (n, dim) standardised per channel; the identity before two samples were seen."""
+        if self.count < 2:
             return x
-        std = (self.m2 / (self.count - 1)).clamp(min=0).add(self.eps).sqrt()
-        return (x - self.mean) / std
+        std = (self.m2 / (self.count - 1)).clamp(min=0).sqrt()  # (dim,)
+        return (x - self.mean) / (std + self.eps)
 
 
 class HyperNet(nn.Module):

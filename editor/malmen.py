@@ -14,16 +14,18 @@ import torch
 from torch import nn
 
 from editor.base import Editor, Shifts, from_param_layout, shifted, to_param_layout
-from editor.hypernet import HyperNet
+from editor.hypernet import INPUT_VERSION, HyperNet
 from editor.normal_equation import NormalEquation, SolveError  # noqa: F401  (SolveError: part of this API)
 from model.lm import answer_tokens, kl, logits, nll, to_device
 from model.trace import trace, weight_shape
 
 
-# How L_gen, L_loc and the edit loss reduce over a group (editor.loss_reduction):
+# How the meta losses L_gen and L_loc reduce over a group (editor.loss_reduction):
 #   token_mean  mean over all answer tokens of the group: the batch-size-free form of the authors' runs
 #               (each LM batch's token mean, added; clipping removes the common scale)
 #   sum         the paper's written formulas: sums over answer tokens, divided by m
+# The edit loss, whose value gradients are the hyper-network's input, is neither: it is summed over the
+# answer tokens, so that one edit's inputs do not depend on m or its group (model/trace.py).
 REDUCTIONS = ("token_mean", "sum")
 
 
@@ -61,6 +63,7 @@ class MALMEN(Editor):
                 net.log_lambda.requires_grad_(False)
         self.opt = torch.optim.Adam([p for p in self.net.parameters() if p.requires_grad], lr=meta_lr)
         self.step = 0
+        self.trained: dict | None = None  # {m, token, loss_reduction} of the meta-training; None untrained
 
     # ----- pieces shared by inference and training -----------------------------------------
     def _net(self, name: str) -> tuple[HyperNet, int]:
@@ -76,7 +79,7 @@ class MALMEN(Editor):
     def cache(self, batches: list[dict]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Keys and value gradients of the edit tuples, per module."""
         return trace(self.model, self.modules, batches, self.family, self.token, self.device,
-                     self.cache_device, self.dtype, token_mean=self.loss_reduction == "token_mean")
+                     self.cache_device, self.dtype)
 
     def _denominator(self, group, batches: list[dict]) -> int:
         """What the summed per-example losses of `batches` are divided by (editor.loss_reduction)."""
@@ -225,12 +228,15 @@ class MALMEN(Editor):
         metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
         self.opt.step()
         self.step += 1
+        self.trained = {"m": len(group.records), "token": self.token, "loss_reduction": self.loss_reduction}
         return metrics
 
     def state_dict(self) -> dict:
-        return {"net": self.net.state_dict(), "opt": self.opt.state_dict(), "step": self.step}
+        """The checkpoint's editor part; `input_version` says what inputs the network was trained on."""
+        return {"net": self.net.state_dict(), "opt": self.opt.state_dict(), "step": self.step,
+                "trained": self.trained, "input_version": INPUT_VERSION}
 
     def load_state_dict(self, state: dict) -> None:
         self.net.load_state_dict(state["net"])
         self.opt.load_state_dict(state["opt"])
-        self.step = state["step"]
+        self.step, self.trained = state["step"], state.get("trained")

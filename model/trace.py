@@ -3,12 +3,19 @@
 A linear layer maps key u (its input) to value v (its output). For nn.Linear the weight is
 (d_out, d_in); GPT-2's Conv1D stores it transposed, (d_in, d_out), but its input and output are
 still key and value, so tracing is identical and only the shift must be transposed (editor.base).
+
+The edit loss is the SUM of the answer tokens' cross-entropies, not a mean over the group: one edit's
+(key, value-gradient) pairs then depend on nothing but that edit, whatever m, the other edits of its group
+and data.batch_size (tests/test_trace.py checks it token by token). The authors' runs take each fixed-size
+LM batch's token mean (32 edits on zsRE): their value gradients are these divided by that batch's answer
+tokens (about 87 with GPT-2 tokens), a near-constant factor that the hyper-network's input normaliser
+removes (editor/hypernet.py). A mean over the whole group instead shrinks every input as 1/m (issue 25).
 """
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from model.lm import answer_mask, answer_tokens, logits, nll, to_device
+from model.lm import answer_mask, logits, nll, to_device
 
 
 def weight_shape(module: nn.Module) -> tuple[int, int]:
@@ -36,12 +43,11 @@ def token_mask(batch: dict, family: str, module_name: str, token: str) -> torch.
 
 
 def trace(model: nn.Module, modules: dict[str, nn.Module], batches: list[dict], family: str,
-          token: str, device, cache_device, dtype: torch.dtype = torch.float32, token_mean: bool = False
+          token: str, device, cache_device, dtype: torch.dtype = torch.float32
           ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Run the edit tuples, back-propagate L = -sum_i log p(y_i | x_i) (divided by the answer tokens
-    of all `batches` when `token_mean`), and return per module keys (n, d_in) and value gradients
+    """Run the edit tuples, back-propagate L = -sum_i log p(y_i | x_i) (summed over every answer token:
+    independent of the group, see above), and return per module keys (n, d_in) and value gradients
     (n, d_out) of the selected tokens, in `dtype` on `cache_device`."""
-    scale = 1 / answer_tokens(batches, family) if token_mean else 1.0
     keys = {n: [] for n in modules}
     grads = {n: [] for n in modules}
     for batch in batches:
@@ -57,7 +63,7 @@ def trace(model: nn.Module, modules: dict[str, nn.Module], batches: list[dict], 
         finally:
             for h in hooks:
                 h.remove()
-        loss = nll(lg, batch, family).sum() * scale
+        loss = nll(lg, batch, family).sum()
         names = list(modules)
         value_grads = torch.autograd.grad(loss, [seen[n][1] for n in names])
         for n, g in zip(names, value_grads):

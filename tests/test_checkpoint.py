@@ -69,6 +69,26 @@ def test_checkpoint_for_another_model_or_layout_is_refused(tmp_path):
     with pytest.raises(ValueError, match="model.arch: checkpoint 'gpt2', this run 'gptj'"):
         build_editor(cfg, build_model(cfg)[0])
 
+    cfg = make_cfg("model=tiny-gpt2", "editor=malmen", "editor.rank=32", "editor.token=all", ckpt)
+    with pytest.raises(ValueError, match="editor.token: checkpoint 'ans', this run 'all'"):
+        build_editor(cfg, build_model(cfg)[0])
+
+
+def test_a_checkpoint_is_evaluated_at_its_own_m_unless_asked(tmp_path):
+    """The paper trains one hyper-network per m: evaluating a checkpoint of m = 4 at m = 2 needs
+    editor.allow_other_m=true, and its results then say what it was trained at."""
+    (tmp_path / "train").mkdir()
+    run(train_cfg(tmp_path, "max_train_steps=1"), tmp_path / "train")
+    ckpt = f"editor.checkpoint={tmp_path / 'train' / 'checkpoint.pt'}"
+    with pytest.raises(ValueError, match="meta-trained at m = 4 edits and this run evaluates m = 2.*"
+                                         "editor.allow_other_m=true"):
+        run(train_cfg(tmp_path, "n_epochs=0", "data.n_edits=2", ckpt), tmp_path)
+    assert not (tmp_path / "results.json").exists()
+    results = run(train_cfg(tmp_path, "n_epochs=0", "data.n_edits=2", ckpt, "editor.allow_other_m=true"), tmp_path)
+    assert results["trained"] == {"m": 4, "token": "ans", "loss_reduction": "token_mean"}
+    assert "trained at m = 4" in (tmp_path / "results.md").read_text()
+    assert run(train_cfg(tmp_path, "n_epochs=0", ckpt), tmp_path)["trained"]["m"] == 4  # its own m: no switch
+
 
 def test_resumed_training_equals_uninterrupted(tmp_path):
     whole, cut = tmp_path / "whole", tmp_path / "cut"

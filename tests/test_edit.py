@@ -88,7 +88,8 @@ def test_malmen_edits_with_its_checkpoint(tmp_path):
     record = run_edit(edit_cfg(tmp_path, "tiny-gpt2", tmp_path / "facts.csv", "editor=malmen", "editor.rank=32",
                                f"editor.checkpoint={ckpt}"), tmp_path)
     assert record["editor"] == {"name": "malmen", "checkpoint": str(ckpt),
-                                "checkpoint_sha256": hashlib.sha256(ckpt.read_bytes()).hexdigest()}
+                                "checkpoint_sha256": hashlib.sha256(ckpt.read_bytes()).hexdigest(),
+                                "trained": {"m": 4, "token": "ans", "loss_reduction": "token_mean"}}  # any m edits
     assert record["edited_parameters"] == ["transformer.h.2.mlp.c_proj.weight", "transformer.h.3.mlp.c_proj.weight"]
     assert (tmp_path / "edited" / "model.safetensors").is_file()
 

@@ -5,7 +5,7 @@ import torch
 from omegaconf import OmegaConf
 
 from checkpoint import load_editor_checkpoint
-from editor.hypernet import HyperNet
+from editor.hypernet import INPUT_VERSION, HyperNet, RunningNorm
 from experiment import build_editor
 from tests.conftest import build_model, make_cfg, one_group, records_for
 from util import save_checkpoint
@@ -81,3 +81,34 @@ def test_checkpoints_with_per_layer_statistics_are_refused(trained, tmp_path):
     save_checkpoint({"net": old, "opt": {}, "step": 1, "config": config}, path)
     with pytest.raises(ValueError, match="earlier version of this project.*norms.*meta-train the editor again"):
         load_editor_checkpoint(path, build_editor(cfg, model), config)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_normaliser_standardises_channels_of_any_scale(dtype):
+    """Value-gradient channels of scale 1e-6 (SmolLM2's, issue 25) and key channels of scale 1e3 alike come
+    out with mean 0 and standard deviation 1: the epsilon is added to the std, 1.19e-7, far under 1e-6."""
+    torch.manual_seed(0)
+    scales = torch.tensor([1e-6, 1e-3, 1.0, 1e3], dtype=dtype).repeat_interleave(8)  # (32,)
+    x = (torch.randn(4096, 32, dtype=torch.float64) * 3 + 5).to(dtype) * scales  # (n, 32), mean 5 * scale
+    norm = RunningNorm(32).to(dtype)
+    for chunk in x.split(1000):  # merged batch by batch, as meta-training feeds it
+        norm.update(chunk)
+    z = norm(x).double()
+    torch.testing.assert_close(z.mean(0), torch.zeros(32, dtype=torch.float64), rtol=0, atol=1e-3)
+    # the 1e-6 channels keep 1 - 1.19e-7 / 3e-6 = 0.96 of their std; a floor of 1e-4 would leave them at 0.03
+    assert ((z.std(0) - 1).abs() < 0.05).all(), z.std(0)
+
+
+def test_checkpoints_of_the_old_inputs_are_refused(trained, tmp_path):
+    """A network trained before issue 25 (value gradients shrinking as 1/m, the sqrt(var + 1e-8) normaliser)
+    was fed other inputs than this code gives it: refused, with the reason."""
+    cfg, model, editor, _ = trained
+    config = OmegaConf.to_container(cfg, resolve=True)
+    state = {**editor.state_dict(), "config": config}
+    assert state["input_version"] == INPUT_VERSION == 2
+    del state["input_version"]  # as written before issue 25
+    save_checkpoint(state, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match="inputs of version 1.*1/m.*sqrt\\(var \\+ 1e-8\\).*Meta-train"):
+        load_editor_checkpoint(tmp_path / "old.pt", build_editor(cfg, model), config)
+    save_checkpoint({**state, "input_version": INPUT_VERSION}, tmp_path / "new.pt")
+    load_editor_checkpoint(tmp_path / "new.pt", build_editor(cfg, model), config)

@@ -67,7 +67,10 @@ def test_every_combination_runs(tmp_path, model, data, editor):
         assert len(saved["train"]) == 1
         assert math.isfinite(saved["train"][0]["gen_loss"]) and math.isfinite(saved["train"][0]["loc_loss"])
         ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-        assert set(ckpt) == {"net", "opt", "step", "config", "train_log", "rng"} and ckpt["step"] == 1
+        assert set(ckpt) == {"net", "opt", "step", "config", "train_log", "rng", "trained", "input_version"}
+        assert ckpt["step"] == 1 and ckpt["trained"] == saved["trained"]
+        assert saved["trained"] == {"m": saved["config"]["data"]["n_edits"], "token": saved["config"]["editor"]["token"],
+                                    "loss_reduction": saved["config"]["editor"]["loss_reduction"]}
 
 
 def test_checkpoint_reloads_the_trained_editor(tmp_path):
