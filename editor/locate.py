@@ -325,13 +325,14 @@ def target_vectors(model: nn.Module, tokenizer, reqs: list[Request], prefixes: l
                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """z = h + delta (n, d) after `block` at the last subject token of each bare prompt, `batch_size`
     requests at a time, and per request (n,) on the CPU: steps, loss and nll (`optimise_targets`) and
-    delta_ratio = |delta| / |h| (at most clamp_factor)."""
+    delta_ratio = |delta| / |h| (at most clamp_factor, up to the float32 rounding of the clamp)."""
     z, info = [], []
     for i in tqdm(range(0, len(reqs), batch_size), desc="MEMIT targets", leave=False, dynamic_ncols=True):
         loss_fn = TargetLoss(model, tokenizer, reqs[i: i + batch_size], prefixes, block, inject, device)
         delta, terms = optimise_targets(loss_fn, n_steps=n_steps, lr=lr, kl_coef=kl_coef, norm_coef=norm_coef,
                                         clamp_factor=clamp_factor, stop_loss=stop_loss)
-        terms["delta_ratio"] = (delta.norm(dim=-1) / loss_fn.h.norm(dim=-1)).double().cpu()
+        # in float64, so that the ratio carries only the clamp's own float32 rounding, not that of its measure
+        terms["delta_ratio"] = (delta.double().norm(dim=-1) / loss_fn.h.double().norm(dim=-1)).cpu()
         z.append(loss_fn.h + delta)
         info.append(terms)
     return torch.cat(z), {k: torch.cat([t[k] for t in info]) for k in info[0]}

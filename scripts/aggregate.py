@@ -2,7 +2,8 @@
 
 python scripts/aggregate.py SWEEP_DIR [--out DIR]     (DIR defaults to SWEEP_DIR)
 
-Runs are grouped by (paper_result, model, data, editor, variant, m); seeds are the repeats. Writes
+Runs are grouped by (paper_result, model, data, editor, variant, m, the m a hyper-network evaluated at another m
+was trained at); seeds are the repeats. Such rows are labelled "(trained at m = X)". Writes
 - summary.csv: n, seeds, mean and std (over seeds, numpy's ddof=0) of ES, GS, LS, residual, time_s
   and peak_memory_mb per group, and the mean ES, GS, LS before editing (pre_*), rounded to 4 decimals;
 - <result>.png per scaling curve (ES, GS, LS against m on a log2 axis, mean line, std shaded, the
@@ -62,10 +63,11 @@ class Run:
     pre_edit: dict | None = None  # METRICS -> float before editing (None in results.json files without it)
     environment: dict | None = None  # where and when it ran (util.run_environment; None: not recorded)
     config: dict | None = None  # the resolved config
+    trained_m: int | None = None  # the m its hyper-network was meta-trained at, when not m (editor.allow_other_m)
 
     @property
     def key(self) -> tuple:
-        return self.result, self.model, self.data, self.editor, self.variant, self.m
+        return self.result, self.model, self.data, self.editor, self.variant, self.m, self.trained_m
 
 
 def _field(obj: dict, dotted: str, path: Path, kind: type | tuple):
@@ -99,11 +101,13 @@ def read_run(path: Path) -> Run:
         stats["residual"] = float(_field(res, "residual", path, num))
     pre = {k: float(_field(res, f"pre_edit.{k}", path, num)) for k in METRICS} if "pre_edit" in res else None
     env = _field(res, "environment", path, dict) if res.get("environment") is not None else None
+    m = _field(res, "config.data.n_edits", path, int)
+    trained_m = _field(res, "trained.m", path, int) if res.get("trained") is not None else None
     return Run(path=path, result=str(result), model=model, data=data,
                editor=_field(res, "config.editor.name", path, str),
                variant=_field(res, "config.variant", path, str),
-               m=_field(res, "config.data.n_edits", path, int), seed=_field(res, "config.seed", path, int),
-               stats=stats, pre_edit=pre, environment=env, config=res["config"])
+               m=m, seed=_field(res, "config.seed", path, int), stats=stats, pre_edit=pre, environment=env,
+               config=res["config"], trained_m=None if trained_m == m else trained_m)
 
 
 def find_runs(sweep_dir: Path) -> list[Run]:
@@ -120,12 +124,12 @@ def summarize(runs: list[Run]) -> list[dict]:
     for run in runs:
         groups.setdefault(run.key, []).append(run)
     rows = []
-    for key in sorted(groups):
+    for key in sorted(groups, key=lambda k: (*k[:-1], k[-1] or 0)):  # trained_m: None or an int
         group = sorted(groups[key], key=lambda r: r.seed)
         for a, b in zip(group, group[1:]):
             if a.seed == b.seed:  # a re-run in the same tree would be counted twice
                 raise AggregateError(b.path, "config.seed", f"seed {b.seed} of the same setting also in {a.path}")
-        row = dict(zip(("result", "model", "data", "editor", "variant", "m"), key))
+        row = dict(zip(("result", "model", "data", "editor", "variant", "m", "trained_m"), key))
         row.update(n=len(group), seeds=" ".join(str(r.seed) for r in group))
         for stat in STATS:
             have = [r for r in group if stat in r.stats]
@@ -158,10 +162,13 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 
 def label(row: dict, with_setting: bool = False) -> str:
-    """Legend label: the editor (or the ablation variant of MALMEN), with model/data if needed."""
+    """Legend label: the editor (or the ablation variant of MALMEN), with model/data if needed, and the m its
+    hyper-network was trained at when it edited another m."""
     name = EDITORS.get(row["editor"], row["editor"])
     if row["variant"] != "none":
         name = VARIANTS.get(row["variant"], row["variant"]) if row["editor"] == "malmen" else f"{name} ({row['variant']})"
+    if row.get("trained_m") is not None:
+        name += f" (trained at m = {row['trained_m']})"
     return f"{name} [{row['model']}/{row['data']}]" if with_setting else name
 
 

@@ -1,6 +1,7 @@
 """The README's tables of results, from results.json files; and the check that a rerun matches one.
 
 usage: python scripts/readme_tables.py table DIR [DIR ...] [--by KEY ...] [--csv PATH] [--readme README.md --name NAME]
+                                             [--made-by CMD]
        python scripts/readme_tables.py check DIR [DIR ...] [--readme README.md] [--name default_seed0] [--tol 0.03]
 
 `table` reads every results.json under the DIRs (run or sweep directories, searched recursively) and
@@ -9,7 +10,10 @@ seed, since the editors of one seed edit the same groups; runs of a seed that di
 row per editor and ablation variant (and per value of each `--by` config key, e.g. `--by n_epochs`),
 with ES, GS and LS as mean (std over seeds, numpy's ddof=0; the mean alone for one seed). Under each
 table goes one provenance line: the command of each row (rebuilt from the runs' .hydra/overrides.yaml),
-the commit(s), the machine, the load and the dates (from results.json "environment"). A NaN or
+the commit(s), the machine, the load and the dates (from results.json "environment"). The commands run
+on any machine: a path inside the repository is written relative to its root, one outside it under DIR,
+the deepest folder holding the runs and those paths (`--made-by CMD` names the command that writes it,
+e.g. 'OUT=DIR scripts/real_lm.sh'); cache_dir is left out at the default cache, else CACHE. A NaN or
 infinite value is printed as "n/a (why)", never as a number. `--csv` writes the same rows as CSV;
 `--readme F --name NAME` replaces what lies between `<!-- table:NAME -->` and `<!-- /table:NAME -->` in F.
 
@@ -37,6 +41,8 @@ from scripts.aggregate import (METRICS, AggregateError, Run, find_runs, label, m
 from util import atomic_write  # noqa: E402
 
 BEFORE = "before editing"
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CACHE = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())["cache_dir"]  # relative to ROOT
 
 
 # ----- runs -> tables ------------------------------------------------------------------------------
@@ -66,14 +72,44 @@ def _overrides(run: Run) -> list[str] | None:
     return list(yaml.safe_load(path.read_text()) or []) if path.is_file() else None
 
 
-def command(runs: list[Run]) -> str:
-    """One `python main.py [-m] ...` that reruns these runs (values of a key merged: seed=0,1,2)."""
+def _outside(override: str) -> Path | None:
+    """The absolute path outside the repository that a key=value override names (cache_dir aside), else None."""
+    key, _, value = override.partition("=")
+    path = Path(value).resolve() if value.startswith("/") else None
+    return None if path is None or path.is_relative_to(ROOT) or key.lstrip("+~") == "cache_dir" else path
+
+
+def out_dir(runs: list[Run]) -> Path | None:
+    """DIR: the deepest folder holding the runs and the paths outside the repository that their overrides
+    name (real_lm.sh's OUT: DIR/split, DIR/results/...); None where they name none."""
+    named = [p for r in runs for p in map(_outside, _overrides(r) or []) if p]
+    return Path(os.path.commonpath([*named, *(r.path.parent.resolve() for r in runs)])) if named else None
+
+
+def portable(override: str, out: Path | None) -> str | None:
+    """The override as any machine can run it: a path inside the repository relative to its root, one
+    outside under DIR (`out`), cache_dir's as CACHE; None for cache_dir at the default cache."""
+    key, _, value = override.partition("=")
+    if not value.startswith("/"):
+        return override
+    path, cache = Path(value).resolve(), key.lstrip("+~") == "cache_dir"
+    if path.is_relative_to(ROOT):
+        value = path.relative_to(ROOT).as_posix()
+        return None if cache and value == DEFAULT_CACHE else f"{key}={value}"
+    return f"{key}={'CACHE' if cache else (Path('DIR') / path.relative_to(out)).as_posix()}"
+
+
+def command(runs: list[Run], out: Path | None = None) -> str:
+    """One `python main.py [-m] ...` that reruns these runs (values of a key merged: seed=0,1,2), its paths
+    as `portable` writes them, under DIR = `out` (default: out_dir(runs))."""
+    out = out or out_dir(runs)
     overrides = [_overrides(r) for r in runs]
     if any(o is None for o in overrides):
         return "command not recorded"
+    overrides = [[p for p in (portable(o, out) for o in ovs) if p is not None] for ovs in overrides]
     keys = [[o.split("=", 1)[0] for o in ovs] for ovs in overrides]
     if any(k != keys[0] for k in keys):  # not one sweep: one command per distinct override list
-        return "; ".join(dict.fromkeys(command([r]) for r in runs))
+        return "; ".join(dict.fromkeys(command([r], out) for r in runs))
     merged = [(k, list(dict.fromkeys(ovs[i].split("=", 1)[1] for ovs in overrides if "=" in ovs[i])))
               for i, k in enumerate(keys[0])]
     sweep = any(len(values) > 1 for _, values in merged)
@@ -139,11 +175,13 @@ def build_tables(runs: list[Run], by: list[str]) -> list[dict]:
         summarize(runs)  # aggregate's checks: one run per seed and setting, the same stats in every run
     settings: dict[tuple, dict[tuple, list[Run]]] = {}  # (model, data, m) -> row key -> runs
     for run in sorted(runs, key=lambda r: r.seed):
-        row_key = (row_order(run.editor, run.variant), tuple(_sortable(_get(run.config, b)) for b in by))
+        row_key = (row_order(run.editor, run.variant), run.trained_m or 0,
+                   tuple(_sortable(_get(run.config, b)) for b in by))
         settings.setdefault((run.model, run.data, run.m), {}).setdefault(row_key, []).append(run)
     tables = []
     for (model, data, m), groups in sorted(settings.items()):
-        rows = [_row(label({"editor": rs[0].editor, "variant": rs[0].variant}) + (f", {rs[0].result}" * bool(by)),
+        rows = [_row(label({"editor": rs[0].editor, "variant": rs[0].variant, "trained_m": rs[0].trained_m})
+                     + (f", {rs[0].result}" * bool(by)),
                      rs, [[r.stats[k] for k in METRICS] for r in rs], " ".join(str(r.seed) for r in rs))
                 for _, rs in sorted(groups.items())]
         every = [r for row in rows for r in row["runs"]]
@@ -157,21 +195,35 @@ def build_tables(runs: list[Run], by: list[str]) -> list[dict]:
     return tables
 
 
-def markdown(tables: list[dict]) -> str:
-    """The tables in Markdown, each followed by its provenance line."""
+def placeholders(commands: str, runs: list[Run], out: Path | None, made_by: str | None) -> str:
+    """What DIR (`out`) and CACHE stand for, where the commands use them."""
+    notes = ""
+    if re.search(r"=DIR\b", commands):
+        held = Path("DIR", Path(os.path.commonpath([r.path.parent.resolve() for r in runs])).relative_to(out))
+        notes += (f"DIR: the folder that `{made_by}` writes. " if made_by else
+                  f"DIR: the folder that holds these runs ({held.as_posix()}) and the files their commands name. ")
+    if "=CACHE" in commands:
+        notes += "CACHE: a cache folder of their own, not the default `cache`. "
+    return notes
+
+
+def markdown(tables: list[dict], made_by: str | None = None) -> str:
+    """The tables in Markdown, each followed by its provenance line (DIR: the folder `made_by` writes)."""
     out = []
     for t in tables:
         lines = [f"| {t['title']} | seeds | ES | GS | LS |", "|---|---|---|---|---|"]
         lines += [f"| {r['name']} | {r['n']} | " + " | ".join(r["cells"]) + " |" for r in t["rows"]]
-        commands = "; ".join(f"{r['name']}: `{command(r['runs'])}`" for r in t["rows"][1:])
-        out.append("\n".join(lines + ["", f"Commands: {commands}. {provenance(t['runs'])}"]))
+        where = out_dir(t["runs"])
+        commands = "; ".join(f"{r['name']}: `{command(r['runs'], where)}`" for r in t["rows"][1:])
+        out.append("\n".join(lines + ["", f"Commands: {commands}. {placeholders(commands, t['runs'], where, made_by)}"
+                                           f"{provenance(t['runs'])}"]))
     return "\n\n".join(out) + "\n"
 
 
 def csv_rows(tables: list[dict]) -> list[dict]:
     """The tables' rows for write_csv; non-finite cells stay 'n/a (why)'."""
     return [{"table": t["title"], "row": r["name"], "n": r["n"], "seeds": r["seeds"], **dict(zip(METRICS, r["cells"])),
-             "command": command(r["runs"]) if r["name"] != BEFORE else ""}
+             "command": command(r["runs"], out_dir(t["runs"])) if r["name"] != BEFORE else ""}
             for t in tables for r in t["rows"]]
 
 
@@ -266,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--readme", type=Path, help="README whose block NAME gets the tables")
     t.add_argument("--name", help="the block: between <!-- table:NAME --> and <!-- /table:NAME -->")
     t.add_argument("--csv", type=Path, help="also write the rows as CSV here")
-    c.add_argument("--readme", type=Path, default=Path(__file__).resolve().parents[1] / "README.md")
+    t.add_argument("--made-by", metavar="CMD", help="the command that writes DIR, e.g. 'OUT=DIR scripts/real_lm.sh'")
+    c.add_argument("--readme", type=Path, default=ROOT / "README.md")
     c.add_argument("--name", default="default_seed0")
     c.add_argument("--tol", type=float, default=0.03, help="largest allowed |run - README| (default 0.03)")
     args = parser.parse_args(argv)
@@ -276,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         tables = build_tables(read_runs(args.dirs, args.by), args.by)
         if args.cmd == "check":
             return check(tables, read_block(args.readme, args.name), args.tol, f"{args.readme}, table {args.name}")
-        text = markdown(tables)
+        text = markdown(tables, args.made_by)
         print(text, end="")
         if args.csv:
             write_csv(csv_rows(tables), args.csv)

@@ -35,6 +35,6 @@ fi
 python scripts/aggregate.py "$dir/results" || exit $?
 if [ -n "${README-README.md}" ]; then
   python scripts/readme_tables.py table "$dir/results" --readme "${README-README.md}" --name real_lm \
-    --csv "$dir/results/readme_table.csv" || exit $?
+    --csv "$dir/results/readme_table.csv" --made-by "OUT=DIR scripts/real_lm.sh" || exit $?
 fi
 exit $status

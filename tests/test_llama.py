@@ -41,7 +41,11 @@ def test_every_editor_trains_and_validates(tmp_path, editor):
     if editor in ("memit", "emmet"):
         t = diag["targets"]
         assert t["n"] == saved["config"]["data"]["n_edits"] and 1 <= t["steps"] <= saved["config"]["editor"]["n_steps"]
-        assert 0 <= t["converged"] <= 1 and 0 < t["delta_ratio_mean"] <= saved["config"]["editor"]["clamp_factor"]
+        # the clamp scales delta to c |h| in float32: two norms over d entries (each within d eps) and a few
+        # roundings can leave |delta| / |h| a little above c (0.75000004 read in float32 on one machine)
+        d, eps = saved["config"]["model"]["tiny"]["hidden_size"], torch.finfo(torch.float32).eps
+        assert 0 <= t["converged"] <= 1
+        assert 0 < t["delta_ratio_mean"] <= saved["config"]["editor"]["clamp_factor"] * (1 + 2 * d * eps)
         assert len(diag["solve"]["residual"]) == len(saved["config"]["editor"]["layers"])
     elif editor == "locft_bf":
         assert 1 <= diag["epochs"] == len(diag["epoch_losses"]) <= saved["config"]["editor"]["n_epochs"]

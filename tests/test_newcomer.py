@@ -61,6 +61,9 @@ def test_training_run_writes_results_md_with_the_numbers_of_results_json(tmp_pat
     assert md_rows(md) == {"before editing": cells(saved["pre_edit"]), "after editing": cells(saved["final"])}
     assert saved["final"] == results["final"]
     assert all(f"- **{k}**:" in md for k in ("ES", "GS", "LS"))  # one line per metric
+    # LS as computed: the unrelated tuples' own answers (model/lm.py accuracy), not agreement with the model before
+    assert "- **LS**: locality success: the same for an unrelated prompt and its own answer in the data" in md
+    assert "teacher-forced token accuracy" in md and "answer to an unrelated prompt is unchanged" not in md
     assert f"Editor checkpoint: `{tmp_path / 'checkpoint.pt'}`" in md and "peak memory" in md
     assert ("did not raise ES" in md) == (saved["final"]["ES"] <= saved["pre_edit"]["ES"])
 

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from experiment import run
+from scripts.aggregate import find_runs, label, summarize
 from scripts.readme_tables import main as tables_main
 from scripts.readme_tables import provenance
 from tests.conftest import ROOT, make_cfg
@@ -92,13 +93,16 @@ def test_results_name_the_commit_a_run_started_from():
 
 
 def write_result(path, *, final, pre=(0.0, 0.0, 1.0), editor="malmen", variant="none", seed=0, m=256,
-                 n_epochs=40, env=ENV, overrides=None):
-    """A results.json (and .hydra/overrides.yaml) as main.py writes them, with the fields the tables read."""
+                 n_epochs=40, env=ENV, overrides=None, trained=None):
+    """A results.json (and .hydra/overrides.yaml) as main.py writes them, with the fields the tables read;
+    `trained`: the m the hyper-network was meta-trained at (None: the run's own m)."""
     config = {"model": {"name": "toy-gpt2"}, "data": {"name": "synthetic", "n_edits": m}, "editor": {"name": editor},
               "variant": variant, "seed": seed, "paper_result": None, "n_epochs": n_epochs}
     metrics = ("ES", "GS", "LS")
     res = {"config": config, "final": dict(zip(metrics, final)), "pre_edit": dict(zip(metrics, pre)),
            "time_s": 1.0, "peak_memory_mb": 1.0, "environment": env}
+    if editor in ("malmen", "mend"):
+        res["trained"] = {"m": trained or m, "token": "ans", "loss_reduction": "token_mean"}
     path.mkdir(parents=True)
     (path / "results.json").write_text(json.dumps(res))  # NaN and Infinity as Python's json writes them
     if overrides is not None:
@@ -178,6 +182,40 @@ def test_non_finite_values_are_never_printed_as_numbers(tmp_path, capsys):
     assert [r["row"] for r in rows] == ["before editing", "MALMEN"]
     assert rows[1]["ES"] == "n/a (non-finite in 1 of 2 runs)" and rows[1]["GS"] == "0.500 (0.000)"
     assert rows[1]["n"] == "2" and rows[1]["seeds"] == "0 1"
+
+
+def test_table_commands_name_no_path_of_the_machine(tmp_path, capsys):
+    """Outside the repository, real_lm.sh's layout (DIR/split, DIR/results) and a checkpoint: under DIR; the
+    default cache left out, another one CACHE; a path inside the repository relative to its root."""
+    out = tmp_path / "real_lm"
+    common = ["experiment=real_lm_zsre", f"split_dir={out / 'split'}", f"cache_dir={ROOT / 'cache'}"]
+    write_result(out / "results" / "located" / "0", final=(0.9, 0.8, 0.2), editor="memit",
+                 overrides=[*common, "editor=memit"])
+    write_result(out / "results" / "trained" / "0", final=(0.9, 0.8, 0.2), overrides=[
+        *common, "editor=malmen", f"editor.checkpoint={out / 'train' / 'malmen_s0' / 'checkpoint.pt'}"])
+    write_result(tmp_path / "other", final=(0.5, 0.4, 0.9), m=128, overrides=[
+        f"cache_dir={tmp_path / 'cache'}", f"data.train_path={ROOT / 'datasets' / 'train.json'}"])
+    code, text, _ = tables(capsys, "table", tmp_path, "--made-by", "OUT=DIR scripts/real_lm.sh", "--csv",
+                           tmp_path / "t.csv")
+    assert code == 0
+    notes = [ln for ln in text.splitlines() if ln.startswith("Commands: ")]
+    commands = [c for ln in notes for c in ln.split("`")[1::2] if c.startswith("python main.py")]
+    commands += [r["command"] for r in csv.DictReader(open(tmp_path / "t.csv")) if r["command"]]
+    assert len(commands) == 6 and not [c for c in commands if "=/" in c or str(tmp_path) in c or str(ROOT) in c]
+    assert "MEMIT: `python main.py experiment=real_lm_zsre split_dir=DIR/split editor=memit`" in notes[1]
+    assert "editor.checkpoint=DIR/train/malmen_s0/checkpoint.pt`" in notes[1]
+    assert "DIR: the folder that `OUT=DIR scripts/real_lm.sh` writes." in notes[1] and "CACHE" not in notes[1]
+    assert "`python main.py cache_dir=CACHE data.train_path=datasets/train.json`" in notes[0]
+    assert "CACHE: a cache folder of their own" in notes[0] and "DIR" not in notes[0]
+
+
+def test_a_hyper_network_evaluated_at_another_m_is_labelled_in_every_table(tmp_path, capsys):
+    write_result(tmp_path / "own", final=(0.9, 0.8, 0.9), m=32)
+    write_result(tmp_path / "other", final=(0.5, 0.4, 0.9), m=32, trained=64)
+    code, text, _ = tables(capsys, "table", tmp_path)
+    assert code == 0 and "| MALMEN | 1 | 0.900 |" in text and "| MALMEN (trained at m = 64) | 1 | 0.500 |" in text
+    rows = {r["editor"] + str(r["trained_m"]): r for r in summarize(find_runs(tmp_path))}
+    assert set(rows) == {"malmenNone", "malmen64"} and label(rows["malmen64"]) == "MALMEN (trained at m = 64)"
 
 
 README = "# Title\n\nText before.\n\n<!-- table:default -->\nold table\n<!-- /table:default -->\n\nText after.\n"
