@@ -32,6 +32,7 @@ from edit_facts import base_model, edit_and_save, reload_overrides
 from model.gguf_cache import ensure_gguf_model
 from model.lm import success
 from model.load import load_model, resolve_modules
+from model.prefix import PrefixCache
 from model.toy import ensure_toy_model, world_tokenizer
 from pre_edit import PreEditCache, pre_edit_key
 from preflight import check_config, check_edit, check_editor
@@ -108,9 +109,9 @@ def build_editor(cfg: DictConfig, model: torch.nn.Module, dtype: torch.dtype = t
     return editor
 
 
-def evaluate(model, group, family: str, device) -> dict[str, float]:
-    """ES, GS, LS of the model as it is now on one group of m edits."""
-    return {name: float(success(model, batches, family, device).mean())
+def evaluate(model, group, family: str, device, prefix: PrefixCache | None = None) -> dict[str, float]:
+    """ES, GS, LS of the model as it is now on one group of m edits (`prefix`: the run's cached lower blocks)."""
+    return {name: float(success(model, batches, family, device, prefix).mean())
             for name, batches in (("ES", group.edit), ("GS", group.equiv), ("LS", group.unrel))}
 
 
@@ -182,6 +183,12 @@ def train(cfg: DictConfig, editor: Editor, collator: Collator, logger: Logger, r
     return log_rows
 
 
+def prefix_cache(cfg: DictConfig, model, editor: Editor) -> PrefixCache:
+    """The run's cache of hidden states below the lowest module `editor` changes (cfg.prefix_cache)."""
+    device = cfg.editor.get("cache_device") or cfg.model_device
+    return PrefixCache(model, editor.edited_modules(), device, cfg.prefix_cache_gb, enabled=cfg.prefix_cache)
+
+
 def pre_edit_cache(cfg: DictConfig, model) -> PreEditCache:
     """Where the pre-edit ES/GS/LS of this validation run are (or will be) cached (cfg.cache_pre_edit)."""
     mc = OmegaConf.to_container(cfg.model, resolve=True)
@@ -205,14 +212,14 @@ def validate(cfg: DictConfig, model, editor: Editor, collator: Collator, logger:
     rows = []
     for i, group in enumerate(tqdm(itertools.islice(groups, n_valid), total=n_valid, desc="validate",
                                    dynamic_ncols=True)):
-        pre = pre_edit.get(i, lambda: evaluate(model, group, cfg.model.family, device))
+        pre = pre_edit.get(i, lambda: evaluate(model, group, cfg.model.family, device, editor.prefix))
         extra = {}
         if isinstance(editor, MALMEN):  # and MEND: the residual of the aggregation (Fig. 8)
             shifts, extra["residual"] = editor.edit_with_residual(group.edit)
         else:
             shifts = editor.edit_group(group)
         with apply_shifts(model, shifts, editor.label):  # NonFiniteEdit: never applied or reported
-            post = evaluate(model, group, cfg.model.family, device)
+            post = evaluate(model, group, cfg.model.family, device, editor.prefix)
         if diagnostics := editor.diagnostics():  # MEMIT/EMMET's targets, LocFT-BF's epochs
             extra["editor"] = diagnostics
         rows.append({**post, "pre_edit": pre, **extra})
@@ -235,6 +242,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     model, tokenizer = load(cfg)
     collator = Collator(tokenizer, cfg.model.family)
     editor = build_editor(cfg, model, tokenizer=tokenizer)
+    editor.prefix = prefix_cache(cfg, model, editor)
     config = OmegaConf.to_container(cfg, resolve=True)
     logger = Logger(cfg.logger, cfg.wandb.project, cfg.wandb.mode, config, run_dir)
     # editor.resume: continue the meta-training whose checkpoint is in this run directory
@@ -258,6 +266,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "cpu_time_s": time.process_time() - cpu_start,  # this process's CPU seconds: load moves it far less
         "stats_time_s": editor.stats_time_s,  # MEMIT/EMMET key statistics; 0 when loaded from the cache
         "peak_memory_mb": peak_memory_mb(device),
+        "prefix_cache": editor.prefix.summary(),  # hits, misses, bytes held (model/prefix.py)
         "environment": started_from(environment, run_environment()),  # the README tables' provenance
     }
     if valid_log and "residual" in valid_log[0]:

@@ -86,6 +86,7 @@ class Editor:
     trainable = False  # True for editors with meta-training (MALMEN, MEND)
     step = 0  # meta-training steps taken
     stats_time_s = 0.0  # seconds spent computing precomputed statistics (MEMIT, EMMET); 0 when cached
+    prefix = None  # model/prefix.PrefixCache of the run (MALMEN, MEND: trace and meta losses), or None
 
     def __init__(self, model: nn.Module, family: str, device: str | torch.device = "cpu"):
         self.model, self.family, self.device = model, family, torch.device(device)
@@ -98,6 +99,10 @@ class Editor:
     def edit_group(self, group) -> Shifts:
         """Shifts for an EditGroup; editors that need the records themselves (MEMIT's subjects) override it."""
         return self.edit(group.edit)
+
+    def edited_modules(self) -> list[str]:
+        """Names of the modules this editor changes: nothing below the lowest of them changes."""
+        raise NotImplementedError
 
     def diagnostics(self) -> dict:
         """What the last edit did, for results.json's validation rows (e.g. MEMIT's targets, LocFT-BF's

@@ -22,6 +22,9 @@ class FT(Editor):
         self.names = [f"{m}.{p}" for m, mod in modules.items() for p, _ in mod.named_parameters()]
         self.lr, self.weight_decay, self.n_epochs = lr, weight_decay, n_epochs
 
+    def edited_modules(self) -> list[str]:
+        return sorted({n.rsplit(".", 1)[0] for n in self.names})
+
     def edit(self, batches: list[dict]) -> Shifts:
         originals = {n: self.model.get_parameter(n).detach() for n in self.names}
         leaves = {n: w.float().clone().requires_grad_() for n, w in originals.items()}

@@ -84,6 +84,9 @@ class LocFTBF(Editor):
                 "stopped_early": self.epoch_losses[-1] < self.loss_threshold,
                 "epoch_losses": [finite(x) for x in self.epoch_losses]}
 
+    def edited_modules(self) -> list[str]:
+        return [self.param.rsplit(".", 1)[0]]
+
     def edit(self, batches: list[dict]) -> Shifts:
         data = concat(batches)
         if self.family != "classifier":

@@ -79,7 +79,7 @@ class MALMEN(Editor):
     def cache(self, batches: list[dict]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Keys and value gradients of the edit tuples, per module."""
         return trace(self.model, self.modules, batches, self.family, self.token, self.device,
-                     self.cache_device, self.dtype)
+                     self.cache_device, self.dtype, self.prefix)
 
     def _denominator(self, group, batches: list[dict]) -> int:
         """What the summed per-example losses of `batches` are divided by (editor.loss_reduction)."""
@@ -127,6 +127,9 @@ class MALMEN(Editor):
             (grad_d[s] * net.value_diffs(k, g, layer)).sum().backward()
 
     # ----- the editor contract ---------------------------------------------------------------
+    def edited_modules(self) -> list[str]:
+        return list(self.modules)
+
     def shifts(self, cache: dict, systems: dict | None = None) -> dict[str, torch.Tensor]:
         """S* per module, (d_out, d_in); `systems`: the factored normal equations per module, if built."""
         return {n: self.aggregate(n, *cache[n], system=(systems or {}).get(n)) for n in self.modules}
@@ -173,7 +176,7 @@ class MALMEN(Editor):
         total_gen, total_loc = 0.0, 0.0
         for b in group.equiv:
             b = to_device(b, self.device)
-            loss = nll(logits(self.model, b, self.family, params), b, self.family).sum() / n_gen
+            loss = nll(logits(self.model, b, self.family, params, self.prefix), b, self.family).sum() / n_gen
             if backward:
                 loss.backward()
                 loss = loss.detach()
@@ -181,8 +184,8 @@ class MALMEN(Editor):
         for b in group.unrel:
             b = to_device(b, self.device)
             with torch.no_grad():
-                ref = logits(self.model, b, self.family)  # the pre-edit model p_W
-            loss = kl(ref, logits(self.model, b, self.family, params), b, self.family).sum() / n_loc
+                ref = logits(self.model, b, self.family, prefix=self.prefix)  # the pre-edit model p_W
+            loss = kl(ref, logits(self.model, b, self.family, params, self.prefix), b, self.family).sum() / n_loc
             if backward:
                 (self.loc_coef * loss).backward()
                 loss = loss.detach()

@@ -167,6 +167,9 @@ class MEMIT(Editor):
                    "delta_ratio_mean": mean(ratio), "delta_ratio_max": maximum(ratio)}
         return {"targets": targets, "solve": solve}
 
+    def edited_modules(self) -> list[str]:
+        return list(self.modules)
+
     def edit(self, batches: list[dict]) -> Shifts:
         raise NotImplementedError(f"{self.name} needs each edit's subject: call edit_group(group) or edit_records")
 

@@ -28,15 +28,20 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device | str) -> dic
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def _forward(model: nn.Module, batch: dict, family: str, params: dict | None):
+def _forward(model: nn.Module, batch: dict, family: str, params: dict | None, prefix=None):
+    """The model's output on a batch, `params` overriding named parameters; with a `prefix`
+    (model/prefix.PrefixCache) the blocks below the first edited one run once per tuple."""
     inputs = {k: batch[k] for k in INPUTS[family]}
-    if params:
-        return torch.func.functional_call(model, params, args=(), kwargs=inputs, strict=False)
-    return model(**inputs)
+
+    def call(**kwargs):
+        if params:
+            return torch.func.functional_call(model, params, args=(), kwargs=kwargs, strict=False)
+        return model(**kwargs)
+    return call(**inputs) if prefix is None else prefix.run(call, inputs)
 
 
-def logits_at(model: nn.Module, batch: dict, family: str, mask: torch.Tensor, params: dict | None = None
-              ) -> torch.Tensor:
+def logits_at(model: nn.Module, batch: dict, family: str, mask: torch.Tensor, params: dict | None = None,
+              prefix=None) -> torch.Tensor:
     """Logits (N, V) of an LM at the N positions where `mask` (B, T) is True, row-major (as `h[mask]`).
 
     The model runs as it is (its own modules, `params` overriding named parameters), but its output
@@ -50,17 +55,18 @@ def logits_at(model: nn.Module, batch: dict, family: str, mask: torch.Tensor, pa
         return (args[0][mask.to(args[0].device)],) + tuple(args[1:])  # (B, T, d) -> (N, d)
     handle = head.register_forward_pre_hook(gather)
     try:
-        return _forward(model, batch, family, params).logits
+        return _forward(model, batch, family, params, prefix).logits
     finally:
         handle.remove()
 
 
-def logits(model: nn.Module, batch: dict, family: str, params: dict | None = None) -> torch.Tensor:
+def logits(model: nn.Module, batch: dict, family: str, params: dict | None = None, prefix=None) -> torch.Tensor:
     """The logits that losses and metrics read: (N, V) at the batch's N answer positions (`answer_mask`,
-    row-major) for LMs, (B,) for the classifier; `params` overrides named parameters."""
+    row-major) for LMs, (B,) for the classifier; `params` overrides named parameters; `prefix`: a
+    model/prefix.PrefixCache, or None to run the whole model."""
     if family == "classifier":
-        return _forward(model, batch, family, params)
-    return logits_at(model, batch, family, answer_mask(batch, family), params)
+        return _forward(model, batch, family, params, prefix)
+    return logits_at(model, batch, family, answer_mask(batch, family), params, prefix)
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
@@ -137,11 +143,11 @@ class MetricError(ValueError):
 
 
 @torch.no_grad()
-def success(model: nn.Module, batches: list[dict], family: str, device) -> torch.Tensor:
+def success(model: nn.Module, batches: list[dict], family: str, device, prefix=None) -> torch.Tensor:
     """Per-example success over a list of batches, concatenated (N,); MetricError if the model's
-    outputs on any tuple are not finite."""
+    outputs on any tuple are not finite. `prefix`: as `logits`."""
     moved = (to_device(b, device) for b in batches)  # each batch moved once; one read back at the end
-    out = torch.cat([accuracy(logits(model, b, family), b, family) for b in moved]).cpu()
+    out = torch.cat([accuracy(logits(model, b, family, prefix=prefix), b, family) for b in moved]).cpu()
     if out.isnan().any():
         dtype = next(model.parameters()).dtype
         raise MetricError(f"the model's outputs are not finite (inf or NaN) on {int(out.isnan().sum())} of "

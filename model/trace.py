@@ -43,11 +43,11 @@ def token_mask(batch: dict, family: str, module_name: str, token: str) -> torch.
 
 
 def trace(model: nn.Module, modules: dict[str, nn.Module], batches: list[dict], family: str,
-          token: str, device, cache_device, dtype: torch.dtype = torch.float32
+          token: str, device, cache_device, dtype: torch.dtype = torch.float32, prefix=None
           ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Run the edit tuples, back-propagate L = -sum_i log p(y_i | x_i) (summed over every answer token:
     independent of the group, see above), and return per module keys (n, d_in) and value gradients
-    (n, d_out) of the selected tokens, in `dtype` on `cache_device`."""
+    (n, d_out) of the selected tokens, in `dtype` on `cache_device`. `prefix`: model/prefix.PrefixCache or None."""
     keys = {n: [] for n in modules}
     grads = {n: [] for n in modules}
     for batch in batches:
@@ -59,7 +59,7 @@ def trace(model: nn.Module, modules: dict[str, nn.Module], batches: list[dict], 
         # model's own parameters stay frozen.
         params = {f"{n}.weight": m.weight.detach().requires_grad_() for n, m in modules.items()}
         try:
-            lg = logits(model, batch, family, params)
+            lg = logits(model, batch, family, params, prefix)
         finally:
             for h in hooks:
                 h.remove()

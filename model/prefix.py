@@ -1,0 +1,168 @@
+"""The hidden states below the first edited block, computed once per tuple (issue 26).
+
+An edit changes only the edited modules, so every block below the first edited one computes, for a
+tuple, exactly what it computed the last time that tuple went through: the hidden state entering the
+first edited block depends on the tuple's tokens and the frozen lower weights alone. `PrefixCache`
+keeps that state per tuple and runs the model from it. For the call the lower blocks are swapped for a
+pass-through and the state goes in as `inputs_embeds`, so the model's own code still builds the
+attention mask and the positions, runs the upper blocks, the final norm and the output head.
+
+Which families start from a hidden state exactly, in one place (`SPECS`):
+  gpt2         its position embeddings, which the model adds to inputs_embeds, are zeroed for the call
+               (the cached state holds them already)
+  gptj, llama, qwen2, mistral   inputs_embeds is the first hidden state as it is
+Every other model runs whole, and `PrefixCache.reason` says why: T5 (its relative position bias is
+computed by its first block and handed to the others, and its decoder reads the edited encoder through
+cross-attention), BERT (its embeddings add positions, token types and a LayerNorm to inputs_embeds),
+models dispatched over devices by accelerate (their hooks move tensors block by block).
+"""
+import hashlib
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+# model_type: (the block list, does a block return a tuple, modules whose output is zeroed for the call)
+SPECS = {
+    "gpt2": ("transformer.h", False, ("transformer.wpe",)),
+    "gptj": ("transformer.h", True, ()),
+    "llama": ("model.layers", False, ()),
+    "qwen2": ("model.layers", False, ()),
+    "mistral": ("model.layers", False, ()),
+}
+WHY_NOT = {
+    "t5": "T5's relative position bias is computed by its first block and handed to the others",
+    "bert": "BERT's embeddings add positions, token types and a LayerNorm to inputs_embeds",
+}
+
+
+class PassThrough(nn.Module):
+    """A lower block for the call: returns the hidden state it is given (as a 1-tuple where blocks return tuples)."""
+
+    def __init__(self, block: nn.Module, as_tuple: bool):
+        super().__init__()
+        self.as_tuple = as_tuple
+        if hasattr(block, "attention_type"):  # Qwen2-style models read it to pick the block's mask
+            self.attention_type = block.attention_type
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return (hidden_states, None) if self.as_tuple else hidden_states
+
+
+class Zero(nn.Module):
+    """An embedding that adds nothing: GPT-2's position embeddings, already inside the cached state."""
+
+    def __init__(self, embedding: nn.Embedding):
+        super().__init__()
+        self.dim, self.dtype = embedding.embedding_dim, embedding.weight.dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(*ids.shape, self.dim, dtype=self.dtype, device=ids.device)
+
+
+def first_block(blocks: nn.ModuleList, prefix: str, edited: list[str]) -> int:
+    """The lowest block index among the edited modules' names (`prefix`.<i>. ...)."""
+    found = [int(n[len(prefix) + 1:].split(".")[0]) for n in edited if n.startswith(prefix + ".")]
+    if len(found) < len(edited):
+        outside = [n for n in edited if not n.startswith(prefix + ".")]
+        raise ValueError(f"edited modules outside {prefix}: {outside}")
+    return min(found)
+
+
+class PrefixCache:
+    """Hidden states entering the first edited block, per tuple, on `device`, up to `max_gb`; beyond that the
+    lower blocks run again. `run` is what model/lm.py calls for every forward pass of an LM batch."""
+
+    def __init__(self, model: nn.Module, edited: list[str], device="cpu", max_gb: float = 2.0, enabled: bool = True):
+        self.model, self.device, self.max_bytes = model, torch.device(device), max_gb * 2 ** 30
+        self.store: dict[tuple, torch.Tensor] = {}  # (first block, tokens) -> (T, d)
+        self.hits = self.misses = self.bytes = 0
+        spec = SPECS.get(getattr(model.config, "model_type", None))
+        self.reason = ("prefix_cache=false" if not enabled else
+                       "dispatched over devices (accelerate's hf_device_map)" if getattr(model, "hf_device_map", None)
+                       else None if spec else WHY_NOT.get(model.config.model_type,
+                                                          f"model_type {model.config.model_type!r} is not in SPECS"))
+        self.first = None
+        if self.reason is None:
+            path, self.as_tuple, self.zeroed = spec
+            self.blocks = model.get_submodule(path)
+            self.first = first_block(self.blocks, path, edited)
+            self.fingerprint = self._fingerprint()
+            if self.first == 0:
+                self.reason = "the first block is edited: nothing lies below it"
+
+    @property
+    def active(self) -> bool:
+        return self.reason is None
+
+    def _fingerprint(self) -> str:
+        """sha256 of every weight outside the edited blocks and above: what the cached states depend on."""
+        h, upper = hashlib.sha256(), {id(p) for b in self.blocks[self.first:] for p in b.parameters()}
+        for name, p in self.model.named_parameters():
+            if id(p) not in upper:
+                h.update(name.encode() + p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
+    def _keys(self, inputs: dict) -> list[tuple]:
+        lengths = inputs["attention_mask"].sum(1).tolist()  # right-padded (data/collate.py)
+        return [(self.fingerprint, self.first, row[:n].cpu().numpy().tobytes())
+                for row, n in zip(inputs["input_ids"], lengths)]
+
+    @contextmanager
+    def _from_hidden(self):
+        """The lower blocks as pass-throughs (and GPT-2's position embeddings zeroed) for one call."""
+        saved = {i: self.blocks[i] for i in range(self.first)}
+        zeroed = {n: self.model.get_submodule(n) for n in self.zeroed}
+        try:
+            for i, block in saved.items():
+                self.blocks[i] = PassThrough(block, self.as_tuple)
+            for n, module in zeroed.items():
+                parent, _, child = n.rpartition(".")
+                setattr(self.model.get_submodule(parent), child, Zero(module))
+            yield
+        finally:
+            for i, block in saved.items():
+                self.blocks[i] = block
+            for n, module in zeroed.items():
+                parent, _, child = n.rpartition(".")
+                setattr(self.model.get_submodule(parent), child, module)
+
+    def run(self, call, inputs: dict):
+        """call(**inputs) (the model's forward), from the cached states when every tuple of the batch has one;
+        otherwise the whole model, keeping the states it passes through the first edited block."""
+        if not self.active:
+            return call(**inputs)
+        keys = self._keys(inputs)
+        states = [self.store.get(k) for k in keys]
+        if all(s is not None for s in states):
+            self.hits += len(keys)
+            b, t = inputs["input_ids"].shape
+            hidden = states[0].new_zeros(b, t, states[0].shape[-1])  # (B, T, d); padding: never read by a real token
+            for i, s in enumerate(states):
+                hidden[i, : len(s)] = s
+            device = self.blocks[self.first].parameters().__next__().device
+            with self._from_hidden():
+                return call(inputs_embeds=hidden.to(device), attention_mask=inputs["attention_mask"])
+        self.misses += len(keys)
+        seen = {}
+
+        def keep(module, args, kwargs):
+            seen["h"] = (args[0] if args else kwargs["hidden_states"]).detach()  # (B, T, d)
+        handle = self.blocks[self.first].register_forward_pre_hook(keep, with_kwargs=True)
+        try:
+            out = call(**inputs)
+        finally:
+            handle.remove()
+        lengths = inputs["attention_mask"].sum(1).tolist()
+        for key, h, n in zip(keys, seen["h"], lengths):
+            size = h[:n].numel() * h.element_size()
+            if key not in self.store and self.bytes + size <= self.max_bytes:
+                self.store[key] = h[:n].to(self.device, copy=True)
+                self.bytes += size
+        return out
+
+    def summary(self) -> dict:
+        """results.json's `prefix_cache`: hits and misses (tuples), bytes held, the first edited block, and why
+        it is off (null when on)."""
+        return {"hits": self.hits, "misses": self.misses, "bytes": self.bytes, "tuples": len(self.store),
+                "first_block": self.first, "off": self.reason}

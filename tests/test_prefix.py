@@ -1,0 +1,84 @@
+"""The lower blocks run once per tuple (model/prefix.py, issue 26): with the cache and without, the same
+meta-gradients (two-stage and end-to-end), shifts and ES/GS/LS, in float64 on every family to 1e-10; and on
+the real SmolLM2 in float32. A family that cannot start from a hidden state runs whole and says why."""
+import pytest
+import torch
+
+from experiment import build_editor, evaluate, load
+from model.prefix import PrefixCache
+from tests.conftest import make_cfg, one_group, records_for
+from tests.test_llama import smollm2  # noqa: F401  (fixture)
+from tests.test_meta_grad import grads, max_rel_err, setup
+
+CASES = [("tiny-gpt2", "zsre"), ("tiny-gptj", "zsre"), ("tiny-llama", "zsre"), ("tiny-t5", "zsre")]
+TOL = 1e-10
+
+
+def twins(model_name: str, data: str, editor_name: str):
+    """Two float64 editors with the same perturbed hyper-network, one with the prefix cache, one without."""
+    cfg, model, editor, group = setup(model_name, data, editor_name, m=6, lm_batch=4, editor_batch=5)
+    cached = build_editor(cfg, model, dtype=torch.float64)
+    cached.load_state_dict(editor.state_dict())
+    cached.prefix = PrefixCache(model, cached.edited_modules())
+    return cfg, model, editor, cached, group
+
+
+def meta_grads(editor, group, end_to_end: bool) -> dict:
+    editor.opt.zero_grad(set_to_none=True)
+    (editor.meta_grad_end_to_end if end_to_end else editor.meta_grad)(group)
+    return grads(editor)
+
+
+@pytest.mark.parametrize("end_to_end", [False, True])
+@pytest.mark.parametrize("editor_name", ["malmen", "mend"])
+@pytest.mark.parametrize("model_name,data", CASES)
+def test_the_cache_changes_no_gradient_shift_or_metric(model_name, data, editor_name, end_to_end):
+    cfg, model, plain, cached, group = twins(model_name, data, editor_name)
+    state = {k: v.clone() for k, v in cached.net.state_dict().items()}  # the normaliser moves with each step
+    first = meta_grads(cached, group, end_to_end)  # fills the cache (trace, equivalent, unrelated tuples)
+    cached.net.load_state_dict(state)
+    again = meta_grads(cached, group, end_to_end)  # from the cached states
+    ref = meta_grads(plain, group, end_to_end)
+    assert max_rel_err(first, ref) <= TOL and max_rel_err(again, ref) <= TOL
+    summary = cached.prefix.summary()
+    if model_name == "tiny-t5":  # runs whole, and says why
+        assert summary["off"].startswith("T5's relative position bias") and summary["hits"] == summary["bytes"] == 0
+        return
+    n = sum(len(b["input_ids"]) for b in (*group.edit, *group.equiv, *group.unrel))
+    assert summary["off"] is None and summary["first_block"] == 2 and summary["tuples"] == 3 * 6
+    # first pass: every tuple missed once, the unrelated ones hit for the edited model after the KL reference;
+    # second pass: all four forward passes hit
+    assert summary["misses"] == n and summary["hits"] == 6 + (n + 6)
+    for name, shift in plain.edit(group.edit).items():
+        torch.testing.assert_close(cached.edit(group.edit)[name], shift, rtol=TOL, atol=TOL * shift.abs().max())
+    assert evaluate(model, group, cfg.model.family, "cpu", cached.prefix) == evaluate(model, group, cfg.model.family,
+                                                                                      "cpu")
+
+
+def test_the_cache_holds_no_more_than_its_limit():
+    cfg, model, plain, cached, group = twins("tiny-gpt2", "zsre", "malmen")
+    one = group.edit[0]["input_ids"].shape[1] * model.config.n_embd * 8  # bytes of about one float64 tuple
+    cached.prefix = PrefixCache(model, cached.edited_modules(), max_gb=2.5 * one / 2 ** 30)
+    for _ in range(2):
+        cached.meta_grad(group)
+    summary = cached.prefix.summary()
+    assert 1 <= summary["tuples"] <= 2 and summary["bytes"] <= 2.5 * one and summary["hits"] == 0
+
+
+def test_smollm2_gives_the_same_losses_and_metrics_from_the_cache(smollm2):  # noqa: F811
+    """Float32, the real model: one meta-step's losses to 1e-5 relative, and the same ES/GS/LS."""
+    cfg = make_cfg("model=smollm2", f"cache_dir={smollm2.cache_dir}", "data.n_edits=8", "data.batch_size=4",
+                   "editor.rank=8")
+    cfg.model.name_or_path = smollm2.model.name_or_path
+    model, tokenizer = load(cfg)
+    group = one_group(cfg, tokenizer, records_for("causal", 8))
+    plain, cached = build_editor(cfg, model), build_editor(cfg, model)
+    cached.load_state_dict(plain.state_dict())
+    cached.prefix = PrefixCache(model, cached.edited_modules())
+    assert cached.prefix.first == 24 and cached.prefix.reason is None
+    state = {k: v.clone() for k, v in cached.net.state_dict().items()}
+    cached.meta_grad(group)  # fills the cache
+    cached.net.load_state_dict(state)
+    got, ref = cached.meta_grad(group), plain.meta_grad(group)
+    assert cached.prefix.hits > 0 and got == pytest.approx(ref, rel=1e-5)
+    assert evaluate(model, group, "causal", "cpu", cached.prefix) == evaluate(model, group, "causal", "cpu")
