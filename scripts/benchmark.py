@@ -1,7 +1,7 @@
 """Per-phase times of one MALMEN meta-step and one validation group (issue 17).
 
 python scripts/benchmark.py --data ZSRE.json --tokenizer DIR [--model gpt2] [--m 64 256] [--device cpu]
-                            [--threads 1] [--steps 1] [--out DIR]
+                            [--threads 1] [--steps 2] [--prefix-cache both|on|off] [--out DIR]
 
 For each m: the first m records of --data (real zsRE, e.g. ../shared/data/zsre/zsre_mend_train-1k.json)
 make one group, tokenised by --tokenizer (needed by gpt2 and gpt-j, e.g. ../shared/data/gpt2-tokenizer;
@@ -18,7 +18,9 @@ Phases, timed by wrapping the editor's own methods (so any version of the code i
 Each phase is reported as wall seconds and CPU seconds of this process (CPU time stays stable under
 load where wall time does not). Peak RSS (CPU) or peak allocated memory (GPU) is the whole run's.
 --steps > 1 times several meta-steps on the same group and reports the last (the first may pay
-one-time costs). Writes benchmark.md (markdown table with the machine, threads and load) and
+one-time costs; with the prefix cache the first fills it, as the first epoch does, and the last reads it, as
+every later epoch does). --prefix-cache both (the default) times each m without and with the cached lower
+blocks (model/prefix.py, issue 26); the validation group's pre-edit metrics fill the cache there. Writes benchmark.md (markdown table with the machine, threads and load) and
 benchmark.json to --out, and prints the table.
 """
 import argparse
@@ -47,7 +49,9 @@ def arguments() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: the project's default)")
     p.add_argument("--batch-size", type=int, default=64, help="LM batch (tuples), as data/zsre.yaml")
-    p.add_argument("--steps", type=int, default=1, help="meta-steps timed; the last one is reported")
+    p.add_argument("--steps", type=int, default=2, help="meta-steps timed; the last one is reported")
+    p.add_argument("--prefix-cache", choices=("both", "on", "off"), default="both",
+                   help="time without and/or with the cached lower blocks (model/prefix.py)")
     p.add_argument("--out", type=Path, default=Path("outputs/benchmark"), help="folder for benchmark.md and .json")
     return p
 
@@ -79,6 +83,7 @@ from data.groups import edit_groups  # noqa: E402
 from data.records import load_records  # noqa: E402
 from editor.base import apply_shifts  # noqa: E402
 from model.load import load_model  # noqa: E402
+from model.prefix import PrefixCache  # noqa: E402
 from util import atomic_write, peak_memory_mb, seed_everything  # noqa: E402
 
 
@@ -158,11 +163,12 @@ def build_model(name: str, tokenizer: str | None, device: str):
     return cfg, model, tok
 
 
-def run(args, m: int) -> dict:
+def run(args, m: int, prefix: bool) -> dict:
     seed_everything(0)
     device = torch.device(args.device)
     cfg, model, tok = build_model(args.model, args.tokenizer, args.device)
     editor = experiment.build_editor(cfg, model)
+    editor.prefix = PrefixCache(model, editor.edited_modules(), device, enabled=prefix)
     records = load_records(args.data, "zsre")
     collator = Collator(tok, cfg.model.family)
     group = next(iter(edit_groups(records[:m], m, args.batch_size, collator, seed=0, shuffle=False,
@@ -178,17 +184,20 @@ def run(args, m: int) -> dict:
     row = {f"{k}": (timer.wall[k], timer.cpu[k]) for k in ("trace", "solve", "stage 1", "stage 2", "meta-step")}
     timer.reset()
     family = cfg.model.family
-    pre = timer.phase("pre-edit metrics", experiment.evaluate, model, group, family, device)
+    trained = editor.prefix.summary()
+    # a validation group of records not seen before: an empty cache, filled by the pre-edit metrics
+    editor.prefix = PrefixCache(model, editor.edited_modules(), device, enabled=prefix)
+    pre = timer.phase("pre-edit metrics", experiment.evaluate, model, group, family, device, editor.prefix)
     shifts, _ = timer.phase("edit", editor.edit_with_residual, group.edit)
     with apply_shifts(model, shifts, editor.label):
-        post = timer.phase("post-edit metrics", experiment.evaluate, model, group, family, device)
+        post = timer.phase("post-edit metrics", experiment.evaluate, model, group, family, device, editor.prefix)
     row.update({k: (timer.wall[k], timer.cpu[k]) for k in ("pre-edit metrics", "edit", "post-edit metrics")})
     row["validation group"] = tuple(sum(row[k][i] for k in ("pre-edit metrics", "edit", "post-edit metrics"))
                                     for i in (0, 1))
     tokens = {kind: sum(int(b["attention_mask"].numel()) for b in getattr(group, kind))
               for kind in ("edit", "equiv", "unrel")}  # tokens through the LM, padding included
-    return {"m": m, "phases": row, "peak_mb": peak_memory_mb(device), "lm_tokens": tokens,
-            "pre": pre, "post": post}
+    return {"m": m, "prefix_cache": trained, "prefix_cache_validation": editor.prefix.summary(), "phases": row, "peak_mb": peak_memory_mb(device),
+            "lm_tokens": tokens, "pre": pre, "post": post}
 
 
 def environment(args) -> str:
@@ -211,7 +220,8 @@ def table(results: list[dict], args, env: str) -> str:
     phases = list(results[0]["phases"])
     weights = "random weights" if args.model in ("gpt2", "gpt-j") else "its weights"
     lines = [f"**MALMEN, model {args.model} ({weights}), device {args.device}, LM batch {args.batch_size}**",
-             "", "| phase | " + " | ".join(f"m = {r['m']}: wall s | CPU s" for r in results) + " |",
+             "", "| phase | " + " | ".join(f"m = {r['m']}, prefix cache {'off' if r['prefix_cache']['off'] else 'on'}: "
+                                          "wall s | CPU s" for r in results) + " |",
              "|---|" + "---:|---:|" * len(results)]
     for p in phases:
         lines.append(f"| {p} | " + " | ".join(f"{r['phases'][p][0]:.2f} | {r['phases'][p][1]:.2f}"
@@ -227,9 +237,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     torch.set_num_threads(args.threads)
     results = []
-    for m in args.m:  # one process: the peak memory of a later m is max(earlier, its own); run one m per call
-        results.append(run(args, m))
-        print(json.dumps({"m": m, **{k: v for k, v in results[-1].items() if k != "m"}}), flush=True)
+    caches = {"both": (False, True), "on": (True,), "off": (False,)}[args.prefix_cache]
+    for m in args.m:  # one process: the peak memory of a later run is max(earlier, its own); one m per call
+        for prefix in caches:
+            results.append(run(args, m, prefix))
+            print(json.dumps(results[-1]), flush=True)
     env = environment(args)
     text = table(results, args, env)
     args.out.mkdir(parents=True, exist_ok=True)
