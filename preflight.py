@@ -62,6 +62,11 @@ def check_config(cfg: DictConfig) -> None:
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
             raise ValueError(f"{key} must be a non-negative integer{'' if key == 'n_epochs' else ' or null'}, "
                              f"got {value!r}")
+    if not isinstance(cfg.prefix_cache, bool):
+        raise ValueError(f"prefix_cache must be true or false, got {cfg.prefix_cache!r}")
+    gb = cfg.prefix_cache_gb
+    if not isinstance(gb, (int, float)) or isinstance(gb, bool) or gb < 0:
+        raise ValueError(f"prefix_cache_gb must be a number of GiB >= 0 (0 keeps nothing), got {gb!r}")
     if cfg.mode == "train" and cfg.model.family == "classifier" and cfg.data.format != "fever":
         raise ValueError(f"model={cfg.model.name} is a binary FEVER classifier: it needs data=fever")
     if cfg.variant != "none" and cfg.editor.name != "malmen":

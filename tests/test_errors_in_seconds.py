@@ -113,6 +113,7 @@ def test_override_typo_is_one_line_naming_the_closest_key(tmp_path, args, line):
     (["editor=locft_bf", "editor.batch_size=0"], "error: editor.batch_size must be an integer >= 1, got 0"),
     (["editor=emmet", "editor.lam_e=-0.5"], "error: editor.lam_e must be >= 0, got -0.5"),
     (["data.n_edits=0"], "error: data.n_edits must be an integer >= 1, got 0"),
+    (["prefix_cache_gb=-1"], "error: prefix_cache_gb must be a number of GiB >= 0 (0 keeps nothing), got -1"),
     (["editor=memit", "editor.layers=2"], "error: editor.layers must be a non-empty list of layer indices >= 0, "
                                          "e.g. editor.layers=[5], got 2"),
     (["editor=emmet", "editor.layers=[1,1]"], "error: editor.layers lists a layer twice: [1, 1] (each critical "
