@@ -118,7 +118,8 @@ def load_editor_checkpoint(path: str | Path, editor, config: dict, keys: tuple[s
     if diffs:
         shapes = {n: weight_shape(m) for n, m in editor.modules.items()}  # (d_out, d_in)
         raise ValueError(
-            f"editor checkpoint {path} was trained for model {lookup(saved, 'model.name')}{saved_note} with modules "
+            f"editor checkpoint {path} does not fit this run: it was trained for model {lookup(saved, 'model.name')}"
+            f"{saved_note} with modules "
             f"{lookup(saved, 'editor.modules')}; this run uses model {lookup(config, 'model.name')}{note} with "
             f"modules and weight shapes {shapes}. What differs:\n  " + "\n  ".join(diffs))
     editor.load_state_dict(state)

@@ -63,9 +63,13 @@ def results_markdown(results: dict, run_dir: Path) -> str:
         lines.append(f"- **{warning}**")
     lines += ["", f"Time {results['time_s']:.1f} s; peak memory {results['peak_memory_mb']:.0f} MB "
               f"({'GPU allocated' if str(cfg.get('model_device', 'cpu')).startswith('cuda') else 'RSS'})."]
-    checkpoint = run_dir / "checkpoint.pt"
-    lines.append(f"Editor checkpoint: `{checkpoint}`." if checkpoint.is_file() else
-                 "No editor checkpoint (this editor does not meta-train).")
+    checkpoint, loaded = run_dir / "checkpoint.pt", cfg["editor"].get("checkpoint")
+    if loaded:
+        lines.append(f"Editor checkpoint loaded: `{loaded}`" + (f"; trained on, written to `{checkpoint}`."
+                                                               if checkpoint.is_file() else "."))
+    else:
+        lines.append(f"Editor checkpoint: `{checkpoint}`." if checkpoint.is_file() else
+                     "No editor checkpoint (this editor does not meta-train).")
     lines.append(f"Everything else, the resolved config included: `{run_dir / 'results.json'}`.")
     return "\n".join(lines) + "\n"
 
@@ -157,6 +161,8 @@ def terminal_summary(results: dict, mode: str, run_dir: Path) -> str:
     lines = ["\nno validation (max_valid_steps=0)"] if f is None else \
         [f"\n{'':8}{'ES':>8}{'GS':>8}{'LS':>8}", f"{'pre':8}{p['ES']:8.3f}{p['GS']:8.3f}{p['LS']:8.3f}",
          f"{'post':8}{f['ES']:8.3f}{f['GS']:8.3f}{f['LS']:8.3f}"]
+    if trained_at := trained_label(results):
+        lines.append(f"the hyper-network was {trained_at} (editor.allow_other_m=true)")
     lines.append(f"time {results['time_s']:.1f} s, peak memory {results['peak_memory_mb']:.0f} MB, "
                  f"results in {run_dir} (results.md, results.json)")
     return "\n".join(lines)

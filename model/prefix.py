@@ -76,9 +76,9 @@ class PrefixCache:
     def __init__(self, model: nn.Module, edited: list[str], device="cpu", max_gb: float = 2.0, enabled: bool = True):
         self.model, self.device, self.max_bytes = model, torch.device(device), max_gb * 2 ** 30
         self.store: dict[tuple, torch.Tensor] = {}  # (first block, tokens) -> (T, d)
-        self.hits = self.misses = self.bytes = 0
+        self.hits = self.misses = self.bytes = self.not_kept = 0
         spec = SPECS.get(getattr(model.config, "model_type", None))
-        self.reason = ("prefix_cache=false" if not enabled else
+        self.reason = ("prefix_cache=false" if not enabled else "prefix_cache_gb=0" if max_gb == 0 else
                        "dispatched over devices (accelerate's hf_device_map)" if getattr(model, "hf_device_map", None)
                        else None if spec else WHY_NOT.get(model.config.model_type,
                                                           f"model_type {model.config.model_type!r} is not in SPECS"))
@@ -156,13 +156,17 @@ class PrefixCache:
         lengths = inputs["attention_mask"].sum(1).tolist()
         for key, h, n in zip(keys, seen["h"], lengths):
             size = h[:n].numel() * h.element_size()
-            if key not in self.store and self.bytes + size <= self.max_bytes:
-                self.store[key] = h[:n].to(self.device, copy=True)
-                self.bytes += size
+            if key in self.store:
+                continue
+            if self.bytes + size > self.max_bytes:  # full: this tuple's lower blocks run again next time
+                self.not_kept += 1
+                continue
+            self.store[key] = h[:n].to(self.device, copy=True)
+            self.bytes += size
         return out
 
     def summary(self) -> dict:
-        """results.json's `prefix_cache`: hits and misses (tuples), bytes held, the first edited block, and why
-        it is off (null when on)."""
+        """results.json's `prefix_cache`: hits and misses (tuples), bytes and tuples held, passes whose state was not kept because
+        it was full (prefix_cache_gb), the first edited block, and why it is off (null when on)."""
         return {"hits": self.hits, "misses": self.misses, "bytes": self.bytes, "tuples": len(self.store),
-                "first_block": self.first, "off": self.reason}
+                "not_kept": self.not_kept, "first_block": self.first, "off": self.reason}

@@ -128,7 +128,8 @@ def summarize(runs: list[Run]) -> list[dict]:
         group = sorted(groups[key], key=lambda r: r.seed)
         for a, b in zip(group, group[1:]):
             if a.seed == b.seed:  # a re-run in the same tree would be counted twice
-                raise AggregateError(b.path, "config.seed", f"seed {b.seed} of the same setting also in {a.path}")
+                raise AggregateError(b.path, "config.seed", f"seed {b.seed} of the same setting also in {a.path} (a "
+                                     "training run and its evaluation from the checkpoint, say): pass one of the two")
         row = dict(zip(("result", "model", "data", "editor", "variant", "m", "trained_m"), key))
         row.update(n=len(group), seeds=" ".join(str(r.seed) for r in group))
         for stat in STATS:

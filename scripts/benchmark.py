@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))  # run as a plain script from anywhere
 
 
 def arguments() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", required=True, help="zsRE records (MEND format), e.g. zsre_mend_train-1k.json")
     p.add_argument("--tokenizer", help="tokenizer folder or name, e.g. ../shared/data/gpt2-tokenizer (default: the "
                    "model's own; needed by the random-weight gpt2 and gpt-j)")
@@ -49,7 +49,8 @@ def arguments() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: the project's default)")
     p.add_argument("--batch-size", type=int, default=64, help="LM batch (tuples), as data/zsre.yaml")
-    p.add_argument("--steps", type=int, default=2, help="meta-steps timed; the last one is reported")
+    p.add_argument("--steps", type=int, default=2, help="meta-steps timed on one group; the last is reported (with "
+                   "the prefix cache: the first fills it, as epoch 1 does, the last reads it, as later epochs do)")
     p.add_argument("--prefix-cache", choices=("both", "on", "off"), default="both",
                    help="time without and/or with the cached lower blocks (model/prefix.py)")
     p.add_argument("--out", type=Path, default=Path("outputs/benchmark"), help="folder for benchmark.md and .json")
@@ -218,9 +219,9 @@ def environment(args) -> str:
 
 def table(results: list[dict], args, env: str) -> str:
     phases = list(results[0]["phases"])
-    weights = "random weights" if args.model in ("gpt2", "gpt-j") else "its weights"
+    weights = "random weights" if args.model in ("gpt2", "gpt-j") or args.model.startswith("tiny-") else "its weights"
     lines = [f"**MALMEN, model {args.model} ({weights}), device {args.device}, LM batch {args.batch_size}**",
-             "", "| phase | " + " | ".join(f"m = {r['m']}, prefix cache {'off' if r['prefix_cache']['off'] else 'on'}: "
+             "", "| phase | " + " | ".join(f"m = {r['m']}, prefix cache {r['prefix_cache']['off'] or 'on'}: "
                                           "wall s | CPU s" for r in results) + " |",
              "|---|" + "---:|---:|" * len(results)]
     for p in phases:
@@ -230,7 +231,10 @@ def table(results: list[dict], args, env: str) -> str:
     lines.append("| LM tokens edit / equiv / unrel (padding incl.) | " + " | ".join(
         f"{r['lm_tokens']['edit']} / {r['lm_tokens']['equiv']} / {r['lm_tokens']['unrel']} | " for r in results)
         + " |")
-    return "\n".join(lines) + f"\n\n{env}\n"
+    notes = ("The meta-step is the last of --steps on one group: with the prefix cache its lower blocks were cached by the "
+             "steps before, as from the second epoch on. The validation group starts from an empty cache. Peak memory is "
+             "the process's: with --prefix-cache both, a column's is the largest so far (run on and off apart to compare).")
+    return "\n".join(lines) + f"\n\n{notes}\n\n{env}\n"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -83,7 +83,14 @@ def out_dir(runs: list[Run]) -> Path | None:
     """DIR: the deepest folder holding the runs and the paths outside the repository that their overrides
     name (real_lm.sh's OUT: DIR/split, DIR/results/...); None where they name none."""
     named = [p for r in runs for p in map(_outside, _overrides(r) or []) if p]
-    return Path(os.path.commonpath([*named, *(r.path.parent.resolve() for r in runs)])) if named else None
+    if not named:
+        return None
+    out = Path(os.path.commonpath([*named, *(r.path.parent.resolve() for r in runs)]))
+    if out == Path(out.anchor):  # DIR = / would print the machine's paths under another name
+        raise AggregateError(runs[0].path, None, f"these runs and the files their commands name ({named[0]}, ...) share "
+                             "no folder but the root, so their commands cannot be written without this machine's paths: "
+                             "keep the runs and their files under one folder (real_lm.sh's OUT does)")
+    return out
 
 
 def portable(override: str, out: Path | None) -> str | None:

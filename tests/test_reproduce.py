@@ -207,6 +207,9 @@ def test_table_commands_name_no_path_of_the_machine(tmp_path, capsys):
     assert "DIR: the folder that `OUT=DIR scripts/real_lm.sh` writes." in notes[1] and "CACHE" not in notes[1]
     assert "`python main.py cache_dir=CACHE data.train_path=datasets/train.json`" in notes[0]
     assert "CACHE: a cache folder of their own" in notes[0] and "DIR" not in notes[0]
+    write_result(tmp_path / "far", final=(0.5, 0.4, 0.9), m=64, overrides=["data.train_path=/elsewhere/train.json"])
+    code, _, err = tables(capsys, "table", tmp_path / "far")
+    assert code == 2 and "share no folder but the root" in err
 
 
 def test_a_hyper_network_evaluated_at_another_m_is_labelled_in_every_table(tmp_path, capsys):
