@@ -60,13 +60,12 @@ class Zero(nn.Module):
         return torch.zeros(*ids.shape, self.dim, dtype=self.dtype, device=ids.device)
 
 
-def first_block(blocks: nn.ModuleList, prefix: str, edited: list[str]) -> int:
-    """The lowest block index among the edited modules' names (`prefix`.<i>. ...)."""
-    found = [int(n[len(prefix) + 1:].split(".")[0]) for n in edited if n.startswith(prefix + ".")]
-    if len(found) < len(edited):
-        outside = [n for n in edited if not n.startswith(prefix + ".")]
-        raise ValueError(f"edited modules outside {prefix}: {outside}")
-    return min(found)
+def first_block(prefix: str, edited: list[str]) -> int | None:
+    """The lowest block index among the edited modules' names (`prefix`.<i>. ...); None when one lies outside
+    the blocks (an embedding or the head: nothing is below it)."""
+    if not edited or any(not n.startswith(prefix + ".") for n in edited):
+        return None
+    return min(int(n[len(prefix) + 1:].split(".")[0]) for n in edited)
 
 
 class PrefixCache:
@@ -75,7 +74,7 @@ class PrefixCache:
 
     def __init__(self, model: nn.Module, edited: list[str], device="cpu", max_gb: float = 2.0, enabled: bool = True):
         self.model, self.device, self.max_bytes = model, torch.device(device), max_gb * 2 ** 30
-        self.store: dict[tuple, torch.Tensor] = {}  # (first block, tokens) -> (T, d)
+        self.store: dict[tuple, torch.Tensor] = {}  # (fingerprint, first block, tokens) -> (T, d)
         self.hits = self.misses = self.bytes = self.not_kept = 0
         spec = SPECS.get(getattr(model.config, "model_type", None))
         self.reason = ("prefix_cache=false" if not enabled else "prefix_cache_gb=0" if max_gb == 0 else
@@ -86,17 +85,18 @@ class PrefixCache:
         if self.reason is None:
             path, self.as_tuple, self.zeroed = spec
             self.blocks = model.get_submodule(path)
-            self.first = first_block(self.blocks, path, edited)
-            self.fingerprint = self._fingerprint()
-            if self.first == 0:
-                self.reason = "the first block is edited: nothing lies below it"
+            self.first = first_block(path, edited)
+            if not self.first:  # 0 or None
+                self.reason = f"an edited module lies in the first block or outside the blocks ({edited})"
+            else:
+                self.fingerprint = self._fingerprint()
 
     @property
     def active(self) -> bool:
         return self.reason is None
 
     def _fingerprint(self) -> str:
-        """sha256 of every weight outside the edited blocks and above: what the cached states depend on."""
+        """sha256 of every weight except those of the first edited block and above: what the states depend on."""
         h, upper = hashlib.sha256(), {id(p) for b in self.blocks[self.first:] for p in b.parameters()}
         for name, p in self.model.named_parameters():
             if id(p) not in upper:
@@ -140,7 +140,7 @@ class PrefixCache:
             hidden = states[0].new_zeros(b, t, states[0].shape[-1])  # (B, T, d); padding: never read by a real token
             for i, s in enumerate(states):
                 hidden[i, : len(s)] = s
-            device = self.blocks[self.first].parameters().__next__().device
+            device = next(self.blocks[self.first].parameters()).device
             with self._from_hidden():
                 return call(inputs_embeds=hidden.to(device), attention_mask=inputs["attention_mask"])
         self.misses += len(keys)

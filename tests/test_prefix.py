@@ -65,6 +65,7 @@ def test_the_cache_holds_no_more_than_its_limit():
     assert 1 <= summary["tuples"] <= 2 and summary["bytes"] <= 2.5 * one and summary["hits"] == 0
     assert summary["not_kept"] >= 3 * 6 - summary["tuples"] and summary["off"] is None  # counted per pass
     assert PrefixCache(model, cached.edited_modules(), max_gb=0).summary()["off"] == "prefix_cache_gb=0"
+    assert PrefixCache(model, ["lm_head"]).summary()["off"].startswith("an edited module lies in the first block or")
 
 
 def test_smollm2_gives_the_same_losses_and_metrics_from_the_cache(smollm2):  # noqa: F811
