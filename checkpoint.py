@@ -79,18 +79,15 @@ def refuse_old_inputs(state: dict, path: str | Path) -> None:
             "editor again")
 
 
-def check_trained_m(trained: dict | None, m: int, path: str | Path, allow_other_m: bool) -> str | None:
+def check_trained_m(trained: dict | None, m: int, path: str | Path, allow_other_m: bool) -> None:
     """Refuse to evaluate, at m edits, a checkpoint meta-trained at another m, unless `allow_other_m`
-    (editor.allow_other_m=true); returns the label such results carry ("trained at m = X"), or None."""
-    if not trained or trained["m"] == m:
-        return None
-    if not allow_other_m:
+    (editor.allow_other_m=true; report.trained_label then labels the results)."""
+    if trained and trained["m"] != m and not allow_other_m:
         raise ValueError(
             f"editor checkpoint {path} was meta-trained at m = {trained['m']} edits and this run evaluates m = {m}. "
             "The paper trains one hyper-network per m; to evaluate this one at another m anyway, add "
             "editor.allow_other_m=true (results and tables then say 'trained at m = "
             f"{trained['m']}')")
-    return f"trained at m = {trained['m']}"
 
 
 def as_base(config: dict) -> tuple[dict, str]:
