@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Iterator
 
 import numpy as np
@@ -12,6 +12,8 @@ from data.collate import Collator
 from data.records import DataError, EditRecord
 
 log = logging.getLogger(__name__)
+KIND_NAMES = {"edit": "edit", "equiv": "equivalent", "unrel": "unrelated", "edit_true": "edit (true answer)",
+              "equiv_true": "equivalent (true answer)", "unrel_new": "unrelated (new answer)"}  # for errors
 
 
 @dataclass
@@ -23,11 +25,19 @@ class EditGroup:
     equiv: list[dict[str, torch.Tensor]]  # batches of (one equivalent prompt, answer)
     unrel: list[dict[str, torch.Tensor]]  # batches of (unrel_prompt, unrel_answer)
     path: str = "<records>"  # file of the records, for error messages of editors that read them
+    # CounterFact (records with a true_answer): the tuples its scores compare the ones above with,
+    # {"edit_true": (prompt, true answer), "equiv_true": (equivalent prompt, true answer),
+    #  "unrel_new": (unrel_prompt, new answer)}; None for other data
+    counter: dict[str, list[dict[str, torch.Tensor]]] | None = None
+    # the group position of each tuple of a kind (edit, equiv, unrel and those of `counter`), in batch order:
+    # batches are sorted by length, so per-tuple values concatenated over them come in this order
+    order: dict[str, list[int]] = field(default_factory=dict)
 
     def to(self, device) -> "EditGroup":
         """The same group with every batch on `device` (moved once per step, not once per use)."""
         move = lambda batches: [{k: v.to(device) for k, v in b.items()} for b in batches]  # noqa: E731
-        return replace(self, edit=move(self.edit), equiv=move(self.equiv), unrel=move(self.unrel))
+        counter = None if self.counter is None else {k: move(b) for k, b in self.counter.items()}
+        return replace(self, edit=move(self.edit), equiv=move(self.equiv), unrel=move(self.unrel), counter=counter)
 
 
 def n_groups(n_records: int, n_edits: int) -> int:
@@ -67,25 +77,28 @@ def _groups(used: list[EditRecord], equiv: list[str], m: int, batch_size: int,
             collator: Collator, path: str) -> Iterator[EditGroup]:
     for start in range(0, len(used), m):
         recs = used[start: start + m]
-        answers = [r.answer for r in recs]
-        yield EditGroup(
-            records=recs,
-            edit=_batches(collator, recs, [r.prompt for r in recs], answers, batch_size, path, "edit"),
-            equiv=_batches(collator, recs, equiv[start: start + m], answers, batch_size, path, "equivalent"),
-            unrel=_batches(collator, recs, [r.unrel_prompt for r in recs], [r.unrel_answer for r in recs],
-                           batch_size, path, "unrelated"),
-            path=path,
-        )
+        new, prompts, rephrased = [r.answer for r in recs], [r.prompt for r in recs], equiv[start: start + m]
+        unrel = [r.unrel_prompt for r in recs]
+        kinds = {"edit": (prompts, new), "equiv": (rephrased, new), "unrel": (unrel, [r.unrel_answer for r in recs])}
+        if all(r.true_answer is not None for r in recs):  # CounterFact: the same prompts with the other answer
+            true = [r.true_answer for r in recs]
+            kinds.update(edit_true=(prompts, true), equiv_true=(rephrased, true), unrel_new=(unrel, new))
+        batches, order = {}, {}
+        for kind, (texts, answers) in kinds.items():
+            batches[kind], order[kind] = _batches(collator, recs, texts, answers, batch_size, path, KIND_NAMES[kind])
+        yield EditGroup(records=recs, edit=batches.pop("edit"), equiv=batches.pop("equiv"),
+                        unrel=batches.pop("unrel"), path=path, counter=batches or None, order=order)
 
 
 def _batches(collator: Collator, recs: list[EditRecord], prompts: list[str], answers: list, batch_size: int,
-             path: str, kind: str) -> list[dict[str, torch.Tensor]]:
+             path: str, kind: str) -> tuple[list[dict[str, torch.Tensor]], list[int]]:
     """LM batches of the tuples sorted by token length (issue 17; the authors' runs sort too). A batch
     holds at most `batch_size` tuples and at most batch_size x (the mean tuple length) tokens with its
     padding, so short tuples share wide batches and long ones narrow ones. On zsRE this cuts the
     tokens through the LM by 27-30% at m = 64 against batches of 64 in record order, and no batch is
     larger than one of those. Every loss and metric is per example: neither the order nor the cut
-    changes a result (tests/test_meta_grad.py, batch-size invariance)."""
+    changes a result (tests/test_meta_grad.py, batch-size invariance). Returns the batches and the
+    group position of each tuple in batch order."""
     try:
         lengths = collator.lengths(prompts, answers)  # (n,) tokens of each tuple
     except ValueError:  # find the record that cannot be tokenised and name it
@@ -103,4 +116,4 @@ def _batches(collator: Collator, recs: list[EditRecord], prompts: list[str], ans
             cuts.append((start, i))
             start = i
     cuts.append((start, len(order)))
-    return [collator([prompts[j] for j in order[a:b]], [answers[j] for j in order[a:b]]) for a, b in cuts]
+    return [collator([prompts[j] for j in order[a:b]], [answers[j] for j in order[a:b]]) for a, b in cuts], order

@@ -5,6 +5,18 @@ NQ question with the prefix removed and "?" appended, as the authors ran them (N
 question mark). A `loc` without the prefix (the paper's own files, the synthetic world) was written in
 final form and is kept as it is.
 
+CounterFact (Meng et al. 2022, ROME) comes in two forms, told apart per record:
+  flat (the MEND/EasyEdit split): {prompt, subject, target_new, ground_truth, rephrase_prompt,
+        locality_prompt, locality_ground_truth};
+  ROME's counterfact.json: {requested_rewrite: {prompt (a template with one "{}" for the subject),
+        subject, target_new: {str}, target_true: {str}}, paraphrase_prompts[], neighborhood_prompts[]}.
+Edit tuple = (prompt, target_new); equivalent = the rephrasing(s), one drawn per edit (data.groups);
+unrelated = (the neighborhood/locality prompt, its own true answer: locality_ground_truth, or ROME's
+target_true, which every neighborhood prompt of a record shares). ROME's form gives ten neighborhood
+prompts: the first is the unrelated tuple (one per edit, as in the flat split, whose locality_prompt is
+one of them); the others, and `attribute_prompts` / `generation_prompts`, are not read. `true_answer`
+keeps ground_truth / target_true for CounterFact's own scores (model/lm.counterfact_scores).
+
 Every text field loses its surrounding whitespace at load (a prompt's trailing space would otherwise
 put two spaces before the answer); a field that is only whitespace is refused by name.
 """
@@ -20,7 +32,7 @@ from typing import Any
 NQ_PREFIX = "nq question: "
 # how data.records reads a zsRE `loc` (conversion reports quote it)
 NQ_RULE = f"the NQ question: loc without its {NQ_PREFIX!r} prefix, with '?' appended (data.records, at load)"
-FORMATS = ("zsre", "fever")
+FORMATS = ("zsre", "fever", "counterfact")
 _TRUE = {"supports", "true", "1"}
 _FALSE = {"refutes", "false", "0"}
 _UNSET = object()
@@ -59,12 +71,14 @@ class EditRecord:
     equiv_prompts: tuple[str, ...]  # >= 1 semantically equivalent prompts; same answer
     unrel_prompt: str
     unrel_answer: str | bool
-    subject: str | None = None  # zsRE MEND format carries it (needed later by MEMIT)
+    subject: str | None = None  # zsRE MEND format and CounterFact carry it (needed later by MEMIT)
+    true_answer: str | None = None  # CounterFact: the fact before the edit (ground_truth / target_true)
     index: int | None = field(default=None, compare=False)  # position in its file, for error messages
 
 
 def load_records(path: str, fmt: str) -> list[EditRecord]:
-    """Load a JSON list or JSONL file of `fmt` ("zsre" or "fever") records; DataError on any bad record."""
+    """Load a JSON list or JSONL file of `fmt` ("zsre", "fever" or "counterfact") records; DataError on any
+    bad record."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown data format {fmt!r}; expected one of {FORMATS}")
     require_file(path)
@@ -86,7 +100,7 @@ def require_file(path: str, why: str = "") -> None:
         where = "" if Path(path).is_absolute() else f" (looked for {Path(path).resolve()})"
         why = f" ({why})" if why else ""
         raise DataError(path, None, None, f"cannot read file: missing{where}{why}; `python scripts/download_data.py` "
-                                          "downloads the paper's zsRE and FEVER splits")
+                                          "downloads the paper's zsRE and FEVER splits and CounterFact")
 
 
 def parse_record(raw: Any, fmt: str, path: str, index: int) -> EditRecord:
@@ -95,7 +109,7 @@ def parse_record(raw: Any, fmt: str, path: str, index: int) -> EditRecord:
         raise ValueError(f"unknown data format {fmt!r}; expected one of {FORMATS}")
     if not isinstance(raw, dict):
         raise DataError(path, index, None, f"not a JSON object (got {type(raw).__name__})")
-    parse = _zsre if fmt == "zsre" else _fever
+    parse = {"zsre": _zsre, "fever": _fever, "counterfact": _counterfact}[fmt]
     return replace(parse(_Fields(path, index, raw)), index=index)
 
 
@@ -126,11 +140,18 @@ def read_objects(path: str) -> list[Any]:
 class _Fields:
     """Typed access to one raw record; every failure is a DataError naming file, index and field."""
 
-    def __init__(self, path: str, index: int, raw: dict):
-        self.path, self.index, self.raw = path, index, raw
+    def __init__(self, path: str, index: int, raw: dict, prefix: str = ""):
+        self.path, self.index, self.raw, self.prefix = path, index, raw, prefix  # prefix: a nested object's path
 
     def error(self, field: str, msg: str) -> DataError:
-        return DataError(self.path, self.index, field, msg)
+        return DataError(self.path, self.index, self.prefix + field, msg)
+
+    def nested(self, field: str) -> "_Fields":
+        """The object in `field`, its fields named `field.name` in errors."""
+        value = self.get(field)
+        if not isinstance(value, dict):
+            raise self.error(field, f"expected an object, got {type(value).__name__}")
+        return _Fields(self.path, self.index, value, f"{self.prefix}{field}.")
 
     def get(self, field: str) -> Any:
         if field not in self.raw:
@@ -208,4 +229,40 @@ def _fever(f: _Fields) -> EditRecord:
         equiv_prompts=f.texts("equiv_prompt"),
         unrel_prompt=f.text("unrel_prompt"),
         unrel_answer=f.label("unrel_ans"),
+    )
+
+
+def _counterfact(f: _Fields) -> EditRecord:
+    """CounterFact record, flat (MEND/EasyEdit) or ROME's nested form (module docstring); refused when the
+    new answer is the true one (its scores compare the two)."""
+    record = _counterfact_fields(f)
+    if record.answer == record.true_answer:
+        raise f.error("target_new", f"is the true answer ({record.answer!r}): the edit would change nothing")
+    return record
+
+
+def _counterfact_fields(f: _Fields) -> EditRecord:
+    if "requested_rewrite" not in f.raw:
+        return EditRecord(
+            prompt=f.text("prompt"),
+            answer=f.text("target_new"),
+            equiv_prompts=(f.text("rephrase_prompt"),),
+            unrel_prompt=f.text("locality_prompt"),
+            unrel_answer=f.text("locality_ground_truth"),
+            subject=f.text("subject"),
+            true_answer=f.text("ground_truth"),
+        )
+    r = f.nested("requested_rewrite")
+    subject, template = r.text("subject"), r.text("prompt")
+    if template.count("{}") != 1:
+        raise r.error("prompt", f"expected one '{{}}' where the subject goes, got {template!r}")
+    true = r.nested("target_true").text("str")
+    return EditRecord(
+        prompt=template.replace("{}", subject),
+        answer=r.nested("target_new").text("str"),
+        equiv_prompts=f.texts("paraphrase_prompts"),
+        unrel_prompt=f.texts("neighborhood_prompts")[0],  # every one is checked; the first is used
+        unrel_answer=true,
+        subject=subject,
+        true_answer=true,
     )

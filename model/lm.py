@@ -154,3 +154,45 @@ def success(model: nn.Module, batches: list[dict], family: str, device, prefix=N
                           f"{len(out)} tuples, so ES/GS/LS cannot be computed (a {dtype} forward pass that "
                           "overflows, or non-finite weights); nothing is reported as a number")
     return out
+
+
+@torch.no_grad()
+def answer_log_prob(model: nn.Module, batches: list[dict], family: str, device, prefix=None,
+                    reduction: str = "sum") -> torch.Tensor:
+    """log P(answer | prompt) of each tuple (N,), in batch order: the sum of the answer tokens'
+    log-probabilities (the probability of the whole answer), or their mean with reduction="mean" (per
+    token, as ROME's released CounterFact evaluation). Causal and seq2seq LMs; NaN where not finite."""
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be sum or mean, got {reduction!r}")
+    out = []
+    for b in (to_device(b, device) for b in batches):
+        lp = -nll(logits(model, b, family, prefix=prefix), b, family)  # (B,)
+        if reduction == "mean":
+            lp = lp / answer_mask(b, family).sum(1).to(lp)
+        out.append(lp.where(torch.isfinite(lp), torch.nan))
+    return torch.cat(out).cpu()
+
+
+COUNTERFACT_SCORES = {  # score: (the tuples that should win, the tuples they are compared with)
+    "efficacy": ("edit", "edit_true"),        # P(new | edit prompt) > P(true | edit prompt)
+    "paraphrase": ("equiv", "equiv_true"),    # P(new | rephrasing) > P(true | rephrasing)
+    "neighborhood": ("unrel", "unrel_new"),   # P(true | neighborhood prompt) > P(new | neighborhood prompt)
+}
+
+
+def counterfact_scores(model: nn.Module, group, family: str, device, prefix=None,
+                       reduction: str = "sum") -> dict[str, float]:
+    """CounterFact's efficacy, paraphrase and neighborhood scores of the model as it is now on one group
+    (data.groups.EditGroup with `counter`): the share of tuples whose right answer is the more probable
+    one, P(a | p) = exp(answer_log_prob), over whole multi-token answers (Meng et al. 2022, ROME, Sec. 3.1
+    "efficacy score", "paraphrase score", "neighborhood score"; reported so by MEMIT and AlphaEdit).
+    MetricError when a log-probability is not finite (never reported as a number)."""
+    lp = {}
+    for kind in ("edit", "equiv", "unrel", *group.counter):
+        batches = getattr(group, kind) if kind in ("edit", "equiv", "unrel") else group.counter[kind]
+        values = answer_log_prob(model, batches, family, device, prefix, reduction)  # (m,) in batch order
+        if values.isnan().any():
+            raise MetricError(f"log P(answer) is not finite on {int(values.isnan().sum())} of {len(values)} "
+                              f"{kind} tuples: the CounterFact scores cannot be computed")
+        lp[kind] = values.new_empty(len(values)).index_copy_(0, torch.tensor(group.order[kind]), values)
+    return {name: float((lp[win] > lp[lose]).float().mean()) for name, (win, lose) in COUNTERFACT_SCORES.items()}

@@ -1,7 +1,12 @@
 """Download the paper's datasets, verify their checksums and write the files data=zsre / data=fever read.
 
-    python scripts/download_data.py                       # zsRE and FEVER into datasets/ (the data_dir)
+    python scripts/download_data.py                       # zsRE, FEVER and CounterFact into datasets/ (the data_dir)
     python scripts/download_data.py fever --from-dir DIR  # convert release files you already have
+    python scripts/download_data.py counterfact           # ROME's counterfact.json, split by subject
+
+CounterFact: ROME's counterfact.json (21,919 records) is kept as it is (data=counterfact reads its form) and
+split by scripts/split_records.py --by-subject into datasets/counterfact/{train,valid,split}.json: valid.json
+holds --cf-valid records (default 2,000), train.json every other record, no subject in both.
 
 FEVER's unrelated claims come from FEVER 2.0 (held out from the classifier's fine-tuning, as in the
 paper); `--unrel-source train` draws them from the training claims instead (LS then sits near the
@@ -41,6 +46,9 @@ SOURCES = {  # release file name -> URL
         "zsre_mend_train.json": "https://rome.baulab.info/data/dsets/zsre_mend_train.json",
         "zsre_mend_eval.json": "https://rome.baulab.info/data/dsets/zsre_mend_eval.json",
     },
+    "counterfact": {  # ROME's CounterFact (Meng et al. 2022): requested_rewrite, paraphrase/neighborhood prompts
+        "counterfact.json": "https://rome.baulab.info/data/dsets/counterfact.json",
+    },
     "fever": {  # KILT FEVER (SUPPORTS/REFUTES only): 104,966 train and 10,444 dev claims; then FEVER 2.0
         "fever-train-kilt.jsonl": "http://dl.fbaipublicfiles.com/KILT/fever-train-kilt.jsonl",
         "fever-dev-kilt.jsonl": "http://dl.fbaipublicfiles.com/KILT/fever-dev-kilt.jsonl",
@@ -79,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             _download(raw, files, args.datasets, args.mirror)
         hashes = verify_manifest(raw, list(files), store / MANIFEST)
         for name in args.datasets:
-            convert = _convert_zsre if name == "zsre" else _convert_fever
+            convert = {"zsre": _convert_zsre, "fever": _convert_fever, "counterfact": _split_counterfact}[name]
             convert(raw, _config_paths(name, args.out), hashes, args)
     except Missing as err:
         print(f"error: {err}", file=sys.stderr)
@@ -131,7 +139,7 @@ def _read_manifest(manifest: Path) -> dict[str, str]:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("datasets", nargs="*", metavar="{fever,zsre}", help="which datasets (default: both)")
+    p.add_argument("datasets", nargs="*", metavar="{counterfact,fever,zsre}", help="which datasets (default: all)")
     p.add_argument("--out", default="datasets", help="data_dir the configs read (default: datasets)")
     p.add_argument("--raw", help="where downloads go (default: OUT/raw)")
     p.add_argument("--from-dir", help="convert release files already in this directory; download nothing")
@@ -140,6 +148,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--missing-equiv", choices=MISSING_EQUIV, default="standin",
                    help="FEVER claims without a rephrasing: use the claim itself, flagged (standin), "
                         "leave them out (drop) or stop (error)")
+    p.add_argument("--cf-valid", type=int, default=2000, help="CounterFact: records in valid.json (default 2000)")
     p.add_argument("--nq", help="zsRE: draw the locality pairs from this NQ-open file instead of the records'")
     p.add_argument("--unrel-source", choices=UNREL_SOURCES, default="fever2",
                    help="FEVER: draw the unrelated claims from FEVER 2.0 (the paper's; default) or from the "
@@ -242,6 +251,18 @@ def _convert_fever(raw: Path, paths: tuple[Path, Path], hashes: dict, args) -> N
     if any(r["equiv_standin"] for r in reports.values()):  # data.records has warned per file
         print(f"note: for the paper's GS, convert De Cao et al.'s rephrased FEVER instead: {REPHRASED_FEVER}",
               file=sys.stderr)
+
+
+def _split_counterfact(raw: Path, paths: tuple[Path, Path], hashes: dict, args) -> None:
+    """datasets/counterfact/{train,valid,split}.json: ROME's records unchanged, split with no shared subject."""
+    from scripts.split_records import split
+    src = raw / "counterfact.json"
+    n = len(load_records(str(src), "counterfact"))  # every record parses, or one DataError names it
+    if paths[0].parent != paths[1].parent:
+        raise ValueError(f"config/data/counterfact.yaml: train_path and valid_path must share a folder, got {paths}")
+    summary = split(str(src), paths[0].parent, n - args.cf_valid, args.cf_valid, args.seed, "counterfact", True)
+    print(f"wrote {paths[0]} and {paths[1]}: {summary['counts']} records of {src} (sha256 {hashes['counterfact.json']}), "
+          "no subject in both; split.json records every index")
 
 
 def _write(dest: Path, rows: list[dict], fmt: str, src: Path, digest: str, stats: dict) -> dict:
