@@ -195,4 +195,4 @@ def counterfact_scores(model: nn.Module, group, family: str, device, prefix=None
             raise MetricError(f"log P(answer) is not finite on {int(values.isnan().sum())} of {len(values)} "
                               f"{kind} tuples: the CounterFact scores cannot be computed")
         lp[kind] = values.new_empty(len(values)).index_copy_(0, torch.tensor(group.order[kind]), values)
-    return {name: float((lp[win] > lp[lose]).float().mean()) for name, (win, lose) in COUNTERFACT_SCORES.items()}
+    return {name: float((lp[win] > lp[lose]).double().mean()) for name, (win, lose) in COUNTERFACT_SCORES.items()}

@@ -12,7 +12,10 @@ was trained at); seeds are the repeats. Such rows are labelled "(trained at m = 
 - table1.md and table2.md in the layout of the paper's Tables 1 and 2 (mean (std), in %), and
   toy_table.md in Table 1's layout for the default experiment (scripts/toy_table.sh);
 - real_lm_zsre.md in that layout, one column group per m (a row per editor, "Before editing" first), beside
-  its curve real_lm_zsre.png (scripts/real_lm.sh).
+  its curve real_lm_zsre.png (scripts/real_lm.sh);
+- massive_counterfact.md: a row per (m, editor) with ES/GS/LS, CounterFact's efficacy, paraphrase and
+  neighborhood scores, the groups, wall and CPU time, beside massive_counterfact.png, six panels against m
+  (scripts/massive_counterfact.sh). CounterFact runs carry those scores in every table and plot.
 A results.json that cannot be read or lacks a field stops it with the file and the field (exit 2).
 """
 import argparse
@@ -31,9 +34,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 METRICS = ("ES", "GS", "LS")
-STATS = METRICS + ("residual", "time_s", "peak_memory_mb")
-TABLES = ("table1", "table2", "toy_table", "real_lm_zsre")  # paper_result values written as Markdown tables ...
-PLOTTED_TABLES = ("real_lm_zsre",)  # ... and, for these, as a curve over m as well
+COUNTERFACT = ("efficacy", "paraphrase", "neighborhood")  # data=counterfact runs only (model/lm.counterfact_scores)
+OPTIONAL = COUNTERFACT + ("residual", "cpu_time_s", "valid_groups")  # in some results.json files only
+STATS = METRICS + COUNTERFACT + ("residual", "time_s", "cpu_time_s", "peak_memory_mb", "valid_groups")
+TABLES = ("table1", "table2", "toy_table", "real_lm_zsre", "massive_counterfact")  # paper_result values written as Markdown tables ...
+PLOTTED_TABLES = ("real_lm_zsre", "massive_counterfact")  # ... and, for these, as a curve over m as well
 VARIANTS = {"sum": "Sum param. shifts", "no_reg": "No regularization", "first_ffn": "Edit first FC in FFN",
             "all_tokens": "Cache all tokens", "none": "MALMEN"}  # Table 1 row order, MALMEN last
 EDITORS = {"malmen": "MALMEN", "mend": "MEND", "ft": "FT", "memit": "MEMIT", "emmet": "EMMET",
@@ -97,9 +102,12 @@ def read_run(path: Path) -> Run:
     result = res["config"]["paper_result"] or f"{model}_{data}"
     stats = {k: float(_field(res, f"final.{k}", path, num)) for k in METRICS}
     stats.update({k: float(_field(res, k, path, num)) for k in ("time_s", "peak_memory_mb")})
-    if "residual" in res:
-        stats["residual"] = float(_field(res, "residual", path, num))
-    pre = {k: float(_field(res, f"pre_edit.{k}", path, num)) for k in METRICS} if "pre_edit" in res else None
+    stats.update({k: float(_field(res, f"final.{k}", path, num)) for k in COUNTERFACT if k in res["final"]})
+    stats.update({k: float(_field(res, k, path, num)) for k in ("residual", "cpu_time_s") if k in res})
+    if isinstance(res.get("valid"), list):
+        stats["valid_groups"] = float(len(res["valid"]))
+    names = METRICS + tuple(k for k in COUNTERFACT if k in res["final"])
+    pre = {k: float(_field(res, f"pre_edit.{k}", path, num)) for k in names} if "pre_edit" in res else None
     env = _field(res, "environment", path, dict) if res.get("environment") is not None else None
     m = _field(res, "config.data.n_edits", path, int)
     trained_m = _field(res, "trained.m", path, int) if res.get("trained") is not None else None
@@ -140,8 +148,8 @@ def summarize(runs: list[Run]) -> list[dict]:
             values = np.array([r.stats[stat] for r in have])
             row[f"{stat}_mean"] = float(values.mean()) if have else None
             row[f"{stat}_std"] = float(values.std()) if have else None
-        for stat in METRICS:  # before editing (None for results.json files without pre_edit)
-            pre = [r.pre_edit[stat] for r in group if r.pre_edit is not None]
+        for stat in METRICS + COUNTERFACT:  # before editing (None for results.json files without pre_edit)
+            pre = [r.pre_edit[stat] for r in group if r.pre_edit is not None and stat in r.pre_edit]
             row[f"pre_{stat}_mean"] = float(np.mean(pre)) if len(pre) == len(group) else None
         rows.append(row)
     return rows
@@ -218,9 +226,12 @@ def _legend_outside(fig, axes) -> None:
 
 
 def plot_scaling(rows: list[dict], title: str, path: Path) -> None:
-    """ES, GS, LS against m (log2), one line per editor/variant, mean +- std shaded; before editing dashed."""
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4.2), sharex=True)
-    for ax, stat in zip(axes, METRICS):
+    """ES, GS, LS (and CounterFact's scores, where the runs have them) against m (log2), one line per
+    editor/variant, mean +- std shaded; before editing dashed."""
+    stats = METRICS + tuple(s for s in COUNTERFACT if any(r[f"{s}_mean"] is not None for r in rows))
+    fig, axes = plt.subplots(len(stats) // 3, 3, figsize=(13, 4.2 * (len(stats) // 3)), sharex=True, squeeze=False)
+    axes = axes.ravel()
+    for ax, stat in zip(axes, stats):
         for name, (m, mean, std) in _lines(rows, stat).items():
             ax.plot(m, mean, marker="o", ms=3, label=name)
             ax.fill_between(m, mean - std, mean + std, alpha=0.2)
@@ -333,6 +344,27 @@ TITLES = {"fig4_bert_fever": "Fig. 4: BERT-base on FEVER", "fig5_gpt2_zsre": "Fi
           "real_lm_zsre": "A real pretrained LM on zsRE ({setting})"}  # {setting}: model / data of the runs
 
 
+def massive_table(rows: list[dict], title: str) -> str:
+    """Markdown for the massive-editing experiment: a row per (m, editor), "before editing" first, with ES/GS/LS,
+    CounterFact's three scores (mean (std) over seeds; one seed: the mean), validation groups, wall and CPU time
+    per run."""
+    stats = METRICS + COUNTERFACT
+    head = ["m", "editor", *stats, "groups x seeds", "wall s", "CPU s"]
+    lines = [f"**{_title(rows, title)}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in sorted({r["m"] for r in rows}):
+        at_m = sorted((r for r in rows if r["m"] == m), key=lambda r: row_order(r["editor"], r["variant"]))
+        pre = [np.mean([r[f"pre_{s}_mean"] for r in at_m if r[f"pre_{s}_mean"] is not None] or [np.nan]) for s in stats]
+        lines.append(f"| {m} | before editing | " + " | ".join("-" if np.isnan(v) else f"{v:.3f}" for v in pre)
+                     + " | | | |")
+        for r in at_m:
+            cells = ["-" if r[f"{s}_mean"] is None else  # the spread over seeds, when there are several
+                     mean_std(r[f"{s}_mean"], r[f"{s}_std"] if r["n"] > 1 else None, 3) for s in stats]
+            groups = "-" if r["valid_groups_mean"] is None else f"{r['valid_groups_mean']:.0f} x {r['n']}"
+            cpu = "-" if r["cpu_time_s_mean"] is None else f"{r['cpu_time_s_mean']:.0f}"
+            lines.append(f"| {m} | {label(r)} | " + " | ".join(cells) + f" | {groups} | {r['time_s_mean']:.0f} | {cpu} |")
+    return "\n".join(lines) + "\n"
+
+
 def aggregate(sweep_dir: Path, out_dir: Path) -> list[Path]:
     """Read every run under sweep_dir and write the CSV, plots and tables to out_dir; returns the files."""
     rows = summarize(find_runs(sweep_dir))
@@ -345,7 +377,8 @@ def aggregate(sweep_dir: Path, out_dir: Path) -> list[Path]:
         title = TITLES.get(result, "{result}: {setting}").format(result=result, setting=setting)
         if result in TABLES:
             written.append(out_dir / f"{result}.md")
-            written[-1].write_text(ablation_table(part, title, with_time=result == "table2"))
+            written[-1].write_text(massive_table(part, title) if result == "massive_counterfact" else
+                                   ablation_table(part, title, with_time=result == "table2"))
             if result not in PLOTTED_TABLES or len({r["m"] for r in part}) == 1:
                 continue
         has_residual = any(r["residual_mean"] is not None for r in part)
