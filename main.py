@@ -2,9 +2,9 @@
 Edit a model with your facts: python main.py mode=edit edit.facts=FILE [editor=E ...]
 
 The one place that reads the Hydra config, in three steps so that a mistake costs seconds:
-  1. cli.py: overrides that name no config key or option (typos) are refused before Hydra runs;
-  2. preflight.py: config values, combinations and input files (facts, data, checkpoints) are checked;
-  3. experiment.py, imported only then (torch, transformers, the editors: 8 s on a busy machine),
+  1. pipeline/cli.py: overrides that name no config key or option (typos) are refused before Hydra runs;
+  2. pipeline/preflight.py: config values, combinations and input files (facts, data, checkpoints) are checked;
+  3. pipeline/experiment.py, imported only then (torch, transformers, the editors: 8 s on a busy machine),
      wires the objects together, trains, validates or edits, and writes results.json and results.md.
 This module imports only Hydra, OmegaConf, the standard library and the light checks: keep it so
 (tests/test_errors_in_seconds.py checks that --help and refusals never import torch).
@@ -19,9 +19,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 import model  # noqa: F401  registers the ${package_dir:...} config resolver (no torch)
-from cli import override_problem
-from preflight import check_run
-from report import no_gain_warning, remove_if_empty, terminal_summary
+from pipeline.cli import override_problem
+from pipeline.preflight import check_run
+from pipeline.report import no_gain_warning, remove_if_empty, terminal_summary
 
 log = logging.getLogger("main")
 
@@ -31,7 +31,7 @@ def main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         facts = check_run(cfg, run_dir)  # before the heavy imports: a bad input is refused in seconds
-        import experiment  # torch, transformers, the editors
+        from pipeline import experiment  # torch, transformers, the editors
         results = experiment.run_edit(cfg, run_dir, facts) if cfg.mode == "edit" else experiment.run(cfg, run_dir)
     except (FileNotFoundError, ValueError) as err:  # bad input (DataError is a ValueError): one message
         log.debug("error", exc_info=True)

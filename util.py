@@ -1,4 +1,5 @@
-"""Small helpers for experiment.py: seeding, checkpoints, memory, logging."""
+"""Small helpers for the pipeline, data, model and editor packages: seeding, checkpoints, memory, logging.
+The bottom layer: it imports no module of this project."""
 import contextlib
 import json
 import os
@@ -14,16 +15,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from preflight import check_threads, not_a_checkpoint
-
 
 def set_threads(threads: int | None) -> None:
-    """Pin torch's CPU threads (config `threads`); None keeps torch's default of one per core.
+    """Pin torch's CPU threads (config `threads`: a positive integer, as pipeline/preflight.py checks it
+    before any caller gets here; None keeps torch's default of one per core).
 
     A different thread count splits float sums differently, and training amplifies the last-bit
     differences (two toy LMs pretrained with 1 and 2 threads differed by up to 0.84 in a weight), so a
     fixed count is what makes a seed's numbers bit-identical on a machine, whatever its load."""
-    check_threads(threads)
     if threads is not None:
         torch.set_num_threads(threads)
 
@@ -88,12 +87,8 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint without running code from it (weights_only=True)."""
-    if not Path(path).exists():
-        raise FileNotFoundError(f"editor checkpoint {path} does not exist")
-    what = not_a_checkpoint(Path(path))
-    if what:
-        raise ValueError(f"editor checkpoint {path} {what}")
+    """Load a checkpoint without running code from it (weights_only=True). A path that is missing or plainly
+    not a checkpoint (a directory, a JSON file) is named so by pipeline.preflight.check_checkpoint, run before this."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:  # the unpickler met an object other than tensors and containers

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 
-# What a checkpoint's hyper-network was trained on (checkpoint.py refuses any other):
+# What a checkpoint's hyper-network was trained on (pipeline/checkpoint.py refuses any other):
 #   1  value gradients of an edit loss averaged over the whole group (they shrank as 1/m), and a normaliser
 #      std of sqrt(var + 1e-8), whose floor of 1e-4 left value-gradient channels of scale 1e-6 unnormalised
 #   2  the summed edit loss (model/trace.py) and the standardising normaliser below (issue 25)

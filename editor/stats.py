@@ -3,7 +3,7 @@
 MEMIT computes C from 100,000 Wikipedia samples, each truncated at the model's context. For real
 models the text here is wikitext-103 (`WIKITEXT`, through `datasets`: a Wikipedia stand-in that the
 hub serves as plain text); `train` (the prompts and NQ questions of the training records) is the
-offline source of tiny and toy models. experiment.stats_texts chooses; see config/model/*.yaml memit.
+offline source of tiny and toy models. pipeline.experiment.stats_texts chooses; see config/model/*.yaml memit.
 
 C is computed once per model, module and text sample, cached on disk and reused. The cache key
 holds everything C depends on (model identity and dtype, module, text source, number of samples,

@@ -78,13 +78,13 @@ import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-import experiment  # noqa: E402
 from data.collate import Collator  # noqa: E402
 from data.groups import edit_groups  # noqa: E402
 from data.records import load_records  # noqa: E402
 from editor.base import apply_shifts  # noqa: E402
 from model.load import load_model  # noqa: E402
 from model.prefix import PrefixCache  # noqa: E402
+from pipeline import experiment  # noqa: E402
 from util import atomic_write, peak_memory_mb, seed_everything  # noqa: E402
 
 

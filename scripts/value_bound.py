@@ -28,10 +28,11 @@ from data.collate import Collator  # noqa: E402
 from data.groups import edit_groups  # noqa: E402
 from data.records import load_records  # noqa: E402
 from editor.base import apply_shifts, shifted, to_param_layout  # noqa: E402
-from experiment import evaluate, load, materialize  # noqa: E402
 from model.lm import kl, logits, nll  # noqa: E402
 from model.load import resolve_modules  # noqa: E402
 from model.trace import trace  # noqa: E402
+from pipeline.experiment import evaluate, load, materialize  # noqa: E402
+from pipeline.preflight import check_threads  # noqa: E402
 from util import set_threads  # noqa: E402
 
 
@@ -40,6 +41,7 @@ def main(cfg: DictConfig) -> None:
     bound = cfg.get("bound", {})
     steps, lr, lam = bound.get("steps", 100), bound.get("lr", 1.0), bound.get("lam", cfg.editor.lambda_init)
     with_edits = bool(bound.get("with_edits", False))
+    check_threads(cfg.threads)
     set_threads(cfg.threads)
     materialize(cfg)
     torch.manual_seed(cfg.seed)
@@ -47,7 +49,7 @@ def main(cfg: DictConfig) -> None:
     family, device = cfg.model.family, torch.device(cfg.model_device)
     records = load_records(cfg.data.valid_path, cfg.data.format)
     group = next(edit_groups(records, cfg.data.n_edits, cfg.data.batch_size, Collator(tokenizer, family),
-                             seed=cfg.seed, shuffle=True, path=cfg.data.valid_path))  # as experiment.validate
+                             seed=cfg.seed, shuffle=True, path=cfg.data.valid_path))  # as pipeline.experiment.validate
     modules = resolve_modules(model, list(cfg.editor.modules))
     cache = trace(model, modules, group.edit, family, cfg.editor.token, device, device)  # keys (n, d_in)
     diffs = {n: torch.zeros_like(g, requires_grad=True) for n, (_, g) in cache.items()}  # D (n, d_out)

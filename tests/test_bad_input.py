@@ -17,15 +17,15 @@ from editor.base import NonFiniteEdit
 from data.subjects import subject_end
 from editor.locate import encode
 from editor.memit import IllPosedSolve, condition_number
-from experiment import run, run_edit
 from model.lm import MetricError, accuracy, logits, success
 from model.tiny import byte_tokenizer
 from model.toy import word_tokenizer
+from pipeline.checkpoint import load_editor_checkpoint
+from pipeline.experiment import run, run_edit
 from tests.conftest import ROOT, SHARED, build_model, make_cfg, one_group, qa_records, varied_records, write_records
 from tests.test_edit import FACTS, FT, edit_cfg
 from tests.test_facts import write
 from tests.test_main import cli, smoke_cfg
-from util import load_checkpoint
 
 # ../shared/cases/fp16-nonfinite/facts.jsonl (first two facts) and ../shared/cases/trailing-space/
 FREEDONIA = [{"prompt": "The capital of Freedonia is", "answer": "Fredville",
@@ -342,7 +342,8 @@ def test_checkpoint_that_is_a_directory_or_json_or_text_is_named_so(tmp_path):
     assert not (tmp_path / "run" / "edited").exists()
     (tmp_path / "results.json").write_text(json.dumps({"final": {"ES": 0.5}}))
     (tmp_path / "notes.txt").write_text("the checkpoint is in outputs/\n")
+    # loading (editor.checkpoint=, editor.resume=true) refuses them by name before it reads them or the editor
     with pytest.raises(ValueError, match="results.json is a JSON file, not a torch checkpoint"):
-        load_checkpoint(tmp_path / "results.json")
+        load_editor_checkpoint(tmp_path / "results.json", editor=None, config={})
     with pytest.raises(ValueError, match="notes.txt is a text file, not a torch checkpoint .* begins 'the checkpoint"):
-        load_checkpoint(tmp_path / "notes.txt")
+        load_editor_checkpoint(tmp_path / "notes.txt", editor=None, config={})

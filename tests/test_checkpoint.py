@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from editor.malmen import SolveError
-from experiment import build_editor, run
+from pipeline.experiment import build_editor, run
 from tests.conftest import ROOT, build_model, make_cfg, qa_records, write_records
 from util import load_checkpoint, save_checkpoint
 

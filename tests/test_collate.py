@@ -3,8 +3,8 @@ decoder labels carry no </s> (methods.md, "Where the paper is silent")."""
 import torch
 
 from data.collate import Collator
-from experiment import build_editor
 from model.lm import logits, nll
+from pipeline.experiment import build_editor
 from tests.conftest import build_model, make_cfg, one_group, qa_records
 
 

@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from experiment import run
+from pipeline.experiment import run
 from tests.conftest import make_cfg
 
 # Few facts, a 1-layer 64-wide toy LM, a few hundred meta-steps. The hyper-network's initial eta and

@@ -8,8 +8,8 @@ import torch
 from data.collate import Collator
 from data.facts import fact_group, read_facts
 from data.records import DataError
-from experiment import load, run, run_edit
 from model.lm import success
+from pipeline.experiment import load, run, run_edit
 from tests.conftest import make_cfg, qa_records, write_records
 from tests.test_main import cli
 from util import seed_everything

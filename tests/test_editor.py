@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from editor.base import apply_shifts
-from experiment import build_editor
 from model.trace import weight_shape
+from pipeline.experiment import build_editor
 from tests.conftest import build_model, make_cfg, one_group, qa_records
 
 

@@ -9,10 +9,10 @@ import sys
 
 import pytest
 
-from cli import override_problem
-from experiment import run
-from preflight import check_config
-from report import results_markdown, terminal_summary
+from pipeline.cli import override_problem
+from pipeline.experiment import run
+from pipeline.preflight import check_config
+from pipeline.report import results_markdown, terminal_summary
 from tests.conftest import ROOT, make_cfg, qa_records, write_records
 from tests.test_checkpoint import train_cfg
 from tests.test_default import TINY_WORLD

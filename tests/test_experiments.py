@@ -16,7 +16,7 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from omegaconf import OmegaConf
 
 from editor.mend import MEND
-from experiment import build_editor, run
+from pipeline.experiment import build_editor, run
 from scripts.aggregate import main as aggregate_main
 from tests.conftest import ROOT, build_model, make_cfg, one_group, qa_records, write_records
 
@@ -126,7 +126,7 @@ def test_residual_is_zero_for_an_exact_solve_one_without_shift_and_large_for_sum
 # ----- aggregation on a sweep directory written here ----------------------------------------------
 def write_run(root, i, *, result, model, data, editor, variant, m, seed, es, gs, ls, time_s=10.0, residual=None,
               pre_edit=None):
-    """A results.json as experiment.run writes it (the fields the aggregate reads)."""
+    """A results.json as pipeline.experiment.run writes it (the fields the aggregate reads)."""
     res = {"config": {"model": {"name": model}, "data": {"name": data, "n_edits": m}, "editor": {"name": editor},
                       "variant": variant, "seed": seed, "paper_result": result},
            "final": {"ES": es, "GS": gs, "LS": ls}, "time_s": time_s, "peak_memory_mb": 100.0 + seed}

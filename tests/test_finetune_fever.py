@@ -14,8 +14,8 @@ from transformers import AutoTokenizer
 from data.collate import Collator
 from data.convert import convert_fever, dumps_records, fever_claims
 from data.records import DataError, load_records, read_objects
-from experiment import run as run_main
 from model.lm import logits
+from pipeline.experiment import run as run_main
 from scripts.finetune_fever import CHECKPOINT, run
 from tests.conftest import ROOT, SHARED, build_model, make_cfg
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from checkpoint import load_editor_checkpoint
 from editor.hypernet import INPUT_VERSION, HyperNet, RunningNorm
-from experiment import build_editor
+from pipeline.checkpoint import load_editor_checkpoint
+from pipeline.experiment import build_editor
 from tests.conftest import build_model, make_cfg, one_group, records_for
 from util import save_checkpoint
 

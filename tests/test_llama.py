@@ -11,10 +11,10 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from data.collate import Collator
 from data.facts import fact_group, read_facts
-from experiment import build_editor, load, materialize, run, run_edit
 from model import gguf_cache
 from model.load import check_resident, resolve_modules
 from model.lm import success
+from pipeline.experiment import build_editor, load, materialize, run, run_edit
 from tests.conftest import ROOT, make_cfg, one_group, varied_records, write_records
 from tests.test_edit import FACTS, edit_cfg, reloaded
 from tests.test_main import SMOKE, smoke_cfg

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from data.collate import Collator
 from data.groups import edit_groups
-from experiment import run
 from model.lm import INPUTS, accuracy, kl, logits, nll
+from pipeline.experiment import run
 from tests.conftest import build_model, make_cfg, qa_records
 from tests.test_main import smoke_cfg
 

@@ -25,8 +25,8 @@ from data.subjects import subject_end
 from editor.locft_bf import LocFTBF, with_eos
 from editor.memit import condition_number, memit_delta
 from editor.stats import key_second_moments
-from experiment import build_editor, evaluate, run
 from model.lm import nll, logits
+from pipeline.experiment import build_editor, evaluate, run
 from tests.conftest import build_model, make_cfg, one_group, write_records
 
 SUBJECTS = ["Alma", "Boris", "Cyra", "Dov", "Enzo", "Fay", "Gus", "Hana"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from data.records import DataError
-from experiment import run
+from pipeline.experiment import run
 from tests.conftest import ROOT, fever_records, make_cfg, qa_records, varied_records, write_records
 
 TINY = ["tiny-gpt2", "tiny-t5", "tiny-gptj", "tiny-bert"]

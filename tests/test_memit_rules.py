@@ -15,8 +15,8 @@ from data.subjects import requests
 from editor.base import apply_shifts, from_param_layout
 from editor.locate import Suffixes, TargetLoss, context_prefixes, target_vectors
 from editor.locft_bf import LocFTBF, concat, with_eos
-from experiment import build_editor, stats_texts
-from report import diagnostics_lines
+from pipeline.experiment import build_editor, stats_texts
+from pipeline.report import diagnostics_lines
 from tests.conftest import build_model, make_cfg, one_group
 from tests.test_located import edited, world, world_cfg  # noqa: F401 (world is a fixture)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from editor.malmen import REDUCTIONS
-from experiment import build_editor
+from pipeline.experiment import build_editor
 from tests.conftest import build_model, make_cfg, one_group, records_for
 
 CASES = [("tiny-gpt2", "zsre"), ("tiny-t5", "zsre"), ("tiny-bert", "fever"), ("tiny-llama", "zsre")]

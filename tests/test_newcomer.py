@@ -20,9 +20,9 @@ from huggingface_hub import constants
 from data.facts import read_facts
 from data.records import DataError, load_records
 from editor.base import NonFiniteEdit
-from experiment import run, run_edit
 from model.load import hub_unreachable
-from report import no_gain_warning
+from pipeline.experiment import run, run_edit
+from pipeline.report import no_gain_warning
 from scripts import download_data
 from tests.conftest import ROOT, build_model, make_cfg, qa_records, write_records
 from tests.test_checkpoint import train_cfg

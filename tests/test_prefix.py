@@ -4,8 +4,8 @@ the real SmolLM2 in float32. A family that cannot start from a hidden state runs
 import pytest
 import torch
 
-from experiment import build_editor, evaluate, load
 from model.prefix import PrefixCache
+from pipeline.experiment import build_editor, evaluate, load
 from tests.conftest import make_cfg, one_group, records_for
 from tests.test_llama import smollm2  # noqa: F401  (fixture)
 from tests.test_meta_grad import grads, max_rel_err, setup

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from experiment import run
+from pipeline.experiment import run
 from scripts.aggregate import find_runs, label, summarize
 from scripts.readme_tables import main as tables_main
 from scripts.readme_tables import provenance

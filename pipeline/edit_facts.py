@@ -1,6 +1,6 @@
 """Edit a model with a user's facts, all at once, and save the edited model with its provenance.
 
-experiment.py (mode=edit) reads the config, the facts (data/facts.py) and builds the editor; this module
+pipeline/experiment.py (mode=edit) reads the config, the facts (data/facts.py) and builds the editor; this module
 measures ES and GS before and after, applies the shifts, and writes to `out_dir`:
   the model and tokenizer (`save_pretrained`; the FEVER classifier: its encoder, plus the whole
   classifier as classifier.safetensors), and provenance.json (where the edit came from).
@@ -20,7 +20,7 @@ from torch import nn
 from data.groups import EditGroup
 from editor.base import Editor, apply_shifts
 from model.lm import success
-from preflight import check_out_dir
+from pipeline.preflight import check_out_dir
 from util import default_mode, save_json
 
 CLASSIFIER_FILE = "classifier.safetensors"

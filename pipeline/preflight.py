@@ -20,7 +20,8 @@ MODES = ("train", "edit")
 EDITORS = ("malmen", "mend", "ft", "memit", "emmet", "locft_bf")
 META_TRAINED = ("malmen", "mend")  # editors with a hyper-network; the others edit without meta-training
 LOCATED = {"locft_bf": "locft_module", "memit": "memit", "emmet": "memit.emmet"}  # editor: its model.<key>
-# Ranges of numeric settings, checked for the keys the run's editor has (a value of the wrong kind is cli.py's).
+# Ranges of numeric settings, checked for the keys the run's editor has (a value of the wrong kind:
+# pipeline/cli.py).
 AT_LEAST_ONE = ("n_steps", "batch_size", "n_epochs", "rank", "n_blocks", "stats_batch_size", "n_samples",
                 "prefix_tokens", "prefix_top_k")  # integers
 NON_NEGATIVE = ("n_prefixes", "lr", "meta_lr", "kl_coef", "norm_coef", "weight_decay", "lam", "lam_e", "loc_coef")
@@ -124,7 +125,7 @@ def check_ranges(cfg: DictConfig) -> None:
         name = key.split(".")[1]
         integer = isinstance(value, int) and not isinstance(value, bool)
         if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue  # null or not a number: cli.py and the code that reads it say so
+            continue  # null or not a number: pipeline/cli.py and the code that reads it say so
         if key.startswith("data.") or name in AT_LEAST_ONE:
             if not integer or value < 1:
                 raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
@@ -176,7 +177,7 @@ def check_out_dir(out_dir: Path) -> None:
                          "or remove it (an edited model is never overwritten)")
 
 
-def check_checkpoint(path: str) -> None:
+def check_checkpoint(path: str | Path) -> None:
     """An editor checkpoint that is missing, or plainly not a torch checkpoint, is refused by name."""
     if not Path(path).exists():
         raise FileNotFoundError(f"editor checkpoint {path} does not exist")

@@ -1,7 +1,7 @@
 """The experiment behind main.py: meta-train an editor and validate it (run), or edit a model with a
 user's facts and save it (run_edit); and the builders they share with the tests and scripts.
 
-main.py checks a run's inputs (preflight.py) before it imports this module, which imports torch,
+main.py checks a run's inputs (pipeline/preflight.py) before it imports this module, which imports torch,
 transformers and the editors; run, run_edit and build_editor check them again for callers that come
 here directly. Writes results.json and results.md (and checkpoint.pt for editors that learn) in the
 run directory.
@@ -14,7 +14,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from checkpoint import check_trained_m, load_editor_checkpoint, resume, rng_state
 from data.collate import Collator
 from data.facts import fact_group
 from data.groups import edit_groups, n_groups
@@ -28,15 +27,16 @@ from editor.malmen import MALMEN
 from editor.memit import MEMIT
 from editor.mend import MEND
 from editor.stats import context_length, model_fingerprint, wikitext_texts
-from edit_facts import base_model, edit_and_save, reload_overrides
 from model.gguf_cache import ensure_gguf_model
 from model.lm import success
 from model.load import load_model, resolve_modules
 from model.prefix import PrefixCache
 from model.toy import ensure_toy_model, world_tokenizer
-from pre_edit import PreEditCache, pre_edit_key
-from preflight import check_config, check_edit, check_editor
-from report import edit_markdown, results_markdown
+from pipeline.checkpoint import check_trained_m, load_editor_checkpoint, resume, rng_state
+from pipeline.edit_facts import base_model, edit_and_save, reload_overrides
+from pipeline.pre_edit import PreEditCache, pre_edit_key
+from pipeline.preflight import check_config, check_edit, check_editor
+from pipeline.report import edit_markdown, results_markdown
 from util import (Logger, atomic_write, peak_memory_mb, run_environment, save_checkpoint, save_json, started_from,
                   seed_everything, set_threads)
 
@@ -299,7 +299,7 @@ def run_edit(cfg: DictConfig, run_dir: Path, facts: list[EditRecord] | None = No
         "editor": {"name": e.name, "checkpoint": e.get("checkpoint"),
                    "checkpoint_sha256": file_sha256(e.checkpoint) if e.get("checkpoint") else None,
                    "trained": getattr(editor, "trained", None)},  # the m it was meta-trained at, for any m here
-        "base_model": base,  # editor checkpoints trained for it accept this model (checkpoint.py)
+        "base_model": base,  # editor checkpoints trained for it accept this model (pipeline/checkpoint.py)
         "reload": reload_overrides(cfg.model.name, out_dir, cfg.model.family, base["tiny"] is not None),
         "config": OmegaConf.to_container(cfg, resolve=True),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(start)),

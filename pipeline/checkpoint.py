@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edit_facts import BASE_KEYS, base_model
 from editor.hypernet import INPUT_VERSION
 from model.trace import weight_shape
+from pipeline.edit_facts import BASE_KEYS, base_model
+from pipeline.preflight import check_checkpoint
 from util import load_checkpoint
 
 # What the hyper-network's weights depend on: the model and the modules it edits.
@@ -104,6 +105,7 @@ def as_base(config: dict) -> tuple[dict, str]:
 def load_editor_checkpoint(path: str | Path, editor, config: dict, keys: tuple[str, ...] = LAYOUT_KEYS) -> dict:
     """Load a checkpoint into `editor` after checking it fits this run (`config`, resolved); returns it.
     A model saved by mode=edit is compared by its base model (edit_facts.base_model)."""
+    check_checkpoint(path)  # missing, a directory, a JSON or text file: named so
     state = load_checkpoint(path)
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED):
         found = sorted(state) if isinstance(state, dict) else type(state).__name__
