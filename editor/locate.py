@@ -321,18 +321,26 @@ def optimise_targets(loss_fn: TargetLoss, *, n_steps: int, lr: float, kl_coef: f
 
 def target_vectors(model: nn.Module, tokenizer, reqs: list[Request], prefixes: list[str], block: nn.Module,
                    inject: nn.Module, *, n_steps: int, lr: float, kl_coef: float, norm_coef: float,
-                   clamp_factor: float, stop_loss: float, batch_size: int, device
+                   clamp_factor: float, stop_loss: float, batch_size: int, device, cache=None
                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """z = h + delta (n, d) after `block` at the last subject token of each bare prompt, `batch_size`
     requests at a time, and per request (n,) on the CPU: steps, loss and nll (`optimise_targets`) and
-    delta_ratio = |delta| / |h| (at most clamp_factor, up to the float32 rounding of the clamp)."""
-    z, info = [], []
-    for i in tqdm(range(0, len(reqs), batch_size), desc="MEMIT targets", leave=False, dynamic_ncols=True):
-        loss_fn = TargetLoss(model, tokenizer, reqs[i: i + batch_size], prefixes, block, inject, device)
+    delta_ratio = |delta| / |h| (at most clamp_factor, up to the float32 rounding of the clamp).
+    `cache` (editor/target_cache.TargetCache): requests already in it are not optimised again; the others
+    are stored as each batch of them finishes."""
+    done = [cache.get(r) if cache is not None else None for r in reqs]  # per request: its values, or None
+    todo = [i for i, v in enumerate(done) if v is None]
+    for start in tqdm(range(0, len(todo), batch_size), desc="MEMIT targets", leave=False, dynamic_ncols=True):
+        rows = todo[start: start + batch_size]
+        loss_fn = TargetLoss(model, tokenizer, [reqs[i] for i in rows], prefixes, block, inject, device)
         delta, terms = optimise_targets(loss_fn, n_steps=n_steps, lr=lr, kl_coef=kl_coef, norm_coef=norm_coef,
                                         clamp_factor=clamp_factor, stop_loss=stop_loss)
         # in float64, so that the ratio carries only the clamp's own float32 rounding, not that of its measure
         terms["delta_ratio"] = (delta.double().norm(dim=-1) / loss_fn.h.double().norm(dim=-1)).cpu()
-        z.append(loss_fn.h + delta)
-        info.append(terms)
-    return torch.cat(z), {k: torch.cat([t[k] for t in info]) for k in info[0]}
+        terms["z"] = loss_fn.h + delta  # (b, d)
+        for j, i in enumerate(rows):
+            done[i] = {k: v[j] for k, v in terms.items()}
+            if cache is not None:
+                cache.put(reqs[i], done[i])
+    z = torch.stack([v["z"] for v in done]).to(device)  # (n, d)
+    return z, {k: torch.stack([v[k] for v in done]).cpu() for k in ("steps", "loss", "nll", "delta_ratio")}

@@ -27,6 +27,7 @@ from data.subjects import requests
 from editor.base import Editor, Shifts, apply_shifts, frac, maximum, mean, to_param_layout
 from editor.locate import context_prefixes, contexts, subject_states, target_vectors, template_mean
 from editor.stats import key_second_moments, model_fingerprint, sample_texts
+from editor.target_cache import TargetCache
 from model.load import resolve_modules
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ class MEMIT(Editor):
                  n_prefixes: int, prefix_starts: list[str], prefix_tokens: int, prefix_top_k: int, batch_size: int,
                  stats_texts: list[str], stats_source: str, n_samples: int, stats_max_len: int,
                  stats_batch_size: int, cache_dir: str | Path, model_id: str | None, stats_file: str | None = None,
-                 device="cpu"):
+                 cache_targets: bool = False, device="cpu"):
         if family != "causal":
             raise ValueError(f"editor {self.name} edits causal LMs (GPT-2, GPT-J, Llama) at the last subject token; "
                              f"model family {family!r} is not supported (use malmen, mend, ft or locft_bf)")
@@ -94,11 +95,17 @@ class MEMIT(Editor):
         self.target_args = dict(n_steps=n_steps, lr=lr, kl_coef=kl_coef, norm_coef=norm_coef,
                                 clamp_factor=clamp_factor, stop_loss=stop_loss, batch_size=batch_size)
         self.batch_size = batch_size
-        self.dtype = torch.float64  # the closed-form solves, whatever the model's dtype (as MEMIT's authors)
+        self.target_cache = None  # set below, once the context prefixes are known  # the closed-form solves, whatever the model's dtype (as MEMIT's authors)
         model_id = model_id or f"random-{model_fingerprint(model)[:16]}"  # built here: named by its weights
         self.prefixes = context_prefixes(model, tokenizer, n_prefixes=n_prefixes, starts=list(prefix_starts),
                                          n_tokens=prefix_tokens, top_k=prefix_top_k, model_id=model_id,
                                          cache_dir=cache_dir, device=self.device)
+        if cache_targets:  # z per request, reused by a rerun of the same edit (editor/target_cache.py)
+            self.target_cache = TargetCache(cache_dir, {
+                "weights": model_fingerprint(model), "dtype": str(next(model.parameters()).dtype),
+                "inject": module.format(max(layers)), "prefixes": self.prefixes,
+                "settings": {k: v for k, v in self.target_args.items() if k != "batch_size"}})
+        self.dtype = torch.float64  # the closed-form solves, whatever the model's dtype (as MEMIT's authors)
         texts = sample_texts(stats_texts, n_samples, stats_source)
         self.covs, self.stats_tokens, self.stats_time_s = key_second_moments(
             model, tokenizer, self.modules, texts, source=stats_source, n_samples=n_samples, model_id=model_id,
@@ -165,6 +172,8 @@ class MEMIT(Editor):
                    "at_clamp": frac(ratio >= clamp * (1 - 1e-4)), "steps": mean(t["steps"]),
                    "nll_mean": mean(t["nll"]), "nll_max": maximum(t["nll"]),
                    "delta_ratio_mean": mean(ratio), "delta_ratio_max": maximum(ratio)}
+        if self.target_cache is not None:  # this editor's requests so far: read from the cache / optimised
+            targets["cache"] = {"hits": self.target_cache.hits, "computed": self.target_cache.computed}
         return {"targets": targets, "solve": solve}
 
     def edited_modules(self) -> list[str]:
@@ -182,7 +191,8 @@ class MEMIT(Editor):
         n, n_ctx = len(reqs), len(self.prefixes)
         texts, ends = contexts(reqs, self.prefixes)  # (n * P,) request-major, context 0 the bare prompt
         z, self.targets = target_vectors(self.model, self.tokenizer, reqs, self.prefixes, self.block,
-                                         self.inject, device=self.device, **self.target_args)  # (n, d)
+                                         self.inject, device=self.device, cache=self.target_cache,
+                                         **self.target_args)  # (n, d)
         self.z = z
         shifts, self.solves, self.fit = {}, {}, {}
         for i, (name, module) in enumerate(self.modules.items()):
