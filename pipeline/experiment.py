@@ -28,7 +28,7 @@ from editor.memit import MEMIT
 from editor.mend import MEND
 from editor.stats import context_length, model_fingerprint, wikitext_texts
 from model.gguf_cache import ensure_gguf_model
-from model.lm import success
+from model.lm import counterfact_scores, success
 from model.load import load_model, resolve_modules
 from model.prefix import PrefixCache
 from model.toy import ensure_toy_model, world_tokenizer
@@ -36,7 +36,7 @@ from pipeline.checkpoint import check_trained_m, load_editor_checkpoint, resume,
 from pipeline.edit_facts import base_model, edit_and_save, reload_overrides
 from pipeline.pre_edit import PreEditCache, pre_edit_key
 from pipeline.preflight import check_config, check_edit, check_editor
-from pipeline.report import edit_markdown, results_markdown
+from pipeline.report import METRICS, edit_markdown, results_markdown
 from util import (Logger, atomic_write, peak_memory_mb, run_environment, save_checkpoint, save_json, started_from,
                   seed_everything, set_threads)
 
@@ -77,6 +77,7 @@ def build_located(cfg: DictConfig, model: torch.nn.Module, tokenizer) -> Editor:
                   stats_texts=stats_texts(cfg), stats_source=e.stats_source, n_samples=e.n_samples,
                   stats_max_len=e.stats_max_len or context_length(model), stats_batch_size=e.stats_batch_size,
                   cache_dir=cfg.cache_dir, model_id=cfg.model.name_or_path, device=cfg.model_device,
+                  cache_targets=e.cache_targets,
                   stats_file=cfg.data.train_path if e.stats_source == "train" else None)
     if e.name == "emmet":
         return EMMET(model, family, tokenizer, lam_e=e.lam_e, **kwargs)
@@ -109,15 +110,21 @@ def build_editor(cfg: DictConfig, model: torch.nn.Module, dtype: torch.dtype = t
     return editor
 
 
-def evaluate(model, group, family: str, device, prefix: PrefixCache | None = None) -> dict[str, float]:
-    """ES, GS, LS of the model as it is now on one group of m edits (`prefix`: the run's cached lower blocks)."""
-    return {name: float(success(model, batches, family, device, prefix).mean())
-            for name, batches in (("ES", group.edit), ("GS", group.equiv), ("LS", group.unrel))}
+def evaluate(model, group, family: str, device, prefix: PrefixCache | None = None,
+             score_reduction: str = "sum") -> dict[str, float]:
+    """ES, GS, LS of the model as it is now on one group of m edits (`prefix`: the run's cached lower blocks);
+    on CounterFact also its efficacy, paraphrase and neighborhood scores (`score_reduction`: data.score_reduction)."""
+    scores = {name: float(success(model, batches, family, device, prefix).mean())
+              for name, batches in (("ES", group.edit), ("GS", group.equiv), ("LS", group.unrel))}
+    if group.counter is not None:
+        scores.update(counterfact_scores(model, group, family, device, prefix, score_reduction))
+    return scores
 
 
 def mean_metrics(rows: list[dict]) -> dict[str, float] | None:
-    """Mean of ES, GS, LS over validation groups; None without any (max_valid_steps=0)."""
-    return {k: sum(r[k] for r in rows) / len(rows) for k in ("ES", "GS", "LS")} if rows else None
+    """Mean of each metric (ES, GS, LS; CounterFact's scores) over validation groups; None without any
+    (max_valid_steps=0)."""
+    return {k: sum(r[k] for r in rows) / len(rows) for k in METRICS if k in rows[0]} if rows else None
 
 
 def materialize(cfg: DictConfig, facts: list[EditRecord] | None = None) -> None:
@@ -194,6 +201,7 @@ def pre_edit_cache(cfg: DictConfig, model) -> PreEditCache:
     mc = OmegaConf.to_container(cfg.model, resolve=True)
     key = pre_edit_key(model=mc, model_device=cfg.model_device, data_path=cfg.data.valid_path,
                        data_format=cfg.data.format, n_edits=cfg.data.n_edits, seed=cfg.seed,
+                       score_reduction=cfg.data.get("score_reduction"),
                        weights_hash=None if mc["name_or_path"] else model_fingerprint(model))
     return PreEditCache(cfg.cache_dir, key, enabled=cfg.cache_pre_edit)
 
@@ -209,17 +217,17 @@ def validate(cfg: DictConfig, model, editor: Editor, collator: Collator, logger:
     n_valid = n_groups(len(records), m)
     if cfg.max_valid_steps is not None:
         n_valid = min(n_valid, cfg.max_valid_steps)
-    rows = []
+    rows, reduction = [], cfg.data.get("score_reduction", "sum")  # CounterFact's scores only
     for i, group in enumerate(tqdm(itertools.islice(groups, n_valid), total=n_valid, desc="validate",
                                    dynamic_ncols=True)):
-        pre = pre_edit.get(i, lambda: evaluate(model, group, cfg.model.family, device, editor.prefix))
+        pre = pre_edit.get(i, lambda: evaluate(model, group, cfg.model.family, device, editor.prefix, reduction))
         extra = {}
         if isinstance(editor, MALMEN):  # and MEND: the residual of the aggregation (Fig. 8)
             shifts, extra["residual"] = editor.edit_with_residual(group.edit)
         else:
             shifts = editor.edit_group(group)
         with apply_shifts(model, shifts, editor.label):  # NonFiniteEdit: never applied or reported
-            post = evaluate(model, group, cfg.model.family, device, editor.prefix)
+            post = evaluate(model, group, cfg.model.family, device, editor.prefix, reduction)
         if diagnostics := editor.diagnostics():  # MEMIT/EMMET's targets, LocFT-BF's epochs
             extra["editor"] = diagnostics
         rows.append({**post, "pre_edit": pre, **extra})

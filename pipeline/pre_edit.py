@@ -30,10 +30,12 @@ def _path_identity(path: str | None) -> object:
 
 
 def pre_edit_key(*, model: dict, model_device: str, data_path: str, data_format: str, n_edits: int, seed: int,
-                 weights_hash: str | None) -> dict:
+                 weights_hash: str | None, score_reduction: str | None = None) -> dict:
     """What the pre-edit metrics of a validation run depend on. `model`: the resolved model config;
-    `weights_hash`: the weights' hash for a model without a name_or_path (random tiny models)."""
-    return {"model": {k: model.get(k) for k in ("arch", "family", "dtype", "tiny")},
+    `weights_hash`: the weights' hash for a model without a name_or_path (random tiny models);
+    `score_reduction`: data.score_reduction of CounterFact's scores (None for data without it)."""
+    scores = {} if score_reduction is None else {"score_reduction": score_reduction}  # other data: keys unchanged
+    return {**scores, "model": {k: model.get(k) for k in ("arch", "family", "dtype", "tiny")},
             "name_or_path": _path_identity(model.get("name_or_path")), "weights": weights_hash,
             "tokenizer": _path_identity(model.get("tokenizer")), "checkpoint": _path_identity(model.get("checkpoint")),
             "device": torch.device(model_device).type, "data": file_sha256(data_path), "format": data_format,

@@ -68,6 +68,11 @@ def check_config(cfg: DictConfig) -> None:
     gb = cfg.prefix_cache_gb
     if not isinstance(gb, (int, float)) or isinstance(gb, bool) or gb < 0:
         raise ValueError(f"prefix_cache_gb must be a number of GiB >= 0 (0 keeps nothing), got {gb!r}")
+    if cfg.data.get("score_reduction", "sum") not in ("sum", "mean"):
+        raise ValueError(f"data.score_reduction must be sum or mean, got {cfg.data.score_reduction!r}")
+    if cfg.data.format == "counterfact" and cfg.model.family not in ("causal", "seq2seq"):
+        raise ValueError(f"data=counterfact edits a language model's answers: model={cfg.model.name} is a "
+                         f"{cfg.model.family}")
     if cfg.mode == "train" and cfg.model.family == "classifier" and cfg.data.format != "fever":
         raise ValueError(f"model={cfg.model.name} is a binary FEVER classifier: it needs data=fever")
     if cfg.variant != "none" and cfg.editor.name != "malmen":

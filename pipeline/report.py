@@ -12,6 +12,15 @@ METRIC_MEANINGS = {
           "answer; FEVER: the claim's gold label), as in the paper; not whether the model's answer is unchanged, "
           "so it can rise after editing",
 }
+# CounterFact's own scores (model/lm.counterfact_scores; Meng et al. 2022, as MEMIT and AlphaEdit report them)
+COUNTERFACT_MEANINGS = {
+    "efficacy": "the share of edit prompts after which the new answer is more probable than the true one "
+                "(whole answers: the sum of their tokens' log-probabilities; data.score_reduction)",
+    "paraphrase": "the same after the rephrased prompts",
+    "neighborhood": "the share of neighborhood prompts (other subjects, the same relation and true answer) after "
+                    "which the true answer is still more probable than the new one",
+}
+METRICS = ("ES", "GS", "LS", *COUNTERFACT_MEANINGS)  # what a validation group reports (the last three: CounterFact)
 
 
 def trained_label(results: dict) -> str | None:
@@ -22,11 +31,13 @@ def trained_label(results: dict) -> str | None:
 
 
 def _table(rows: dict[str, dict]) -> list[str]:
-    """Markdown rows of ES/GS/LS, one per named state ('-' for a metric that does not apply)."""
-    lines = ["| | ES | GS | LS |", "|---|---|---|---|"]
+    """Markdown rows of ES/GS/LS (and CounterFact's scores when present), one per named state ('-' for a
+    metric that does not apply)."""
+    names = [k for k in METRICS if k in ("ES", "GS", "LS") or any(k in (v or {}) for v in rows.values())]
+    lines = ["| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for name, values in rows.items():
         lines.append(f"| {name} | " + " | ".join("-" if values.get(k) is None else f"{values[k]:.3f}"
-                                               for k in ("ES", "GS", "LS")) + " |")
+                                               for k in names) + " |")
     return lines
 
 
@@ -51,7 +62,8 @@ def results_markdown(results: dict, run_dir: Path) -> str:
                      "checkpoint with editor.checkpoint=PATH n_epochs=0.")
     else:
         lines += _table({"before editing": results["pre_edit"], "after editing": results["final"]})
-        lines += [""] + [f"- **{k}**: {v}." for k, v in METRIC_MEANINGS.items()]
+        meanings = {**METRIC_MEANINGS, **{k: v for k, v in COUNTERFACT_MEANINGS.items() if k in results["final"]}}
+        lines += [""] + [f"- **{k}**: {v}." for k, v in meanings.items()]
         lines.append(f"- Means over {len(results['valid'])} validation group(s) of m edits, each edited at once.")
         if trained_at := trained_label(results):
             lines.append(f"- The hyper-network was {trained_at}, not at this run's m (editor.allow_other_m=true).")
@@ -158,9 +170,11 @@ def terminal_summary(results: dict, mode: str, run_dir: Path) -> str:
                      + " ".join(results["reload"]))
         return "\n".join(lines + [f"summary in {run_dir / 'results.md'}"])
     f, p = results["final"], results["pre_edit"]
+    names = [k for k in METRICS if f is not None and k in f]  # ES, GS, LS (and CounterFact's scores)
+    width = [max(8, len(k) + 2) for k in names]
     lines = ["\nno validation (max_valid_steps=0)"] if f is None else \
-        [f"\n{'':8}{'ES':>8}{'GS':>8}{'LS':>8}", f"{'pre':8}{p['ES']:8.3f}{p['GS']:8.3f}{p['LS']:8.3f}",
-         f"{'post':8}{f['ES']:8.3f}{f['GS']:8.3f}{f['LS']:8.3f}"]
+        ["\n" + f"{'':8}" + "".join(f"{k:>{w}}" for k, w in zip(names, width))] + \
+        [f"{row:8}" + "".join(f"{v[k]:{w}.3f}" for k, w in zip(names, width)) for row, v in (("pre", p), ("post", f))]
     if trained_at := trained_label(results):
         lines.append(f"the hyper-network was {trained_at} (editor.allow_other_m=true)")
     lines.append(f"time {results['time_s']:.1f} s, peak memory {results['peak_memory_mb']:.0f} MB, "
