@@ -36,8 +36,8 @@ import numpy as np
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from scripts.aggregate import (METRICS, AggregateError, Run, find_runs, label, mean_std,  # noqa: E402
-                               row_order, summarize, write_csv)
+from scripts.aggregate import (COUNTERFACT, METRICS, AggregateError, Run, find_runs, label,  # noqa: E402
+                               mean_std, row_order, summarize, write_csv)
 from util import atomic_write  # noqa: E402
 
 BEFORE = "before editing"
@@ -146,14 +146,19 @@ def provenance(runs: list[Run]) -> str:
     return "; ".join(parts) + (f"; environment not recorded for {missing} of {len(runs)} runs." if missing else ".")
 
 
+def columns(runs: list[Run]) -> tuple[str, ...]:
+    """ES, GS, LS, and CounterFact's three scores when every run has them (data=counterfact)."""
+    return METRICS + (COUNTERFACT if all(k in r.stats for r in runs for k in COUNTERFACT) else ())
+
+
 def _row(name: str, runs: list[Run], values: list[list[float]], seeds: str = "") -> dict:
-    """A table row from per-run [ES, GS, LS] values: means (full precision) and printed cells."""
+    """A table row from per-run values of the table's columns: means (full precision) and printed cells."""
     arr = np.array(values, dtype=float)  # (n_runs, 3)
     with np.errstate(invalid="ignore"):  # inf - inf: shown as n/a below
         means, stds = arr.mean(axis=0).tolist(), arr.std(axis=0).tolist()
     cells = [mean_std(means[j], stds[j] if len(arr) > 1 else None, 3,
                       why=f"non-finite in {int((~np.isfinite(arr[:, j])).sum())} of {len(arr)} runs")
-             for j in range(len(METRICS))]
+             for j in range(arr.shape[1])]
     return {"name": name, "n": len(runs), "seeds": seeds, "means": means, "cells": cells, "runs": runs}
 
 
@@ -162,18 +167,18 @@ def _sortable(value) -> tuple:
     return (0, value, "") if isinstance(value, (int, float)) and not isinstance(value, bool) else (1, 0, str(value))
 
 
-def _level_before(runs: list[Run], seed: int, tol: float = 1e-6) -> list[float]:
-    """[ES, GS, LS] before editing of the runs of `seed`, which must agree (the same validation groups);
+def _level_before(runs: list[Run], seed: int, names: tuple[str, ...], tol: float = 1e-6) -> list[float]:
+    """The `names` metrics before editing of the runs of `seed`, which must agree (the same validation groups);
     AggregateError naming two runs that do not."""
     mine = [r for r in runs if r.seed == seed]
     for r in mine[1:]:
-        for k in METRICS:
+        for k in names:
             if not abs(r.pre_edit[k] - mine[0].pre_edit[k]) <= tol:
                 raise AggregateError(r.path, "pre_edit", f"{k} {r.pre_edit[k]:.6g} before editing, but "
                                      f"{mine[0].pre_edit[k]:.6g} in {mine[0].path} (seed {seed}, same m): the runs "
                                      "edited other validation groups (another max_valid_steps or validation file) "
                                      "or measured them otherwise; put them in separate tables")
-    return [mine[0].pre_edit[k] for k in METRICS]
+    return [mine[0].pre_edit[k] for k in names]
 
 
 def build_tables(runs: list[Run], by: list[str]) -> list[dict]:
@@ -187,18 +192,20 @@ def build_tables(runs: list[Run], by: list[str]) -> list[dict]:
         settings.setdefault((run.model, run.data, run.m), {}).setdefault(row_key, []).append(run)
     tables = []
     for (model, data, m), groups in sorted(settings.items()):
+        names = columns([r for rs in groups.values() for r in rs])
         rows = [_row(label({"editor": rs[0].editor, "variant": rs[0].variant, "trained_m": rs[0].trained_m})
                      + (f", {rs[0].result}" * bool(by)),
-                     rs, [[r.stats[k] for k in METRICS] for r in rs], " ".join(str(r.seed) for r in rs))
+                     rs, [[r.stats[k] for k in names] for r in rs], " ".join(str(r.seed) for r in rs))
                 for _, rs in sorted(groups.items())]
         every = [r for row in rows for r in row["runs"]]
         lacking = next((r for r in every if r.pre_edit is None), None)
         if lacking:
             raise AggregateError(lacking.path, "pre_edit", "missing")
         seeds = sorted({r.seed for r in every})  # the editors of one seed edit the same groups: one value per seed
-        before = {**_row(BEFORE, every, [_level_before(every, s) for s in seeds], " ".join(map(str, seeds))),
+        before = {**_row(BEFORE, every, [_level_before(every, s, names) for s in seeds], " ".join(map(str, seeds))),
                   "n": len(seeds)}
-        tables.append({"title": f"m = {m} ({model}, {data})", "rows": [before, *rows], "runs": every})
+        tables.append({"title": f"m = {m} ({model}, {data})", "rows": [before, *rows], "runs": every,
+                       "columns": names})
     return tables
 
 
@@ -214,12 +221,24 @@ def placeholders(commands: str, runs: list[Run], out: Path | None, made_by: str 
     return notes
 
 
-def markdown(tables: list[dict], made_by: str | None = None) -> str:
-    """The tables in Markdown, each followed by its provenance line (DIR: the folder `made_by` writes)."""
+def _seconds(runs: list[Run], stat: str) -> str:
+    """Mean seconds per run of `stat` (time_s, cpu_time_s), '-' when a run lacks it."""
+    values = [r.stats.get(stat) for r in runs]
+    return "-" if None in values else f"{np.mean(values):.0f}"
+
+
+def markdown(tables: list[dict], made_by: str | None = None, times: bool = False) -> str:
+    """The tables in Markdown, each followed by its provenance line (DIR: the folder `made_by` writes);
+    `times`: wall and CPU seconds per run as two more columns."""
     out = []
     for t in tables:
-        lines = [f"| {t['title']} | seeds | ES | GS | LS |", "|---|---|---|---|---|"]
-        lines += [f"| {r['name']} | {r['n']} | " + " | ".join(r["cells"]) + " |" for r in t["rows"]]
+        extra = ["wall s", "CPU s"] if times else []
+        head = ["seeds", *t["columns"], *extra]
+        lines = [f"| {t['title']} | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
+        for i, r in enumerate(t["rows"]):
+            spent = ([" ", " "] if i == 0 else [_seconds(r["runs"], "time_s"), _seconds(r["runs"], "cpu_time_s")]) \
+                if times else []
+            lines.append(f"| {r['name']} | {r['n']} | " + " | ".join(r["cells"] + spent) + " |")
         where = out_dir(t["runs"])
         commands = "; ".join(f"{r['name']}: `{command(r['runs'], where)}`" for r in t["rows"][1:])
         out.append("\n".join(lines + ["", f"Commands: {commands}. {placeholders(commands, t['runs'], where, made_by)}"
@@ -229,7 +248,7 @@ def markdown(tables: list[dict], made_by: str | None = None) -> str:
 
 def csv_rows(tables: list[dict]) -> list[dict]:
     """The tables' rows for write_csv; non-finite cells stay 'n/a (why)'."""
-    return [{"table": t["title"], "row": r["name"], "n": r["n"], "seeds": r["seeds"], **dict(zip(METRICS, r["cells"])),
+    return [{"table": t["title"], "row": r["name"], "n": r["n"], "seeds": r["seeds"], **dict(zip(t["columns"], r["cells"])),
              "command": command(r["runs"], out_dir(t["runs"])) if r["name"] != BEFORE else ""}
             for t in tables for r in t["rows"]]
 
@@ -326,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--name", help="the block: between <!-- table:NAME --> and <!-- /table:NAME -->")
     t.add_argument("--csv", type=Path, help="also write the rows as CSV here")
     t.add_argument("--made-by", metavar="CMD", help="the command that writes DIR, e.g. 'OUT=DIR scripts/real_lm.sh'")
+    t.add_argument("--times", action="store_true", help="add each row's wall and CPU seconds per run")
     c.add_argument("--readme", type=Path, default=ROOT / "README.md")
     c.add_argument("--name", default="default_seed0")
     c.add_argument("--tol", type=float, default=0.03, help="largest allowed |run - README| (default 0.03)")
@@ -336,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         tables = build_tables(read_runs(args.dirs, args.by), args.by)
         if args.cmd == "check":
             return check(tables, read_block(args.readme, args.name), args.tol, f"{args.readme}, table {args.name}")
-        text = markdown(tables, args.made_by)
+        text = markdown(tables, args.made_by, args.times)
         print(text, end="")
         if args.csv:
             write_csv(csv_rows(tables), args.csv)
