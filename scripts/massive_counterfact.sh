@@ -14,7 +14,7 @@
 # are not cached per request (one group at m = 512 takes about an hour here).
 # Environment [default]: DATA [datasets/counterfact/counterfact.json; scripts/download_data.py counterfact, or the
 #   flat counterfact-train.json]  N_TRAIN [8000]  N_VALID [2000]  M ["128 256 512 1024"]
-#   LOCATED_M ["128 256 512"]  EDITORS ["malmen mend ft memit emmet locft_bf"]  SEEDS ["0"]  STEPS [30]
+#   LOCATED_M ["128 256 512"]  EDITORS ["malmen mend ft memit emmet locft_bf"]  SEEDS ["0"]  STEPS [20]
 #   VALID_STEPS [3]  OUT [multirun/massive_counterfact/<date>]
 # Extra arguments go to every main.py run, e.g. model_device=cuda.
 set -uo pipefail; cd "$(dirname "$0")/.."; dir=${OUT:-multirun/massive_counterfact/$(date +%Y-%m-%d_%H-%M-%S)}
@@ -35,7 +35,7 @@ for m in ${M:-128 256 512 1024}; do
       if [ -f "$cell/checkpoint.pt" ]; then resume=(editor.resume=true); echo "resuming: $cell"; fi
       echo "running: $cell"
       python main.py experiment=massive_counterfact editor="$editor" data.n_edits="$m" seed="$seed" \
-        split_dir="$dir/split" max_train_steps="${STEPS:-30}" max_valid_steps="${VALID_STEPS:-3}" \
+        split_dir="$dir/split" max_train_steps="${STEPS:-20}" max_valid_steps="${VALID_STEPS:-3}" \
         hydra.run.dir="$cell" "${resume[@]}" "$@" || status=$?
     done
   done
