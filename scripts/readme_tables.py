@@ -21,7 +21,8 @@ infinite value is printed as "n/a (why)", never as a number. `--csv` writes the 
 first Markdown table between the markers NAME in the README. Each README cell's first number is its
 value ("0.488 (0.015)" reads 0.488), columns are found by their header (ES, GS, LS), rows by their first
 cell ("MALMEN", "before editing"). Exit status 0: every compared value within ±tol; 1: one differs
-(or is n/a); 2: bad input (no runs, a missing marker, column or row).
+(or is n/a); 2: bad input (no runs, a missing marker, column or row). The runs are read by scripts/runs.py,
+the README's marked blocks by scripts/readme_blocks.py.
 """
 import argparse
 import math
@@ -36,9 +37,9 @@ import numpy as np
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from scripts.aggregate import (COUNTERFACT, METRICS, AggregateError, Run, find_runs, label,  # noqa: E402
-                               mean_std, row_order, summarize, write_csv)
-from util import atomic_write  # noqa: E402
+from scripts.readme_blocks import read_block, replace_block  # noqa: E402
+from scripts.runs import (COUNTERFACT, METRICS, AggregateError, Run, find_runs, label, mean_std,  # noqa: E402
+                          row_order, summarize, write_csv)
 
 BEFORE = "before editing"
 ROOT = Path(__file__).resolve().parents[1]
@@ -253,60 +254,7 @@ def csv_rows(tables: list[dict]) -> list[dict]:
             for t in tables for r in t["rows"]]
 
 
-# ----- README blocks -------------------------------------------------------------------------------
-def _markers(name: str) -> tuple[str, str]:
-    return f"<!-- table:{name} -->", f"<!-- /table:{name} -->"
-
-
-def _span(text: str, readme: Path, name: str) -> tuple[int, int]:
-    """Start and end offsets of the text between the markers of table NAME; ValueError naming a missing one."""
-    begin, end = _markers(name)
-    for marker in (begin, end):
-        if text.count(marker) != 1:
-            raise ValueError(f"{readme}: marker '{marker}' " + ("not found" if marker not in text else "appears twice"))
-    i, j = text.index(begin) + len(begin), text.index(end)
-    if j < i:
-        raise ValueError(f"{readme}: marker '{end}' comes before '{begin}'")
-    return i, j
-
-
-def replace_block(readme: Path, name: str, body: str) -> None:
-    """Put body between the markers of table NAME in readme (atomically, keeping the file's mode)."""
-    text = readme.read_text()
-    i, j = _span(text, readme, name)
-    mode = readme.stat().st_mode
-    atomic_write(readme, text[:i] + "\n" + body.strip("\n") + "\n" + text[j:])
-    os.chmod(readme, mode)
-
-
-def read_block(readme: Path, name: str) -> dict[str, dict[str, float]]:
-    """The first Markdown table between the markers of NAME: row label -> {ES, GS, LS} (first number of a cell)."""
-    text = readme.read_text()
-    lines = text[slice(*_span(text, readme, name))].strip().splitlines()
-    start = next((i for i, ln in enumerate(lines) if ln.startswith("|")), None)
-    if start is None:
-        raise ValueError(f"{readme}: no Markdown table between the markers of table {name}")
-    table = []
-    for ln in lines[start:]:
-        if not ln.startswith("|"):
-            break
-        table.append([c.strip() for c in ln.strip().strip("|").split("|")])
-    head = table[0]
-    missing = [k for k in METRICS if k not in head]
-    if missing:
-        raise ValueError(f"{readme}: table {name} has no column {', '.join(missing)} (header: {' | '.join(head)})")
-    rows = {}
-    for cells in table[1:]:
-        if set("".join(cells)) <= set("-: "):  # the |---|---| rule
-            continue
-        values = {}
-        for k in METRICS:
-            number = re.search(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", cells[head.index(k)])
-            values[k] = float(number.group()) if number else math.nan  # "n/a" compares as differing
-        rows[cells[0]] = values
-    return rows
-
-
+# ----- a rerun against a README table (read by scripts/readme_blocks.read_block) -------------------------------
 def check(tables: list[dict], expected: dict[str, dict[str, float]], tol: float, source: str) -> int:
     """Print README and measured rows and their differences; 0 if all within ±tol, else 1."""
     if len(tables) != 1:

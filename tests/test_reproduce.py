@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.experiment import run
-from scripts.aggregate import find_runs, label, summarize
 from scripts.readme_tables import main as tables_main
 from scripts.readme_tables import provenance
+from scripts.runs import find_runs, label, summarize
 from tests.conftest import ROOT, make_cfg
 from tests.test_default import TINY_WORLD
 from util import run_environment, started_from

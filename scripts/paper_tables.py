@@ -1,0 +1,90 @@
+"""The paper's tables in Markdown, from summary rows (scripts/runs.summarize).
+
+single_m_table: a result with one m, where a curve would be one dot (rows x before editing, ES, GS, LS).
+ablation_table: the layout of Tables 1 and 2 (variants x (setting, ES/GS/LS in %[, time in h])).
+massive_table: the massive-editing experiment, a row per (m, editor) with CounterFact's scores and the time.
+"""
+import numpy as np
+
+from scripts.runs import COUNTERFACT, METRICS, label, mean_std, row_order, seeds_title
+
+
+def single_m_table(rows: list[dict], title: str) -> str:
+    """Markdown for a result with one m, where a curve would be one dot: rows x (before, ES, GS, LS)."""
+    rows = sorted(rows, key=lambda r: row_order(r["editor"], r["variant"]))
+    several = len({(r["model"], r["data"]) for r in rows}) > 1
+    stats = METRICS + (("residual",) if any(r["residual_mean"] is not None for r in rows) else ())
+    lines = [f"**{seeds_title(rows, title)}**, m = {rows[0]['m']}", "", "| | seeds | " + " | ".join(stats) + " |",
+             "|---|---|" + "---|" * len(stats)]
+    pre = [r for r in rows if r["pre_ES_mean"] is not None]
+    if pre:
+        lines.append("| before editing | | " + " | ".join(f"{np.mean([r[f'pre_{s}_mean'] for r in pre]):.3f}"
+                                                      for s in METRICS) + " |" + " |" * (len(stats) - 3))
+    for r in rows:
+        lines.append(f"| {label(r, several)} | {r['n']} | " + " | ".join(
+            "–" if r[f"{s}_mean"] is None else mean_std(r[f"{s}_mean"], r[f"{s}_std"], 3) for s in stats) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(row: dict | None, stat: str) -> str:
+    if row is None:
+        return "–"
+    return mean_std(row[f"{stat}_mean"], row[f"{stat}_std"], 1, scale=100)
+
+
+def ablation_table(rows: list[dict], title: str, with_time: bool) -> str:
+    """Markdown in the layout of Table 1 (with_time=False) or Table 2: variants x (setting, ES/GS/LS[, time])."""
+    settings = sorted({(r["data"], r["model"], r["m"]) for r in rows})
+    variants = sorted({(r["editor"], r["variant"]) for r in rows}, key=lambda ev: row_order(*ev))
+    by_key = {(r["editor"], r["variant"], r["data"], r["model"], r["m"]): r for r in rows}
+    stats = METRICS + (("time_s",) if with_time else ())
+    head, rule = ["Variant"], ["---"]
+    for data, model, m in settings:
+        for stat in stats:
+            name = "Time (h) ↓" if stat == "time_s" else f"{stat} (%) ↑"
+            head.append(f"{data}, m = {m}: {model} {name}" if stat == "ES" else name)
+            rule.append("---:")
+    lines = [f"**{title}** (mean (std) over seeds)", "", "| " + " | ".join(head) + " |",
+             "| " + " | ".join(rule) + " |"]
+    before = ["Before editing"]  # the unedited model's level, per setting (time: –)
+    for data, model, m in settings:
+        pre = [r for r in rows if (r["data"], r["model"], r["m"]) == (data, model, m) and r["pre_ES_mean"] is not None]
+        for stat in stats:
+            before.append("–" if stat == "time_s" or not pre else f"{100 * np.mean([r[f'pre_{stat}_mean'] for r in pre]):.1f}")
+    lines.append("| " + " | ".join(before) + " |")
+    counts = set()
+    for editor, variant in variants:
+        cells = [label({"editor": editor, "variant": variant})]
+        for data, model, m in settings:
+            row = by_key.get((editor, variant, data, model, m))
+            counts.add(row["n"] if row else None)
+            for stat in stats:
+                if stat == "time_s":
+                    cells.append("–" if row is None else f"{row['time_s_mean'] / 3600:.3g}")
+                else:
+                    cells.append(_cell(row, stat))
+        lines.append("| " + " | ".join(cells) + " |")
+    n = sorted(c for c in counts if c is not None)
+    lines += ["", f"Seeds per cell: {', '.join(map(str, sorted(set(n))))}. – : no run finished."]
+    return "\n".join(lines) + "\n"
+
+
+def massive_table(rows: list[dict], title: str) -> str:
+    """Markdown for the massive-editing experiment: a row per (m, editor), "before editing" first, with ES/GS/LS,
+    CounterFact's three scores (mean (std) over seeds; one seed: the mean), validation groups, wall and CPU time
+    per run."""
+    stats = METRICS + COUNTERFACT
+    head = ["m", "editor", *stats, "groups x seeds", "wall s", "CPU s"]
+    lines = [f"**{seeds_title(rows, title)}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in sorted({r["m"] for r in rows}):
+        at_m = sorted((r for r in rows if r["m"] == m), key=lambda r: row_order(r["editor"], r["variant"]))
+        pre = [np.mean([r[f"pre_{s}_mean"] for r in at_m if r[f"pre_{s}_mean"] is not None] or [np.nan]) for s in stats]
+        lines.append(f"| {m} | before editing | " + " | ".join("-" if np.isnan(v) else f"{v:.3f}" for v in pre)
+                     + " | | | |")
+        for r in at_m:
+            cells = ["-" if r[f"{s}_mean"] is None else  # the spread over seeds, when there are several
+                     mean_std(r[f"{s}_mean"], r[f"{s}_std"] if r["n"] > 1 else None, 3) for s in stats]
+            groups = "-" if r["valid_groups_mean"] is None else f"{r['valid_groups_mean']:.0f} x {r['n']}"
+            cpu = "-" if r["cpu_time_s_mean"] is None else f"{r['cpu_time_s_mean']:.0f}"
+            lines.append(f"| {m} | {label(r)} | " + " | ".join(cells) + f" | {groups} | {r['time_s_mean']:.0f} | {cpu} |")
+    return "\n".join(lines) + "\n"

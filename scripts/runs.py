@@ -1,0 +1,178 @@
+"""The runs of a sweep: every results.json under a directory read into a Run, grouped over seeds into summary rows.
+
+The data model that scripts/aggregate.py (the paper's CSV, plots and tables) and scripts/readme_tables.py (the
+README's tables) share: the metric names, Run and its reading (read_run, find_runs; AggregateError names the file
+and the field a results.json lacks), summarize (one row per setting: n, seeds, mean and std over seeds), write_csv,
+and how a row is named (label, row_order) and printed (mean_std, seeds_title).
+"""
+import csv
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+METRICS = ("ES", "GS", "LS")
+COUNTERFACT = ("efficacy", "paraphrase", "neighborhood")  # data=counterfact runs only (model/lm.counterfact_scores)
+OPTIONAL = COUNTERFACT + ("residual", "cpu_time_s", "valid_groups")  # in some results.json files only
+STATS = METRICS + COUNTERFACT + ("residual", "time_s", "cpu_time_s", "peak_memory_mb", "valid_groups")
+VARIANTS = {"sum": "Sum param. shifts", "no_reg": "No regularization", "first_ffn": "Edit first FC in FFN",
+            "all_tokens": "Cache all tokens", "none": "MALMEN"}  # Table 1 row order, MALMEN last
+EDITORS = {"malmen": "MALMEN", "mend": "MEND", "ft": "FT", "memit": "MEMIT", "emmet": "EMMET",
+           "locft_bf": "LocFT-BF"}
+
+
+class AggregateError(ValueError):
+    """A results.json that cannot be aggregated: names the file and the field."""
+
+    def __init__(self, path: Path, field: str | None, msg: str):
+        super().__init__(f"{path}" + (f": field '{field}'" if field else "") + f": {msg}")
+
+
+@dataclass(frozen=True)
+class Run:
+    """The numbers of one results.json that the aggregate needs."""
+
+    path: Path
+    result: str  # paper_result, or <model>_<data> for runs outside an experiment config
+    model: str
+    data: str
+    editor: str
+    variant: str
+    m: int
+    seed: int
+    stats: dict  # STATS -> float (residual only for MALMEN/MEND runs)
+    pre_edit: dict | None = None  # METRICS -> float before editing (None in results.json files without it)
+    environment: dict | None = None  # where and when it ran (util.run_environment; None: not recorded)
+    config: dict | None = None  # the resolved config
+    trained_m: int | None = None  # the m its hyper-network was meta-trained at, when not m (editor.allow_other_m)
+
+    @property
+    def key(self) -> tuple:
+        return self.result, self.model, self.data, self.editor, self.variant, self.m, self.trained_m
+
+
+def _field(obj: dict, dotted: str, path: Path, kind: type | tuple):
+    """obj[a][b]... for dotted 'a.b', checked to be of `kind`."""
+    value = obj
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise AggregateError(path, dotted, "missing")
+        value = value[part]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise AggregateError(path, dotted, f"expected {getattr(kind, '__name__', kind)}, got {value!r}")
+    return value
+
+
+def read_run(path: Path) -> Run:
+    """One results.json as a Run; AggregateError naming the file and field if it is unusable."""
+    try:
+        res = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise AggregateError(path, None, f"cannot read JSON ({err})") from err
+    if not isinstance(res, dict):
+        raise AggregateError(path, None, "not a JSON object")
+    num = (int, float)
+    model, data = _field(res, "config.model.name", path, str), _field(res, "config.data.name", path, str)
+    if "paper_result" not in res.get("config", {}):
+        raise AggregateError(path, "config.paper_result", "missing")
+    result = res["config"]["paper_result"] or f"{model}_{data}"
+    stats = {k: float(_field(res, f"final.{k}", path, num)) for k in METRICS}
+    stats.update({k: float(_field(res, k, path, num)) for k in ("time_s", "peak_memory_mb")})
+    stats.update({k: float(_field(res, f"final.{k}", path, num)) for k in COUNTERFACT if k in res["final"]})
+    stats.update({k: float(_field(res, k, path, num)) for k in ("residual", "cpu_time_s") if k in res})
+    if isinstance(res.get("valid"), list):
+        stats["valid_groups"] = float(len(res["valid"]))
+    names = METRICS + tuple(k for k in COUNTERFACT if k in res["final"])
+    pre = {k: float(_field(res, f"pre_edit.{k}", path, num)) for k in names} if "pre_edit" in res else None
+    env = _field(res, "environment", path, dict) if res.get("environment") is not None else None
+    m = _field(res, "config.data.n_edits", path, int)
+    trained_m = _field(res, "trained.m", path, int) if res.get("trained") is not None else None
+    return Run(path=path, result=str(result), model=model, data=data,
+               editor=_field(res, "config.editor.name", path, str),
+               variant=_field(res, "config.variant", path, str),
+               m=m, seed=_field(res, "config.seed", path, int), stats=stats, pre_edit=pre, environment=env,
+               config=res["config"], trained_m=None if trained_m == m else trained_m)
+
+
+def find_runs(sweep_dir: Path) -> list[Run]:
+    """Every results.json under sweep_dir, sorted by path."""
+    paths = sorted(sweep_dir.rglob("results.json"))
+    if not paths:
+        raise AggregateError(sweep_dir, None, "no results.json under this directory")
+    return [read_run(p) for p in paths]
+
+
+def summarize(runs: list[Run]) -> list[dict]:
+    """One row per (result, model, data, editor, variant, m): n, seeds, mean and std of each stat."""
+    groups: dict[tuple, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(run.key, []).append(run)
+    rows = []
+    for key in sorted(groups, key=lambda k: (*k[:-1], k[-1] or 0)):  # trained_m: None or an int
+        group = sorted(groups[key], key=lambda r: r.seed)
+        for a, b in zip(group, group[1:]):
+            if a.seed == b.seed:  # a re-run in the same tree would be counted twice
+                raise AggregateError(b.path, "config.seed", f"seed {b.seed} of the same setting also in {a.path} (a "
+                                     "training run and its evaluation from the checkpoint, say): pass one of the two")
+        row = dict(zip(("result", "model", "data", "editor", "variant", "m", "trained_m"), key))
+        row.update(n=len(group), seeds=" ".join(str(r.seed) for r in group))
+        for stat in STATS:
+            have = [r for r in group if stat in r.stats]
+            if have and len(have) < len(group):
+                lacking = next(r for r in group if stat not in r.stats)
+                raise AggregateError(lacking.path, stat, f"missing, but present in {have[0].path}")
+            values = np.array([r.stats[stat] for r in have])
+            row[f"{stat}_mean"] = float(values.mean()) if have else None
+            row[f"{stat}_std"] = float(values.std()) if have else None
+        for stat in METRICS + COUNTERFACT:  # before editing (None for results.json files without pre_edit)
+            pre = [r.pre_edit[stat] for r in group if r.pre_edit is not None and stat in r.pre_edit]
+            row[f"pre_{stat}_mean"] = float(np.mean(pre)) if len(pre) == len(group) else None
+        rows.append(row)
+    return rows
+
+
+def _rounded(value, digits: int = 4):
+    """CSV cells for reading: floats to `digits` significant decimals; non-finite as 'nan'/'inf'."""
+    if isinstance(value, float) and math.isfinite(value):
+        return round(value, digits)
+    return value
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    """summary.csv, rounded for reading; absent stats (the residual of editors without one) are empty cells."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({k: _rounded(v) for k, v in row.items()} for row in rows)
+
+
+# ----- naming and printing rows -----------------------------------------------------------------------------------
+def label(row: dict, with_setting: bool = False) -> str:
+    """Legend label: the editor (or the ablation variant of MALMEN), with model/data if needed, and the m its
+    hyper-network was trained at when it edited another m."""
+    name = EDITORS.get(row["editor"], row["editor"])
+    if row["variant"] != "none":
+        name = VARIANTS.get(row["variant"], row["variant"]) if row["editor"] == "malmen" else f"{name} ({row['variant']})"
+    if row.get("trained_m") is not None:
+        name += f" (trained at m = {row['trained_m']})"
+    return f"{name} [{row['model']}/{row['data']}]" if with_setting else name
+
+
+def row_order(editor: str, variant: str) -> tuple:
+    """Table 1's row order: other editors first, then MALMEN's ablations, MALMEN itself last."""
+    return editor == "malmen", list(VARIANTS).index(variant) if variant in VARIANTS else -1, editor, variant
+
+
+def mean_std(mean: float, std: float | None, digits: int, scale: float = 1.0, why: str = "non-finite") -> str:
+    """'mean (std)' (std None: the mean alone); 'n/a (why)' when either is NaN or infinite."""
+    if not all(math.isfinite(v) for v in (mean, std) if v is not None):
+        return f"n/a ({why})"
+    return f"{scale * mean:.{digits}f}" + ("" if std is None else f" ({scale * std:.{digits}f})")
+
+
+def seeds_title(rows: list[dict], title: str) -> str:
+    """A figure's or table's title with the number of seeds behind each point."""
+    n = sorted({r["n"] for r in rows})
+    return f"{title} (mean ± std over {'/'.join(map(str, n))} seed{'s' if n != [1] else ''})"
