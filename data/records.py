@@ -99,8 +99,10 @@ def require_file(path: str, why: str = "") -> None:
     if not Path(path).exists():  # most often the paper's data, not downloaded yet
         where = "" if Path(path).is_absolute() else f" (looked for {Path(path).resolve()})"
         why = f" ({why})" if why else ""
-        raise DataError(path, None, None, f"cannot read file: missing{where}{why}; `python scripts/download_data.py` "
-                                          "downloads the paper's zsRE and FEVER splits and CounterFact")
+        how = ("`python scripts/download_data.py counterfact` downloads CounterFact and splits it by subject"
+               if "counterfact" in str(path).lower() else
+               "`python scripts/download_data.py` downloads the paper's zsRE and FEVER splits")
+        raise DataError(path, None, None, f"cannot read file: missing{where}{why}; {how}")
 
 
 def parse_record(raw: Any, fmt: str, path: str, index: int) -> EditRecord:

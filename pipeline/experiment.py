@@ -207,9 +207,9 @@ def pre_edit_cache(cfg: DictConfig, model) -> PreEditCache:
 
 
 def validate(cfg: DictConfig, model, editor: Editor, collator: Collator, logger: Logger,
-             pre_edit: PreEditCache) -> list[dict]:
+             pre_edit: PreEditCache) -> tuple[list[dict], list[float]]:
     """Per validation group of m edits: ES/GS/LS before editing (from `pre_edit` when cached), edit all
-    m at once, after."""
+    m at once, after; and each group's edit time in seconds (the shifts alone, not their evaluation)."""
     records = load_records(cfg.data.valid_path, cfg.data.format)
     m, device = cfg.data.n_edits, torch.device(cfg.model_device)
     groups = edit_groups(records, m, cfg.data.batch_size, collator, seed=cfg.seed, shuffle=True,
@@ -217,22 +217,23 @@ def validate(cfg: DictConfig, model, editor: Editor, collator: Collator, logger:
     n_valid = n_groups(len(records), m)
     if cfg.max_valid_steps is not None:
         n_valid = min(n_valid, cfg.max_valid_steps)
-    rows, reduction = [], cfg.data.get("score_reduction", "sum")  # CounterFact's scores only
+    rows, edit_times, reduction = [], [], cfg.data.get("score_reduction", "sum")  # reduction: CounterFact's scores
     for i, group in enumerate(tqdm(itertools.islice(groups, n_valid), total=n_valid, desc="validate",
                                    dynamic_ncols=True)):
         pre = pre_edit.get(i, lambda: evaluate(model, group, cfg.model.family, device, editor.prefix, reduction))
-        extra = {}
+        extra, started = {}, time.time()
         if isinstance(editor, MALMEN):  # and MEND: the residual of the aggregation (Fig. 8)
             shifts, extra["residual"] = editor.edit_with_residual(group.edit)
         else:
             shifts = editor.edit_group(group)
+        edit_times.append(time.time() - started)  # the edit of m facts alone: the shifts, not their evaluation
         with apply_shifts(model, shifts, editor.label):  # NonFiniteEdit: never applied or reported
             post = evaluate(model, group, cfg.model.family, device, editor.prefix, reduction)
         if diagnostics := editor.diagnostics():  # MEMIT/EMMET's targets, LocFT-BF's epochs
             extra["editor"] = diagnostics
         rows.append({**post, "pre_edit": pre, **extra})
         logger.log({f"valid/{k}": v for k, v in post.items()}, editor.step + len(rows))
-    return rows
+    return rows, edit_times
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
@@ -261,7 +262,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         check_trained_m(editor.trained, cfg.data.n_edits, cfg.editor.checkpoint, cfg.editor.allow_other_m)
     train_log = train(cfg, editor, collator, logger, run_dir, config, done) if training else done
     pre_edit = pre_edit_cache(cfg, model) if validating else None
-    valid_log = validate(cfg, model, editor, collator, logger, pre_edit) if validating else []
+    valid_log, edit_times = validate(cfg, model, editor, collator, logger, pre_edit) if validating else ([], [])
     results = {
         "config": config,
         "train": train_log,
@@ -272,6 +273,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "trained": getattr(editor, "trained", None),  # MALMEN/MEND: the m, token, loss_reduction it was trained at
         "time_s": time.time() - start,
         "cpu_time_s": time.process_time() - cpu_start,  # this process's CPU seconds: load moves it far less
+        "edit_time_s": edit_times,  # per validation group: computing the m edits' shifts (MEMIT: with its targets)
         "stats_time_s": editor.stats_time_s,  # MEMIT/EMMET key statistics; 0 when loaded from the cache
         "peak_memory_mb": peak_memory_mb(device),
         "prefix_cache": editor.prefix.summary(),  # hits, misses, bytes held (model/prefix.py)

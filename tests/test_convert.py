@@ -269,6 +269,6 @@ def test_download_script_offline_message(tmp_path):
                            "--mirror", "http://127.0.0.1:9"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr and proc.stdout == ""
-    for name, url in {n: u for d in download_data.SOURCES.values() for n, u in d.items()}.items():
+    for name, url in {n: u for d in download_data.PAPER for n, u in download_data.SOURCES[d].items()}.items():
         assert url in proc.stderr and str(out / "raw" / name) in proc.stderr
     assert not (out / "zsre").exists() and not list((out / "raw").iterdir())

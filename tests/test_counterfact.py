@@ -188,6 +188,7 @@ def test_run_reports_the_scores_and_the_tables(tmp_path):
     for key in ("efficacy", "paraphrase", "neighborhood"):
         assert 0 <= res["final"][key] <= 1 and 0 <= res["pre_edit"][key] <= 1
         assert all(key in v and key in v["pre_edit"] for v in res["valid"])
+    assert len(res["edit_time_s"]) == 2 and all(0 < t < res["time_s"] for t in res["edit_time_s"])  # per group
     assert "| | ES | GS | LS | efficacy | paraphrase | neighborhood |" in (run_dir / "results.md").read_text()
     assert "efficacy" in out.stdout
     agg = subprocess.run([PY, "scripts/aggregate.py", str(tmp_path / "results")], cwd=ROOT, capture_output=True,
@@ -204,3 +205,12 @@ def test_bad_score_reduction_is_refused():
     out = subprocess.run([PY, "main.py", "data=counterfact", "data.score_reduction=median"], cwd=ROOT,
                          capture_output=True, text=True)
     assert out.returncode == 2 and "data.score_reduction must be sum or mean, got 'median'" in out.stderr
+
+
+def test_a_missing_counterfact_file_says_how_to_get_it(tmp_path):
+    out = subprocess.run([PY, "main.py", "data=counterfact", f"data_dir={tmp_path}", "editor=ft", "model=tiny-gpt2"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert f"{tmp_path / 'counterfact' / 'train.json'}: cannot read file: missing" in out.stderr or \
+        f"{tmp_path / 'counterfact' / 'valid.json'}: cannot read file: missing" in out.stderr
+    assert "`python scripts/download_data.py counterfact` downloads CounterFact and splits it by subject" in out.stderr
