@@ -4,9 +4,10 @@
     python scripts/download_data.py fever --from-dir DIR  # convert release files you already have
     python scripts/download_data.py counterfact           # ROME's counterfact.json, split by subject
 
-CounterFact: ROME's counterfact.json (21,919 records) is kept as it is (data=counterfact reads its form) and
-split by scripts/split_records.py --by-subject into datasets/counterfact/{train,valid,split}.json: valid.json
-holds --cf-valid records (default 2,000), train.json every other record, no subject in both.
+CounterFact: ROME's counterfact.json (21,919 records) is kept as it is in OUT/raw (data=counterfact reads its
+form; scripts/massive_counterfact.sh reads it there) and split by scripts/split_records.py --by-subject into
+datasets/counterfact/{train,valid,split}.json: valid.json holds --cf-valid records (default 2,000), train.json
+every other record, no subject in both.
 
 FEVER's unrelated claims come from FEVER 2.0 (held out from the classifier's fine-tuning, as in the
 paper); `--unrel-source train` draws them from the training claims instead (LS then sits near the
@@ -259,6 +260,8 @@ def _split_counterfact(raw: Path, paths: tuple[Path, Path], hashes: dict, args) 
     from scripts.split_records import split
     src = raw / "counterfact.json"
     n = len(load_records(str(src), "counterfact"))  # every record parses, or one DataError names it
+    if n <= args.cf_valid:
+        raise DataError(str(src), None, None, f"has {n} records: --cf-valid {args.cf_valid} leaves none for train.json")
     if paths[0].parent != paths[1].parent:
         raise ValueError(f"config/data/counterfact.yaml: train_path and valid_path must share a folder, got {paths}")
     summary = split(str(src), paths[0].parent, n - args.cf_valid, args.cf_valid, args.seed, "counterfact", True)

@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a plain script from anywhere
 
 from data.convert import dumps_records  # noqa: E402
-from data.records import FORMATS, DataError, file_sha256, parse_record, read_objects  # noqa: E402
+from data.records import FORMATS, DataError, file_sha256, parse_record, read_objects, require_file  # noqa: E402
 
 PARTS = ("train", "valid")
 
@@ -88,6 +88,7 @@ def split(src: str, out_dir: str | Path, n_train: int, n_valid: int, seed: int |
     """Write OUT_DIR/{train,valid,split}.json; returns split.json's contents. DataError on bad input."""
     if min(n_train, n_valid) < 1:
         raise ValueError(f"--n-train and --n-valid must be positive, got {n_train} and {n_valid}")
+    require_file(src)  # a missing file says how to download it
     rows = read_objects(src)
     if not isinstance(rows, list):
         raise DataError(src, None, None, f"not a JSON list or JSONL of records (got {type(rows).__name__})")
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     c, s = summary["counts"], summary["shared"]
     print(f"{args.out_dir}: train.json {c['train']} and valid.json {c['valid']} records of {args.src} "
-          f"({summary['order']}; {s['subjects']} subjects in both, no prompt; {summary['unused']} unused), split.json")
+          f"({summary['order']}; {s['subjects']} subjects and no prompt in both; {summary['unused']} records unused), split.json")
     return 0
 
 

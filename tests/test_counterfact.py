@@ -132,6 +132,8 @@ def test_download_splits_a_rome_file(tmp_path):
     assert len(load_records(str(folder / "valid.json"), "counterfact")) == 6
     assert len(load_records(str(folder / "train.json"), "counterfact")) == 24
     assert "counterfact.json" in (tmp_path / "d" / "raw" / "SHA256SUMS").read_text()
+    small = subprocess.run(cmd[:-1] + ["30"], cwd=ROOT, capture_output=True, text=True)
+    assert small.returncode == 2 and f"{raw / 'counterfact.json'}: has 30 records: --cf-valid 30 leaves none" in small.stderr
     (raw / "counterfact.json").write_text(json.dumps(rome_rows(29)))  # another file under the same name
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 2 and "checksum mismatch" in out.stderr
