@@ -206,7 +206,7 @@ def build_tables(runs: list[Run], by: list[str]) -> list[dict]:
         before = {**_row(BEFORE, every, [_level_before(every, s, names) for s in seeds], " ".join(map(str, seeds))),
                   "n": len(seeds)}
         tables.append({"title": f"m = {m} ({model}, {data})", "rows": [before, *rows], "runs": every,
-                       "columns": names})
+                       "columns": names, "m": m, "setting": f"{model}, {data}"})
     return tables
 
 
@@ -228,18 +228,37 @@ def _seconds(runs: list[Run], stat: str) -> str:
     return "-" if None in values else f"{np.mean(values):.0f}"
 
 
-def markdown(tables: list[dict], made_by: str | None = None, times: bool = False) -> str:
+def _spent(row: dict, first: bool, times: bool) -> list[str]:
+    """The row's wall and CPU seconds per run (`times`; blank on the "before editing" row)."""
+    if not times:
+        return []
+    return [" ", " "] if first else [_seconds(row["runs"], "time_s"), _seconds(row["runs"], "cpu_time_s")]
+
+
+def markdown(tables: list[dict], made_by: str | None = None, times: bool = False, combined: bool = False) -> str:
     """The tables in Markdown, each followed by its provenance line (DIR: the folder `made_by` writes);
-    `times`: wall and CPU seconds per run as two more columns."""
+    `times`: wall and CPU seconds per run as two more columns; `combined`: one table with an m column for
+    all of them (one model and data; the provenance of every run under it)."""
+    extra = ["wall s", "CPU s"] if times else []
+    if combined:
+        if len({(t["setting"], t["columns"]) for t in tables}) > 1:
+            raise ValueError("--combined puts one model and data set in one table: these runs have several")
+        head = ["m", "editor", "seeds", *tables[0]["columns"], *extra]
+        lines = [f"{tables[0]['setting']}:", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += [f"| {t['m']} | {r['name']} | {r['n']} | " + " | ".join(r["cells"] + _spent(r, i == 0, times)) + " |"
+                  for t in tables for i, r in enumerate(t["rows"])]
+        every = [r for t in tables for r in t["runs"]]
+        where = out_dir(every)
+        commands = "; ".join(f"m = {t['m']}, {r['name']}: `{command(r['runs'], where)}`"
+                             for t in tables for r in t["rows"][1:])
+        return "\n".join(lines + ["", f"Commands: {commands}. {placeholders(commands, every, where, made_by)}"
+                                      f"{provenance(every)}"]) + "\n"
     out = []
     for t in tables:
-        extra = ["wall s", "CPU s"] if times else []
         head = ["seeds", *t["columns"], *extra]
         lines = [f"| {t['title']} | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
-        for i, r in enumerate(t["rows"]):
-            spent = ([" ", " "] if i == 0 else [_seconds(r["runs"], "time_s"), _seconds(r["runs"], "cpu_time_s")]) \
-                if times else []
-            lines.append(f"| {r['name']} | {r['n']} | " + " | ".join(r["cells"] + spent) + " |")
+        lines += [f"| {r['name']} | {r['n']} | " + " | ".join(r["cells"] + _spent(r, i == 0, times)) + " |"
+                  for i, r in enumerate(t["rows"])]
         where = out_dir(t["runs"])
         commands = "; ".join(f"{r['name']}: `{command(r['runs'], where)}`" for r in t["rows"][1:])
         out.append("\n".join(lines + ["", f"Commands: {commands}. {placeholders(commands, t['runs'], where, made_by)}"
@@ -294,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--csv", type=Path, help="also write the rows as CSV here")
     t.add_argument("--made-by", metavar="CMD", help="the command that writes DIR, e.g. 'OUT=DIR scripts/real_lm.sh'")
     t.add_argument("--times", action="store_true", help="add each row's wall and CPU seconds per run")
+    t.add_argument("--combined", action="store_true", help="one table with an m column instead of one per m")
     c.add_argument("--readme", type=Path, default=ROOT / "README.md")
     c.add_argument("--name", default="default_seed0")
     c.add_argument("--tol", type=float, default=0.03, help="largest allowed |run - README| (default 0.03)")
@@ -304,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         tables = build_tables(read_runs(args.dirs, args.by), args.by)
         if args.cmd == "check":
             return check(tables, read_block(args.readme, args.name), args.tol, f"{args.readme}, table {args.name}")
-        text = markdown(tables, args.made_by, args.times)
+        text = markdown(tables, args.made_by, args.times, args.combined)
         print(text, end="")
         if args.csv:
             write_csv(csv_rows(tables), args.csv)

@@ -201,6 +201,24 @@ def test_run_reports_the_scores_and_the_tables(tmp_path):
         in table
     assert f"| 8 | MALMEN | {res['final']['ES']:.3f} |" in table and "| 8 | before editing |" in table
     assert "efficacy" in (tmp_path / "results" / "summary.csv").read_text().splitlines()[0]
+    ft_dir = tmp_path / "results" / "ft_m4_s0"
+    out = subprocess.run([PY, "main.py", "model=tiny-gpt2", "experiment=massive_counterfact", "editor=ft",
+                          f"data.train_path={train}", f"data.valid_path={valid}", "data.n_edits=4", "max_valid_steps=1",
+                          f"hydra.run.dir={ft_dir}", f"cache_dir={tmp_path / 'cache'}"], cwd=ROOT, capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr
+    readme = subprocess.run([PY, "scripts/readme_tables.py", "table", str(tmp_path / "results"), "--times", "--combined"],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert readme.returncode == 0, readme.stderr
+    lines = readme.stdout.splitlines()
+    assert lines[0] == "tiny-gpt2, counterfact:" and lines[2] == ("| m | editor | seeds | ES | GS | LS | efficacy | "
+                                                                 "paraphrase | neighborhood | wall s | CPU s |")
+    ft = json.loads((ft_dir / "results.json").read_text())
+    assert lines[4].startswith(f"| 4 | before editing | 1 | {ft['pre_edit']['ES']:.3f} |")
+    assert lines[5].startswith(f"| 4 | FT | 1 | {ft['final']['ES']:.3f} |") and lines[5].endswith(
+        f" | {ft['time_s']:.0f} | {ft['cpu_time_s']:.0f} |")
+    assert lines[7].startswith(f"| 8 | MALMEN | 1 | {res['final']['ES']:.3f} |")
+    assert "m = 4, FT: `python main.py" in lines[9] and "m = 8, MALMEN: `python main.py" in lines[9]
 
 
 def test_bad_score_reduction_is_refused():
