@@ -7,20 +7,22 @@
 #      MALMEN and MEND meta-train anew at each m for STEPS meta-steps (the same budget at every m), then
 #      validate at that m; the others edit the validation records directly. VALID_STEPS groups per seed.
 #   3. aggregate.py: OUT/results/summary.csv, massive_counterfact.md (a row per m and editor: ES/GS/LS,
-#      efficacy/paraphrase/neighborhood, wall and CPU time) and massive_counterfact.png (against m, log axis)
+#      efficacy/paraphrase/neighborhood, wall and CPU time) and massive_counterfact.png (against m, log axis);
+#      readme_tables.py: the same per m, with each row's command, between <!-- table:massive_counterfact -->
+#      markers of README (README= leaves it alone) and in OUT/results/readme_table.csv
 # Resumable: rerun the same command with the same OUT. A cell with results.json is kept; a MALMEN/MEND cell
 # with a checkpoint.pt continues its meta-training from it (editor.resume=true); any other cell starts again.
-# The split is made once (OUT/split/split.json kept). MEMIT/EMMET cells restart whole: their target vectors
-# are not cached per request (one group at m = 512 takes about an hour here).
-# Environment [default]: DATA [datasets/counterfact/counterfact.json; scripts/download_data.py counterfact, or the
-#   flat counterfact-train.json]  N_TRAIN [8000]  N_VALID [2000]  M ["128 256 512 1024"]
+# The split is made once (OUT/split/split.json kept). A MEMIT/EMMET cell restarts, but the target vectors its
+# interrupted run finished are read back from cache_dir (editor.cache_targets: cached per request).
+# Environment [default]: DATA [datasets/raw/counterfact.json: scripts/download_data.py counterfact puts ROME's file
+#   there; or the flat counterfact-train.json of MEND/EasyEdit]  N_TRAIN [8000]  N_VALID [2000]  M ["128 256 512 1024"]
 #   LOCATED_M ["128 256 512"]  EDITORS ["malmen mend ft memit emmet locft_bf"]  SEEDS ["0"]  STEPS [20]
-#   VALID_STEPS [3]  OUT [multirun/massive_counterfact/<date>]
+#   VALID_STEPS [3]  OUT [multirun/massive_counterfact/<date>]  README [README.md; empty: leave it alone]
 # Extra arguments go to every main.py run, e.g. model_device=cuda.
 set -uo pipefail; cd "$(dirname "$0")/.."; dir=${OUT:-multirun/massive_counterfact/$(date +%Y-%m-%d_%H-%M-%S)}
 status=0
 if [ ! -f "$dir/split/split.json" ]; then
-  python scripts/split_records.py "${DATA:-datasets/counterfact/counterfact.json}" "$dir/split" --format counterfact \
+  python scripts/split_records.py "${DATA:-datasets/raw/counterfact.json}" "$dir/split" --format counterfact \
     --by-subject --seed 0 --n-train "${N_TRAIN:-8000}" --n-valid "${N_VALID:-2000}" || exit $?
 fi
 editors=" ${EDITORS:-malmen mend ft memit emmet locft_bf} "
@@ -41,4 +43,8 @@ for m in ${M:-128 256 512 1024}; do
   done
 done
 python scripts/aggregate.py "$dir/results" || exit $?
+if [ -n "${README-README.md}" ]; then
+  python scripts/readme_tables.py table "$dir/results" --readme "${README-README.md}" --name massive_counterfact --combined \
+    --times --csv "$dir/results/readme_table.csv" --made-by "OUT=DIR scripts/massive_counterfact.sh" || exit $?
+fi
 exit $status
