@@ -1,6 +1,7 @@
 """CounterFact (issue 27): both file forms, the subject-disjoint split, the download's split, the
 efficacy/paraphrase/neighborhood scores against a plain forward pass, and a whole run to its tables."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -234,3 +235,31 @@ def test_a_missing_counterfact_file_says_how_to_get_it(tmp_path):
     assert f"{tmp_path / 'counterfact' / 'train.json'}: cannot read file: missing" in out.stderr or \
         f"{tmp_path / 'counterfact' / 'valid.json'}: cannot read file: missing" in out.stderr
     assert "`python scripts/download_data.py counterfact` downloads CounterFact and splits it by subject" in out.stderr
+
+
+def test_massive_script_end_to_end_and_resumable(tmp_path):
+    """scripts/massive_counterfact.sh on tiny-llama: the split, one cell per (m, editor), the tables; a rerun keeps
+    finished cells and continues a MALMEN cell from its checkpoint."""
+    src, out, readme = write(tmp_path / "cf.json", rome_rows(40, subjects=30)), tmp_path / "run", tmp_path / "README.md"
+    readme.write_text("# t\n<!-- table:massive_counterfact -->\n<!-- /table:massive_counterfact -->\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DATA": src, "N_TRAIN": "24", "N_VALID": "8", "M": "2 4",
+           "LOCATED_M": "2", "EDITORS": "malmen ft locft_bf", "STEPS": "2", "VALID_STEPS": "1", "OUT": str(out),
+           "README": str(readme)}
+    cmd = ["bash", "scripts/massive_counterfact.sh", "model=tiny-llama", f"cache_dir={tmp_path / 'cache'}"]
+    first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-3000:]
+    cells = sorted(p.parent.name for p in (out / "results").glob("*/results.json"))
+    assert cells == ["ft_m2_s0", "ft_m4_s0", "locft_bf_m2_s0", "malmen_m2_s0", "malmen_m4_s0"]
+    assert json.loads((out / "split" / "split.json").read_text())["shared"]["subjects"] == 0
+    table = readme.read_text()
+    assert "| m | editor | seeds | ES | GS | LS | efficacy | paraphrase | neighborhood | wall s | CPU s |" in table
+    assert table.count("| before editing |") == 2 and "| 4 | MALMEN | 1 |" in table
+    assert (out / "results" / "massive_counterfact.md").is_file() and (out / "results" / "readme_table.csv").is_file()
+    # as if the session had ended during MALMEN's validation at m = 4: its checkpoint is there, its results not
+    done = json.loads((out / "results" / "malmen_m4_s0" / "results.json").read_text())
+    (out / "results" / "malmen_m4_s0" / "results.json").unlink()
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("kept: ") == 4 and f"resuming: {out / 'results' / 'malmen_m4_s0'}" in again.stdout
+    resumed = json.loads((out / "results" / "malmen_m4_s0" / "results.json").read_text())
+    assert resumed["train"] == done["train"] and resumed["final"] == done["final"]  # nothing trained twice
