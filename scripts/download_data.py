@@ -38,6 +38,7 @@ from tqdm import tqdm  # noqa: E402
 from data.convert import (MISSING_EQUIV, convert_fever, convert_zsre, dumps_records,  # noqa: E402
                           fever2_pool, fever_claims, nq_pairs)
 from data.records import DataError, file_sha256, load_records, read_objects  # noqa: E402
+from scripts.split_records import split  # noqa: E402
 from util import atomic_write  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -257,7 +258,6 @@ def _convert_fever(raw: Path, paths: tuple[Path, Path], hashes: dict, args) -> N
 
 def _split_counterfact(raw: Path, paths: tuple[Path, Path], hashes: dict, args) -> None:
     """datasets/counterfact/{train,valid,split}.json: ROME's records unchanged, split with no shared subject."""
-    from scripts.split_records import split
     src = raw / "counterfact.json"
     n = len(load_records(str(src), "counterfact"))  # every record parses, or one DataError names it
     if n <= args.cf_valid:
