@@ -1,6 +1,8 @@
 """Shared test helpers: compose the real Hydra configs, build tiny models, make edit records."""
 import json
+import os
 import string
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,13 @@ torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
+
+
+def script_env(**variables: str) -> dict[str, str]:
+    """The environment for running a scripts/*.sh: the scripts call bare `python`, so this interpreter's folder
+    goes first on PATH (the tests pass without an activated virtual environment), plus `variables`."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PATH": path, **variables}
 
 
 def make_cfg(*overrides: str):

@@ -1,7 +1,6 @@
 """CounterFact (issue 27): both file forms, the subject-disjoint split, the download's split, the
 efficacy/paraphrase/neighborhood scores against a plain forward pass, and a whole run to its tables."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ from data.groups import edit_groups
 from data.records import DataError, load_records
 from model.lm import INPUTS, counterfact_scores
 from scripts.split_records import split
-from tests.conftest import ROOT, build_model, make_cfg
+from tests.conftest import ROOT, build_model, make_cfg, script_env
 
 CF = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact" / "counterfact-train.json"
 PY = sys.executable
@@ -242,9 +241,8 @@ def test_massive_script_end_to_end_and_resumable(tmp_path):
     finished cells and continues a MALMEN cell from its checkpoint."""
     src, out, readme = write(tmp_path / "cf.json", rome_rows(40, subjects=30)), tmp_path / "run", tmp_path / "README.md"
     readme.write_text("# t\n<!-- table:massive_counterfact -->\n<!-- /table:massive_counterfact -->\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DATA": src, "N_TRAIN": "24", "N_VALID": "8", "M": "2 4",
-           "LOCATED_M": "2", "EDITORS": "malmen ft locft_bf", "STEPS": "2", "VALID_STEPS": "1", "OUT": str(out),
-           "README": str(readme)}
+    env = script_env(DATA=src, N_TRAIN="24", N_VALID="8", M="2 4", LOCATED_M="2", EDITORS="malmen ft locft_bf",
+                     STEPS="2", VALID_STEPS="1", OUT=str(out), README=str(readme))
     cmd = ["bash", "scripts/massive_counterfact.sh", "model=tiny-llama", f"cache_dir={tmp_path / 'cache'}"]
     first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr[-3000:]

@@ -36,6 +36,7 @@ def main_py(tmp_path, *args: str, cwd=ROOT) -> tuple[int, list[str], set[str], s
 def test_help_does_not_import_torch(tmp_path):
     code, err, modules, out = main_py(tmp_path, "--help")
     assert code == 0 and "Powered by Hydra" in out and "editor: " in out, err
+    assert out.startswith("main.py: MALMEN (Tan, Zhang and Fu, ICLR 2024)"), out[:200]  # what this program is
     assert "hydra" in modules and not modules & set(HEAVY), modules & set(HEAVY)
 
 

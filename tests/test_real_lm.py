@@ -2,13 +2,12 @@
 split of real zsRE records, every editor's results.json, and the aggregate table with "Before editing"."""
 import hashlib
 import json
-import os
 import subprocess
 
 import pytest
 
 from scripts.split_records import main as split_main
-from tests.conftest import ROOT, make_cfg, qa_records, write_records
+from tests.conftest import ROOT, make_cfg, qa_records, script_env, write_records
 
 ZSRE = "zsre/zsre_mend_train-1k.json"  # the first 1,000 records of the MEND zsRE training file
 EDITORS = ("ft", "memit", "emmet", "locft_bf", "malmen", "mend")
@@ -57,9 +56,8 @@ def test_real_lm_script_end_to_end_on_tiny_llama(shared_data, tmp_path):
         pytest.skip(f"{shared_data / ZSRE} is not present (real zsRE records)")
     out, readme = tmp_path / "run", tmp_path / "README.md"
     readme.write_text("# t\n<!-- table:real_lm -->\n<!-- /table:real_lm -->\nafter\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MODEL": "tiny-llama", "DATA": str(shared_data / ZSRE),
-           "N_TRAIN": "12", "N_VALID": "8", "M": "1 2", "STEPS": "2", "VALID_STEPS": "1",
-           "OUT": str(out), "README": str(readme)}
+    env = script_env(MODEL="tiny-llama", DATA=str(shared_data / ZSRE), N_TRAIN="12", N_VALID="8", M="1 2",
+                     STEPS="2", VALID_STEPS="1", OUT=str(out), README=str(readme))
     proc = subprocess.run(["bash", "scripts/real_lm.sh", f"cache_dir={tmp_path / 'cache'}", "data.batch_size=4"],
                           cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
