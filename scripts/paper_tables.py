@@ -71,20 +71,24 @@ def ablation_table(rows: list[dict], title: str, with_time: bool) -> str:
 
 def massive_table(rows: list[dict], title: str) -> str:
     """Markdown for the massive-editing experiment: a row per (m, editor), "before editing" first, with ES/GS/LS,
-    CounterFact's three scores (mean (std) over seeds; one seed: the mean), validation groups, wall and CPU time
-    per run."""
+    CounterFact's three scores as mean (std over every validation group of every seed, pooled; one group: the
+    mean alone), validation groups, wall and CPU time per run."""
     stats = METRICS + COUNTERFACT
     head = ["m", "editor", *stats, "groups x seeds", "wall s", "CPU s"]
-    lines = [f"**{seeds_title(rows, title)}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    seeds = sorted({r["n"] for r in rows})
+    lines = [f"**{title} (mean (std over validation groups x {'/'.join(map(str, seeds))} seed"
+             f"{'s' if seeds != [1] else ''}))**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in sorted({r["m"] for r in rows}):
         at_m = sorted((r for r in rows if r["m"] == m), key=lambda r: row_order(r["editor"], r["variant"]))
         pre = [np.mean([r[f"pre_{s}_mean"] for r in at_m if r[f"pre_{s}_mean"] is not None] or [np.nan]) for s in stats]
         lines.append(f"| {m} | before editing | " + " | ".join("-" if np.isnan(v) else f"{v:.3f}" for v in pre)
                      + " | | | |")
         for r in at_m:
-            cells = ["-" if r[f"{s}_mean"] is None else  # the spread over seeds, when there are several
-                     mean_std(r[f"{s}_mean"], r[f"{s}_std"] if r["n"] > 1 else None, 3) for s in stats]
+            spread = (r.get("n_groups") or 0) > 1
+            cells = ["-" if r[f"{s}_mean"] is None else
+                     mean_std(r[f"{s}_mean"], r[f"{s}_group_std"] if spread else None, 3) for s in stats]
             groups = "-" if r["valid_groups_mean"] is None else f"{r['valid_groups_mean']:.0f} x {r['n']}"
             cpu = "-" if r["cpu_time_s_mean"] is None else f"{r['cpu_time_s_mean']:.0f}"
-            lines.append(f"| {m} | {label(r)} | " + " | ".join(cells) + f" | {groups} | {r['time_s_mean']:.0f} | {cpu} |")
+            lines.append(f"| {m} | {label(r)} | " + " | ".join(cells)
+                         + f" | {groups} | {r['time_s_mean']:.0f} | {cpu} |")
     return "\n".join(lines) + "\n"

@@ -1,14 +1,15 @@
 """The README's tables of results, from results.json files; and the check that a rerun matches one.
 
 usage: python scripts/readme_tables.py table DIR [DIR ...] [--by KEY ...] [--csv PATH] [--readme README.md --name NAME]
-                                             [--made-by CMD]
+                                             [--made-by CMD] [--times] [--combined] [--spread seeds|groups]
        python scripts/readme_tables.py check DIR [DIR ...] [--readme README.md] [--name default_seed0] [--tol 0.03]
 
 `table` reads every results.json under the DIRs (run or sweep directories, searched recursively) and
 prints one Markdown table per (model, data, m): a "before editing" row (the runs' pre_edit, one value per
 seed, since the editors of one seed edit the same groups; runs of a seed that disagree are refused), then one
 row per editor and ablation variant (and per value of each `--by` config key, e.g. `--by n_epochs`),
-with ES, GS and LS as mean (std over seeds, numpy's ddof=0; the mean alone for one seed). Under each
+with ES, GS and LS as mean (std over seeds, numpy's ddof=0; the mean alone for one seed; `--spread groups`:
+over every validation group of every seed, results.json "valid"). Under each
 table goes one provenance line: the command of each row (rebuilt from the runs' .hydra/overrides.yaml),
 the commit(s), the machine, the load and the dates (from results.json "environment"). The commands run
 on any machine: a path inside the repository is written relative to its root, one outside it under DIR,
@@ -152,15 +153,30 @@ def columns(runs: list[Run]) -> tuple[str, ...]:
     return METRICS + (COUNTERFACT if all(k in r.stats for r in runs for k in COUNTERFACT) else ())
 
 
-def _row(name: str, runs: list[Run], values: list[list[float]], seeds: str = "") -> dict:
-    """A table row from per-run values of the table's columns: means (full precision) and printed cells."""
-    arr = np.array(values, dtype=float)  # (n_runs, 3)
+def _row(name: str, runs: list[Run], values: list[list[float]], seeds: str = "",
+         pooled: list[list[float]] | None = None) -> dict:
+    """A table row from per-run values of the table's columns: means (full precision) and printed cells. The std
+    is over the runs (seeds), or over `pooled`, the columns' values in every validation group of every run."""
+    arr = np.array(values, dtype=float)  # (n_runs, columns)
+    spread = arr if pooled is None else np.array(pooled, dtype=float)  # (n_runs or n_groups, columns)
     with np.errstate(invalid="ignore"):  # inf - inf: shown as n/a below
-        means, stds = arr.mean(axis=0).tolist(), arr.std(axis=0).tolist()
-    cells = [mean_std(means[j], stds[j] if len(arr) > 1 else None, 3,
+        means, stds = arr.mean(axis=0).tolist(), spread.std(axis=0).tolist()
+    cells = [mean_std(means[j], stds[j] if len(spread) > 1 else None, 3,
                       why=f"non-finite in {int((~np.isfinite(arr[:, j])).sum())} of {len(arr)} runs")
              for j in range(arr.shape[1])]
-    return {"name": name, "n": len(runs), "seeds": seeds, "means": means, "cells": cells, "runs": runs}
+    per_run = [len(next(iter(r.groups.values()))) for r in runs] if pooled is not None else []
+    count = str(len(runs)) if pooled is None else f"{per_run[0]} x {len(runs)}" if len(set(per_run)) == 1 \
+        else "+".join(map(str, per_run))  # groups x seeds
+    return {"name": name, "n": len(runs), "count": count, "seeds": seeds, "means": means, "cells": cells,
+            "runs": runs}
+
+
+def _pooled(runs: list[Run], names: tuple[str, ...]) -> list[list[float]]:
+    """The columns' values in every validation group of every run; AggregateError naming a run without them."""
+    for r in runs:
+        if not r.groups or any(k not in r.groups for k in names):
+            raise AggregateError(r.path, "valid", "no per-group values (the spread over groups needs them)")
+    return [[r.groups[k][i] for k in names] for r in runs for i in range(len(r.groups[names[0]]))]
 
 
 def _sortable(value) -> tuple:
@@ -182,8 +198,9 @@ def _level_before(runs: list[Run], seed: int, names: tuple[str, ...], tol: float
     return [mine[0].pre_edit[k] for k in names]
 
 
-def build_tables(runs: list[Run], by: list[str]) -> list[dict]:
-    """One table per (model, data, m): {title, rows, runs}; the first row is before editing."""
+def build_tables(runs: list[Run], by: list[str], spread: str = "seeds") -> list[dict]:
+    """One table per (model, data, m): {title, rows, runs}; the first row is before editing. `spread`: the std
+    over seeds, or over the validation groups of every seed ("groups"; the before-editing row: over seeds)."""
     with np.errstate(invalid="ignore"):  # an infinite value: n/a in the table
         summarize(runs)  # aggregate's checks: one run per seed and setting, the same stats in every run
     settings: dict[tuple, dict[tuple, list[Run]]] = {}  # (model, data, m) -> row key -> runs
@@ -196,7 +213,8 @@ def build_tables(runs: list[Run], by: list[str]) -> list[dict]:
         names = columns([r for rs in groups.values() for r in rs])
         rows = [_row(label({"editor": rs[0].editor, "variant": rs[0].variant, "trained_m": rs[0].trained_m})
                      + (f", {rs[0].result}" * bool(by)),
-                     rs, [[r.stats[k] for k in names] for r in rs], " ".join(str(r.seed) for r in rs))
+                     rs, [[r.stats[k] for k in names] for r in rs], " ".join(str(r.seed) for r in rs),
+                     _pooled(rs, names) if spread == "groups" else None)
                 for _, rs in sorted(groups.items())]
         every = [r for row in rows for r in row["runs"]]
         lacking = next((r for r in every if r.pre_edit is None), None)
@@ -204,9 +222,9 @@ def build_tables(runs: list[Run], by: list[str]) -> list[dict]:
             raise AggregateError(lacking.path, "pre_edit", "missing")
         seeds = sorted({r.seed for r in every})  # the editors of one seed edit the same groups: one value per seed
         before = {**_row(BEFORE, every, [_level_before(every, s, names) for s in seeds], " ".join(map(str, seeds))),
-                  "n": len(seeds)}
+                  "n": len(seeds), "count": str(len(seeds)) if spread == "seeds" else rows[0]["count"]}  # same groups
         tables.append({"title": f"m = {m} ({model}, {data})", "rows": [before, *rows], "runs": every,
-                       "columns": names, "m": m, "setting": f"{model}, {data}"})
+                       "columns": names, "m": m, "setting": f"{model}, {data}", "spread": spread})
     return tables
 
 
@@ -243,10 +261,13 @@ def markdown(tables: list[dict], made_by: str | None = None, times: bool = False
     if combined:
         if len({(t["setting"], t["columns"]) for t in tables}) > 1:
             raise ValueError("--combined puts one model and data set in one table: these runs have several")
-        head = ["m", "editor", "seeds", *tables[0]["columns"], *extra]
-        lines = [f"{tables[0]['setting']}:", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        lines += [f"| {t['m']} | {r['name']} | {r['n']} | " + " | ".join(r["cells"] + _spent(r, i == 0, times)) + " |"
-                  for t in tables for i, r in enumerate(t["rows"])]
+        groups = tables[0]["spread"] == "groups"
+        head = ["m", "editor", "groups x seeds" if groups else "seeds", *tables[0]["columns"], *extra]
+        lines = [f"{tables[0]['setting']}" + (", mean (std over the validation groups of every seed; before editing: "
+                                              "over seeds)" if groups else "") + ":",
+                 "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += [f"| {t['m']} | {r['name']} | {r['count']} | " + " | ".join(r["cells"] + _spent(r, i == 0, times))
+                  + " |" for t in tables for i, r in enumerate(t["rows"])]
         every = [r for t in tables for r in t["runs"]]
         where = out_dir(every)
         commands = "; ".join(f"m = {t['m']}, {r['name']}: `{command(r['runs'], where)}`"
@@ -255,9 +276,9 @@ def markdown(tables: list[dict], made_by: str | None = None, times: bool = False
                                       f"{provenance(every)}"]) + "\n"
     out = []
     for t in tables:
-        head = ["seeds", *t["columns"], *extra]
+        head = ["groups x seeds" if t["spread"] == "groups" else "seeds", *t["columns"], *extra]
         lines = [f"| {t['title']} | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
-        lines += [f"| {r['name']} | {r['n']} | " + " | ".join(r["cells"] + _spent(r, i == 0, times)) + " |"
+        lines += [f"| {r['name']} | {r['count']} | " + " | ".join(r["cells"] + _spent(r, i == 0, times)) + " |"
                   for i, r in enumerate(t["rows"])]
         where = out_dir(t["runs"])
         commands = "; ".join(f"{r['name']}: `{command(r['runs'], where)}`" for r in t["rows"][1:])
@@ -314,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--made-by", metavar="CMD", help="the command that writes DIR, e.g. 'OUT=DIR scripts/real_lm.sh'")
     t.add_argument("--times", action="store_true", help="add each row's wall and CPU seconds per run")
     t.add_argument("--combined", action="store_true", help="one table with an m column instead of one per m")
+    t.add_argument("--spread", choices=("seeds", "groups"), default="seeds",
+                   help="the std in parentheses: over seeds (default), or over every validation group of every seed")
     c.add_argument("--readme", type=Path, default=ROOT / "README.md")
     c.add_argument("--name", default="default_seed0")
     c.add_argument("--tol", type=float, default=0.03, help="largest allowed |run - README| (default 0.03)")
@@ -321,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "table" and (args.readme is None) != (args.name is None):
         parser.error("--readme and --name go together")
     try:
-        tables = build_tables(read_runs(args.dirs, args.by), args.by)
+        tables = build_tables(read_runs(args.dirs, args.by), args.by, getattr(args, "spread", "seeds"))
         if args.cmd == "check":
             return check(tables, read_block(args.readme, args.name), args.tol, f"{args.readme}, table {args.name}")
         text = markdown(tables, args.made_by, args.times, args.combined)

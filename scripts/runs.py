@@ -2,8 +2,9 @@
 
 The data model that scripts/aggregate.py (the paper's CSV, plots and tables) and scripts/readme_tables.py (the
 README's tables) share: the metric names, Run and its reading (read_run, find_runs; AggregateError names the file
-and the field a results.json lacks), summarize (one row per setting: n, seeds, mean and std over seeds), write_csv,
-and how a row is named (label, row_order) and printed (mean_std, seeds_title).
+and the field a results.json lacks), summarize (one row per setting: n, seeds, mean and std over seeds, and the
+std over every validation group), write_csv, and how a row is named (label, row_order) and printed (mean_std,
+seeds_title).
 """
 import csv
 import json
@@ -47,6 +48,7 @@ class Run:
     environment: dict | None = None  # where and when it ran (util.run_environment; None: not recorded)
     config: dict | None = None  # the resolved config
     trained_m: int | None = None  # the m its hyper-network was meta-trained at, when not m (editor.allow_other_m)
+    groups: dict | None = None  # METRICS (+ COUNTERFACT) -> one float per validation group (results.json "valid")
 
     @property
     def key(self) -> tuple:
@@ -63,6 +65,18 @@ def _field(obj: dict, dotted: str, path: Path, kind: type | tuple):
     if not isinstance(value, kind) or isinstance(value, bool):
         raise AggregateError(path, dotted, f"expected {getattr(kind, '__name__', kind)}, got {value!r}")
     return value
+
+
+def _group_values(valid: list, names: tuple[str, ...], path: Path) -> dict[str, tuple[float, ...]]:
+    """name -> its value in each validation group of results.json "valid"; AggregateError naming valid[i].name."""
+    values: dict[str, tuple[float, ...]] = {}
+    for name in names:
+        per_group = [g.get(name) if isinstance(g, dict) else None for g in valid]
+        for i, v in enumerate(per_group):
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                raise AggregateError(path, f"valid[{i}].{name}", f"expected a number, got {v!r}")
+        values[name] = tuple(map(float, per_group))
+    return values
 
 
 def read_run(path: Path) -> Run:
@@ -82,9 +96,11 @@ def read_run(path: Path) -> Run:
     stats.update({k: float(_field(res, k, path, num)) for k in ("time_s", "peak_memory_mb")})
     stats.update({k: float(_field(res, f"final.{k}", path, num)) for k in COUNTERFACT if k in res["final"]})
     stats.update({k: float(_field(res, k, path, num)) for k in ("residual", "cpu_time_s") if k in res})
+    names = METRICS + tuple(k for k in COUNTERFACT if k in res["final"])
+    groups = None
     if isinstance(res.get("valid"), list):
         stats["valid_groups"] = float(len(res["valid"]))
-    names = METRICS + tuple(k for k in COUNTERFACT if k in res["final"])
+        groups = _group_values(res["valid"], names, path)
     pre = {k: float(_field(res, f"pre_edit.{k}", path, num)) for k in names} if "pre_edit" in res else None
     env = _field(res, "environment", path, dict) if res.get("environment") is not None else None
     m = _field(res, "config.data.n_edits", path, int)
@@ -93,7 +109,7 @@ def read_run(path: Path) -> Run:
                editor=_field(res, "config.editor.name", path, str),
                variant=_field(res, "config.variant", path, str),
                m=m, seed=_field(res, "config.seed", path, int), stats=stats, pre_edit=pre, environment=env,
-               config=res["config"], trained_m=None if trained_m == m else trained_m)
+               config=res["config"], trained_m=None if trained_m == m else trained_m, groups=groups)
 
 
 def find_runs(sweep_dir: Path) -> list[Run]:
@@ -126,6 +142,12 @@ def summarize(runs: list[Run]) -> list[dict]:
             values = np.array([r.stats[stat] for r in have])
             row[f"{stat}_mean"] = float(values.mean()) if have else None
             row[f"{stat}_std"] = float(values.std()) if have else None
+        for stat in METRICS + COUNTERFACT:  # the spread over every validation group of every seed (pooled, ddof=0)
+            pooled = [v for r in group for v in (r.groups or {}).get(stat, ())]
+            every = all(r.groups and stat in r.groups for r in group)
+            row[f"{stat}_group_std"] = float(np.std(pooled)) if every and pooled else None
+        row["n_groups"] = sum(len(next(iter(r.groups.values()))) for r in group) if all(r.groups for r in group) \
+            else None
         for stat in METRICS + COUNTERFACT:  # before editing (None for results.json files without pre_edit)
             pre = [r.pre_edit[stat] for r in group if r.pre_edit is not None and stat in r.pre_edit]
             row[f"pre_{stat}_mean"] = float(np.mean(pre)) if len(pre) == len(group) else None

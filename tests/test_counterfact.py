@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -199,7 +200,8 @@ def test_run_reports_the_scores_and_the_tables(tmp_path):
     table = (tmp_path / "results" / "massive_counterfact.md").read_text()
     assert "| m | editor | ES | GS | LS | efficacy | paraphrase | neighborhood | groups x seeds | wall s | CPU s |" \
         in table
-    assert f"| 8 | MALMEN | {res['final']['ES']:.3f} |" in table and "| 8 | before editing |" in table
+    es_std = float(np.std([g["ES"] for g in res["valid"]]))  # the spread over the run's 2 validation groups
+    assert f"| 8 | MALMEN | {res['final']['ES']:.3f} ({es_std:.3f}) |" in table and "| 8 | before editing |" in table
     assert "efficacy" in (tmp_path / "results" / "summary.csv").read_text().splitlines()[0]
     ft_dir = tmp_path / "results" / "ft_m4_s0"
     out = subprocess.run([PY, "main.py", "model=tiny-gpt2", "experiment=massive_counterfact", "editor=ft",
@@ -219,6 +221,15 @@ def test_run_reports_the_scores_and_the_tables(tmp_path):
         f" | {ft['time_s']:.0f} | {ft['cpu_time_s']:.0f} |")
     assert lines[7].startswith(f"| 8 | MALMEN | 1 | {res['final']['ES']:.3f} |")
     assert "m = 4, FT: `python main.py" in lines[9] and "m = 8, MALMEN: `python main.py" in lines[9]
+    by_groups = subprocess.run([PY, "scripts/readme_tables.py", "table", str(tmp_path / "results"), "--combined",
+                                "--spread", "groups"], cwd=ROOT, capture_output=True, text=True)
+    assert by_groups.returncode == 0, by_groups.stderr
+    lines = by_groups.stdout.splitlines()
+    assert lines[0].startswith("tiny-gpt2, counterfact, mean (std over the validation groups of every seed")
+    assert lines[2].startswith("| m | editor | groups x seeds | ES |") and lines[5].startswith("| 4 | FT | 1 x 1 | ")
+    effic = [g["efficacy"] for g in res["valid"]]
+    assert lines[7].startswith(f"| 8 | MALMEN | 2 x 1 | {res['final']['ES']:.3f} ({es_std:.3f}) |")
+    assert f" | {np.mean(effic):.3f} ({np.std(effic):.3f}) | " in lines[7]
 
 
 def test_bad_score_reduction_is_refused():
@@ -250,8 +261,9 @@ def test_massive_script_end_to_end_and_resumable(tmp_path):
     assert cells == ["ft_m2_s0", "ft_m4_s0", "locft_bf_m2_s0", "malmen_m2_s0", "malmen_m4_s0"]
     assert json.loads((out / "split" / "split.json").read_text())["shared"]["subjects"] == 0
     table = readme.read_text()
-    assert "| m | editor | seeds | ES | GS | LS | efficacy | paraphrase | neighborhood | wall s | CPU s |" in table
-    assert table.count("| before editing |") == 2 and "| 4 | MALMEN | 1 |" in table
+    assert ("| m | editor | groups x seeds | ES | GS | LS | efficacy | paraphrase | neighborhood | wall s | CPU s |"
+            in table)
+    assert table.count("| before editing | 1 x 1 |") == 2 and "| 4 | MALMEN | 1 x 1 |" in table
     assert (out / "results" / "massive_counterfact.md").is_file() and (out / "results" / "readme_table.csv").is_file()
     # as if the session had ended during MALMEN's validation at m = 4: its checkpoint is there, its results not
     done = json.loads((out / "results" / "malmen_m4_s0" / "results.json").read_text())

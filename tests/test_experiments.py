@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from editor.mend import MEND
 from pipeline.experiment import build_editor, run
 from scripts.aggregate import main as aggregate_main
+from scripts.runs import AggregateError, read_run, summarize
 from tests.conftest import ROOT, build_model, make_cfg, one_group, qa_records, write_records
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "config" / "experiment").glob("*.yaml"))
@@ -233,6 +234,24 @@ def test_aggregate_refuses_a_bad_results_json(sweep, capsys, bad, field):
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
     assert str(path if bad != "seed" else path.parent.with_name("again")) in err
     assert (f"field '{field}'" in err) if field else "cannot read JSON" in err
+
+
+def test_validation_groups_are_read_and_a_bad_one_is_named(tmp_path):
+    """read_run keeps each validation group's scores (the spread of the massive-editing table); a group lacking one
+    is refused by its index and field."""
+    res = {"config": {"model": {"name": "m"}, "data": {"name": "d", "n_edits": 4}, "paper_result": None,
+                      "editor": {"name": "malmen"}, "variant": "none", "seed": 0},
+           "final": {"ES": 0.5, "GS": 0.25, "LS": 1.0}, "time_s": 1.0, "peak_memory_mb": 1.0,
+           "valid": [{"ES": 0.25, "GS": 0.5, "LS": 1.0}, {"ES": 0.75, "GS": 0.0, "LS": 1.0}]}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(res))
+    (row,) = summarize([read_run(path)])
+    assert read_run(path).groups == {"ES": (0.25, 0.75), "GS": (0.5, 0.0), "LS": (1.0, 1.0)}
+    assert (row["n_groups"], row["ES_group_std"], row["GS_group_std"], row["LS_group_std"]) == (2, 0.25, 0.25, 0.0)
+    del res["valid"][1]["LS"]
+    path.write_text(json.dumps(res))
+    with pytest.raises(AggregateError, match=r"results.json: field 'valid\[1\].LS': expected a number, got None"):
+        read_run(path)
 
 
 def test_aggregate_refuses_a_directory_without_runs(tmp_path, capsys):
