@@ -62,7 +62,7 @@ def aggregate(sweep_dir: Path, out_dir: Path) -> list[Path]:
             continue
         if result != "fig8_residual":
             written.append(out_dir / f"{result}.png")
-            plot_scaling(part, title, written[-1])
+            plot_scaling(part, title, written[-1], "groups" if result == "massive_counterfact" else "seeds")
         if has_residual:
             written.append(out_dir / ("fig8_residual.png" if result == "fig8_residual" else f"{result}_residual.png"))
             plot_residual(part, title, written[-1])
