@@ -133,7 +133,8 @@ def provenance(runs: list[Run]) -> str:
         return "Environment not recorded."
     commits = sorted({(e.get("commit") or "unknown (not a git checkout)")
                       + (" (uncommitted changes)" if e.get("dirty") else "")
-                      + (f" (checkout moved to {e['checkout_changed']['commit']} during the run)"
+                      + (f" (checkout moved to {e['checkout_changed']['commit']}"
+                         + (" with uncommitted changes" if e["checkout_changed"].get("dirty") else "") + " during the run)"
                          if e.get("checkout_changed") else "") for e in envs})
     machines = sorted({f"{e.get('cpu')}, {e.get('cpu_count')} cores, torch threads {e.get('threads')}, "
                        f"{'GPU ' + e['gpu'] if e.get('gpu') else 'no GPU'}; torch {e.get('torch')}, "
@@ -323,7 +324,8 @@ def check(tables: list[dict], expected: dict[str, dict[str, float]], tol: float,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("table", help="print (and put in the README) the tables of the runs under DIR")
+    t = sub.add_parser("table", help="print the tables of the runs under DIR (with --readme and --name, also put "
+                                     "them in that README block)")
     c = sub.add_parser("check", help="compare the runs under DIR with a README table; exit 1 beyond --tol")
     for p in (t, c):
         p.add_argument("dirs", type=Path, nargs="+", metavar="DIR", help="searched recursively for results.json")

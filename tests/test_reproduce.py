@@ -90,6 +90,9 @@ def test_results_name_the_commit_a_run_started_from():
     assert "checkout_changed" not in started_from(ENV, {**ENV, "load_1min": 3.0})
     text = provenance([SimpleNamespace(environment=env)])  # the README tables' line under each table
     assert "Commit abc1234 (checkout moved to def5678 during the run)" in text
+    edited = started_from(ENV, {**ENV, "dirty": True})  # the same commit, its files edited while the run ran
+    assert "Commit abc1234 (checkout moved to abc1234 with uncommitted changes during the run)" in provenance(
+        [SimpleNamespace(environment=edited)])
 
 
 def write_result(path, *, final, pre=(0.0, 0.0, 1.0), editor="malmen", variant="none", seed=0, m=256,
