@@ -8,7 +8,7 @@
 #      validate at that m; the others edit the validation records directly. VALID_STEPS groups per seed.
 #   3. aggregate.py: OUT/results/summary.csv, massive_counterfact.md (a row per m and editor: ES/GS/LS,
 #      efficacy/paraphrase/neighborhood, wall and CPU time) and massive_counterfact.png (against m, log axis);
-#      readme_tables.py: the same per m (std over validation groups), with each row's command, between
+#      readme_tables.py: the same in one table (std over validation groups), with each row's command, between
 #      <!-- table:massive_counterfact --> markers of README (README= leaves it alone) and in OUT/results/readme_table.csv
 # Resumable: rerun the same command with the same OUT. A cell with results.json is kept; a MALMEN/MEND cell
 # with a checkpoint.pt continues its meta-training from it (editor.resume=true); any other cell starts again.
