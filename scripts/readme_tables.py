@@ -165,7 +165,7 @@ def _row(name: str, runs: list[Run], values: list[list[float]], seeds: str = "",
     cells = [mean_std(means[j], stds[j] if len(spread) > 1 else None, 3,
                       why=f"non-finite in {int((~np.isfinite(arr[:, j])).sum())} of {len(arr)} runs")
              for j in range(arr.shape[1])]
-    per_run = [len(next(iter(r.groups.values()))) for r in runs] if pooled is not None else []
+    per_run = [r.n_groups for r in runs]
     count = str(len(runs)) if pooled is None else f"{per_run[0]} x {len(runs)}" if len(set(per_run)) == 1 \
         else "+".join(map(str, per_run))  # groups x seeds
     return {"name": name, "n": len(runs), "count": count, "seeds": seeds, "means": means, "cells": cells,
@@ -177,7 +177,7 @@ def _pooled(runs: list[Run], names: tuple[str, ...]) -> list[list[float]]:
     for r in runs:
         if not r.groups or any(k not in r.groups for k in names):
             raise AggregateError(r.path, "valid", "no per-group values (the spread over groups needs them)")
-    return [[r.groups[k][i] for k in names] for r in runs for i in range(len(r.groups[names[0]]))]
+    return [[r.groups[k][i] for k in names] for r in runs for i in range(r.n_groups)]
 
 
 def _sortable(value) -> tuple:

@@ -51,6 +51,11 @@ class Run:
     groups: dict | None = None  # METRICS (+ COUNTERFACT) -> one float per validation group (results.json "valid")
 
     @property
+    def n_groups(self) -> int:
+        """Validation groups in results.json "valid" (0 when not recorded)."""
+        return len(next(iter(self.groups.values()))) if self.groups else 0
+
+    @property
     def key(self) -> tuple:
         return self.result, self.model, self.data, self.editor, self.variant, self.m, self.trained_m
 
@@ -146,8 +151,7 @@ def summarize(runs: list[Run]) -> list[dict]:
             pooled = [v for r in group for v in (r.groups or {}).get(stat, ())]
             every = all(r.groups and stat in r.groups for r in group)
             row[f"{stat}_group_std"] = float(np.std(pooled)) if every and pooled else None
-        row["n_groups"] = sum(len(next(iter(r.groups.values()))) for r in group) if all(r.groups for r in group) \
-            else None
+        row["n_groups"] = sum(r.n_groups for r in group) if all(r.groups for r in group) else None
         for stat in METRICS + COUNTERFACT:  # before editing (None for results.json files without pre_edit)
             pre = [r.pre_edit[stat] for r in group if r.pre_edit is not None and stat in r.pre_edit]
             row[f"pre_{stat}_mean"] = float(np.mean(pre)) if len(pre) == len(group) else None
