@@ -3,7 +3,7 @@
 #   1. split: DATA -> N_TRAIN meta-training and N_VALID validation records with no subject in both
 #      (scripts/split_records.py --by-subject; split.json records the source's sha256 and every index)
 #   2. one cell per (m, editor, seed), each its own run directory OUT/results/<editor>_m<m>_s<seed>:
-#      MALMEN, MEND and FT at every m of M; MEMIT, EMMET and LocFT-BF at every m of LOCATED_M.
+#      MALMEN, MEND and FT at every m of M; MEMIT, EMMET and LocFT-BF at every m of LOCATED_M (default: M).
 #      MALMEN and MEND meta-train anew at each m for STEPS meta-steps (the same budget at every m), then
 #      validate at that m; the others edit the validation records directly. VALID_STEPS groups per seed.
 #   3. aggregate.py: OUT/results/summary.csv, massive_counterfact.md (a row per m and editor: ES/GS/LS,
@@ -16,7 +16,7 @@
 # interrupted run finished are read back from cache_dir (editor.cache_targets: cached per request).
 # Environment [default]: DATA [datasets/raw/counterfact.json: scripts/download_data.py counterfact puts ROME's file
 #   there; or the flat counterfact-train.json of MEND/EasyEdit]  N_TRAIN [8000]  N_VALID [2000]  M ["128 256 512 1024"]
-#   LOCATED_M ["128 256 512"]  EDITORS ["malmen mend ft memit emmet locft_bf"]  SEEDS ["0"]  STEPS [20]
+#   LOCATED_M [M]  EDITORS ["malmen mend ft memit emmet locft_bf"]  SEEDS ["0"]  STEPS [20]
 #   VALID_STEPS [3]  OUT [multirun/massive_counterfact/<date>]  README [README.md; empty: leave it alone]
 # Extra arguments go to every main.py run, e.g. model_device=cuda.
 set -uo pipefail; cd "$(dirname "$0")/.."; dir=${OUT:-multirun/massive_counterfact/$(date +%Y-%m-%d_%H-%M-%S)}
@@ -29,7 +29,7 @@ editors=" ${EDITORS:-malmen mend ft memit emmet locft_bf} "
 for m in ${M:-128 256 512 1024}; do
   for editor in malmen mend ft memit emmet locft_bf; do
     [[ $editors == *" $editor "* ]] || continue
-    case $editor in memit|emmet|locft_bf) [[ " ${LOCATED_M:-128 256 512} " == *" $m "* ]] || continue;; esac
+    case $editor in memit|emmet|locft_bf) [[ " ${LOCATED_M:-${M:-128 256 512 1024}} " == *" $m "* ]] || continue;; esac
     for seed in ${SEEDS:-0}; do
       cell="$dir/results/${editor}_m${m}_s${seed}"
       if [ -f "$cell/results.json" ]; then echo "kept: $cell"; continue; fi
