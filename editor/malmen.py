@@ -135,18 +135,21 @@ class MALMEN(Editor):
         return {n: self.aggregate(n, *cache[n], system=(systems or {}).get(n)) for n in self.modules}
 
     def edit(self, batches: list[dict]) -> Shifts:
-        cache = self.cache(batches)
-        with torch.no_grad():
-            return {f"{n}.weight": to_param_layout(self.modules[n], s)
-                    for n, s in self.shifts(cache).items()}
-
-    def edit_with_residual(self, batches: list[dict]) -> tuple[Shifts, float]:
-        """`edit(batches)` and the mean residual of its shifts (paper Fig. 8), from one trace."""
+        """Shifts for the edit tuples of `batches`; `diagnostics()` then holds their residual (Fig. 8)."""
         cache = self.cache(batches)
         with torch.no_grad():
             shifts = self.shifts(cache)
-            residual = self.residual(cache, shifts)
-        return {f"{n}.weight": to_param_layout(self.modules[n], s) for n, s in shifts.items()}, residual
+            self._residual = self.residual(cache, shifts)
+        return {f"{n}.weight": to_param_layout(self.modules[n], s) for n, s in shifts.items()}
+
+    def diagnostics(self) -> dict:
+        """The last edit's mean residual ||S* u - d|| / ||d|| (paper Fig. 8); {} before any edit."""
+        return {"residual": self._residual} if getattr(self, "_residual", None) is not None else {}
+
+    def edit_with_residual(self, batches: list[dict]) -> tuple[Shifts, float]:
+        """`edit(batches)` and the mean residual of its shifts (paper Fig. 8), from one trace."""
+        shifts = self.edit(batches)
+        return shifts, self._residual
 
     @torch.no_grad()
     def residual(self, cache: dict, shifts: dict[str, torch.Tensor]) -> float:

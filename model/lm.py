@@ -142,18 +142,40 @@ class MetricError(ValueError):
     """A success rate that cannot be computed: it is never reported or written as a number."""
 
 
+def exact(lg: torch.Tensor, batch: dict, family: str) -> torch.Tensor:
+    """Per-example (B,) 1.0 when EVERY answer token is the argmax given the gold tokens before it, else 0.0
+    (NaN where `accuracy` is NaN). This is greedy generation's exact match: greedy decoding emits answer token
+    1 as the argmax after the prompt; if it is right, its next input is the gold token, so it emits token 2 as
+    the argmax after prompt + gold token 1, and so on. By induction the generated answer equals the target
+    token for token iff every teacher-forced argmax does (an end-of-sequence token emitted early is an argmax
+    that differs from the target's token, a miss either way). The classifier's generation is its label."""
+    acc = accuracy(lg, batch, family)
+    return acc if family == "classifier" else (acc == 1).to(acc).where(~acc.isnan(), torch.nan)
+
+
 @torch.no_grad()
-def success(model: nn.Module, batches: list[dict], family: str, device, prefix=None) -> torch.Tensor:
-    """Per-example success over a list of batches, concatenated (N,); MetricError if the model's
+def answer_hits(model: nn.Module, batches: list[dict], family: str, device,
+                prefix=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example teacher-forced token accuracy (`accuracy`) and greedy generation's exact match (`exact`) over
+    a list of batches, both (N,) in batch order, from one forward pass per batch; MetricError if the model's
     outputs on any tuple are not finite. `prefix`: as `logits`."""
-    moved = (to_device(b, device) for b in batches)  # each batch moved once; one read back at the end
-    out = torch.cat([accuracy(logits(model, b, family, prefix=prefix), b, family) for b in moved]).cpu()
-    if out.isnan().any():
+    tf, ag = [], []
+    for b in (to_device(b, device) for b in batches):  # each batch moved once; one read back at the end
+        lg = logits(model, b, family, prefix=prefix)
+        tf.append(accuracy(lg, b, family))
+        ag.append(exact(lg, b, family))
+    tf, ag = torch.cat(tf).cpu(), torch.cat(ag).cpu()
+    if tf.isnan().any():
         dtype = next(model.parameters()).dtype
-        raise MetricError(f"the model's outputs are not finite (inf or NaN) on {int(out.isnan().sum())} of "
-                          f"{len(out)} tuples, so ES/GS/LS cannot be computed (a {dtype} forward pass that "
+        raise MetricError(f"the model's outputs are not finite (inf or NaN) on {int(tf.isnan().sum())} of "
+                          f"{len(tf)} tuples, so ES/GS/LS cannot be computed (a {dtype} forward pass that "
                           "overflows, or non-finite weights); nothing is reported as a number")
-    return out
+    return tf, ag
+
+
+def success(model: nn.Module, batches: list[dict], family: str, device, prefix=None) -> torch.Tensor:
+    """Per-example teacher-forced success over a list of batches, concatenated (N,) (`answer_hits`)."""
+    return answer_hits(model, batches, family, device, prefix)[0]
 
 
 @torch.no_grad()

@@ -11,16 +11,27 @@ Which families start from a hidden state exactly, in one place (`SPECS`):
   gpt2         its position embeddings, which the model adds to inputs_embeds, are zeroed for the call
                (the cached state holds them already)
   gptj, llama, qwen2, mistral   inputs_embeds is the first hidden state as it is
+The states also persist on disk (`PrefixStore`, config `prefix_store`): every run with the same weights below the
+first edited block reads what an earlier run, seed, editor or grid cell computed, so a tuple's lower blocks run
+once per machine, not once per process.
 Every other model runs whole, and `PrefixCache.reason` says why: T5 (its relative position bias is
 computed by its first block and handed to the others, and its decoder reads the edited encoder through
 cross-attention), BERT (its embeddings add positions, token types and a LayerNorm to inputs_embeds),
 models dispatched over devices by accelerate (their hooks move tensors block by block).
 """
 import hashlib
+import json
+import logging
+import os
+import tempfile
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 # model_type: (the block list, does a block return a tuple, modules whose output is zeroed for the call)
 SPECS = {
@@ -68,12 +79,67 @@ def first_block(prefix: str, edited: list[str]) -> int | None:
     return min(int(n[len(prefix) + 1:].split(".")[0]) for n in edited)
 
 
+class PrefixStore:
+    """The states on disk: one safetensors file per tuple under `root`/<fingerprint>-b<first block>/, named by the
+    sha256 of the tuple's tokens, in the dtype the model computed them in (float32 for float32 models: read back,
+    they are the same numbers). Shared by every process that runs the same lower weights: a file is written under
+    a temporary name and renamed into place, so two runs can fill one store side by side and neither reads a torn
+    file; a store of other weights or another first block is another folder, never read. At most `max_gb`: beyond
+    it, states are computed each time and not stored, and one warning says so."""
+
+    def __init__(self, root: str | Path, fingerprint: str, first: int, max_gb: float):
+        self.dir, self.max_bytes = Path(root) / f"{fingerprint}-b{first}", max_gb * 2 ** 30
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "key.json").write_text(json.dumps({"fingerprint": fingerprint, "first_block": first}))
+        self.bytes = sum(f.stat().st_size for f in self.dir.glob("*/*.safetensors"))  # by every run so far
+        self.reads = self.writes = self.refused = 0
+
+    def _path(self, tokens: bytes) -> Path:
+        digest = hashlib.sha256(tokens).hexdigest()
+        return self.dir / digest[:2] / f"{digest}.safetensors"
+
+    def get(self, tokens: bytes) -> torch.Tensor | None:
+        """The stored state (T, d) of the tuple with these token bytes, or None."""
+        path = self._path(tokens)
+        if not path.is_file():
+            return None
+        self.reads += 1
+        return load_file(path)["h"]
+
+    def put(self, tokens: bytes, state: torch.Tensor) -> None:
+        """Store a state (T, d), unless it is there already or the store is at its limit."""
+        path = self._path(tokens)
+        if path.is_file():
+            return
+        size = state.numel() * state.element_size()
+        if self.bytes + size > self.max_bytes:
+            if not self.refused:
+                log.warning("prefix store %s holds %.2f GiB, its limit (prefix_store_gb=%g): hidden states beyond "
+                            "it are computed each time and not stored (raise prefix_store_gb, or delete the folder)",
+                            self.dir, self.bytes / 2 ** 30, self.max_bytes / 2 ** 30)
+            self.refused += 1
+            return
+        path.parent.mkdir(exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file({"h": state.detach().cpu().contiguous()}, tmp)
+            os.replace(tmp, path)  # atomic: readers see the whole file or none
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        self.bytes += size
+        self.writes += 1
+
+
 class PrefixCache:
     """Hidden states entering the first edited block, per tuple, on `device`, up to `max_gb`; beyond that the
     lower blocks run again. `run` is what model/lm.py calls for every forward pass of an LM batch."""
 
-    def __init__(self, model: nn.Module, edited: list[str], device="cpu", max_gb: float = 2.0, enabled: bool = True):
+    def __init__(self, model: nn.Module, edited: list[str], device="cpu", max_gb: float = 2.0, enabled: bool = True,
+                 store_dir: str | Path | None = None, store_gb: float = 20.0):
         self.model, self.device, self.max_bytes = model, torch.device(device), max_gb * 2 ** 30
+        self.disk: PrefixStore | None = None  # the states on disk (store_dir; None: this process's only)
         self.store: dict[tuple, torch.Tensor] = {}  # (fingerprint, first block, tokens) -> (T, d)
         self.hits = self.misses = self.bytes = self.not_kept = 0
         spec = SPECS.get(getattr(model.config, "model_type", None))
@@ -90,6 +156,8 @@ class PrefixCache:
                 self.reason = f"an edited module lies in the first block or outside the blocks ({edited})"
             else:
                 self.fingerprint = self._fingerprint()
+                if store_dir is not None:
+                    self.disk = PrefixStore(store_dir, self.fingerprint, self.first, store_gb)
 
     @property
     def active(self) -> bool:
@@ -133,7 +201,7 @@ class PrefixCache:
         if not self.active:
             return call(**inputs)
         keys = self._keys(inputs)
-        states = [self.store.get(k) for k in keys]
+        states = [self._state(k) for k in keys]
         if all(s is not None for s in states):
             self.hits += len(keys)
             b, t = inputs["input_ids"].shape
@@ -155,18 +223,36 @@ class PrefixCache:
             handle.remove()
         lengths = inputs["attention_mask"].sum(1).tolist()
         for key, h, n in zip(keys, seen["h"], lengths):
-            size = h[:n].numel() * h.element_size()
-            if key in self.store:
-                continue
-            if self.bytes + size > self.max_bytes:  # full: this tuple's lower blocks run again next time
-                self.not_kept += 1
-                continue
-            self.store[key] = h[:n].to(self.device, copy=True)
-            self.bytes += size
+            if self.disk is not None:
+                self.disk.put(key[2], h[:n])
+            self._keep(key, h[:n])
         return out
+
+    def _state(self, key: tuple) -> torch.Tensor | None:
+        """The state of a tuple: held in memory, else read from the disk store (and then held), else None."""
+        if key in self.store or self.disk is None:
+            return self.store.get(key)
+        state = self.disk.get(key[2])
+        if state is not None:
+            self._keep(key, state)
+        return state
+
+    def _keep(self, key: tuple, state: torch.Tensor) -> None:
+        """Hold a state (T, d) in memory, up to max_gb; beyond it the tuple is read or computed again next time."""
+        size = state.numel() * state.element_size()
+        if key in self.store:
+            return
+        if self.bytes + size > self.max_bytes:
+            self.not_kept += 1
+            return
+        self.store[key] = state.to(self.device, copy=True)
+        self.bytes += size
 
     def summary(self) -> dict:
         """results.json's `prefix_cache`: hits and misses (tuples), bytes and tuples held, passes whose state was not kept because
         it was full (prefix_cache_gb), the first edited block, and why it is off (null when on)."""
+        disk = self.disk
         return {"hits": self.hits, "misses": self.misses, "bytes": self.bytes, "tuples": len(self.store),
-                "not_kept": self.not_kept, "first_block": self.first, "off": self.reason}
+                "not_kept": self.not_kept, "first_block": self.first, "off": self.reason,
+                "store": None if disk is None else {"dir": str(disk.dir), "reads": disk.reads, "writes": disk.writes,
+                                                    "bytes": disk.bytes, "not_stored": disk.refused}}

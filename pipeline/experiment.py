@@ -28,7 +28,8 @@ from editor.memit import MEMIT
 from editor.mend import MEND
 from editor.stats import context_length, model_fingerprint, wikitext_texts
 from model.gguf_cache import ensure_gguf_model
-from model.lm import counterfact_scores, success
+from model.generate import GENERATED, greedy, unchanged
+from model.lm import answer_hits, counterfact_scores
 from model.load import load_model, resolve_modules
 from model.prefix import PrefixCache
 from model.toy import ensure_toy_model, world_tokenizer
@@ -110,21 +111,40 @@ def build_editor(cfg: DictConfig, model: torch.nn.Module, dtype: torch.dtype = t
     return editor
 
 
-def evaluate(model, group, family: str, device, prefix: PrefixCache | None = None,
-             score_reduction: str = "sum") -> dict[str, float]:
+def evaluate(model, group, family: str, device, prefix: PrefixCache | None = None, score_reduction: str = "sum",
+             generate: bool = False, before: list[list[int]] | None = None) -> tuple[dict, float]:
     """ES, GS, LS of the model as it is now on one group of m edits (`prefix`: the run's cached lower blocks);
-    on CounterFact also its efficacy, paraphrase and neighborhood scores (`score_reduction`: data.score_reduction)."""
-    scores = {name: float(success(model, batches, family, device, prefix).mean())
-              for name, batches in (("ES", group.edit), ("GS", group.equiv), ("LS", group.unrel))}
+    on CounterFact also its efficacy, paraphrase and neighborhood scores (`score_reduction`: data.score_reduction).
+    `generate` (data.generate): also `generated` {ES, GS, LS, unchanged} (model/generate.py). Before the edit
+    (`before` None) the unrelated prompts' greedy continuations are decoded and returned as `unrel_greedy`
+    ("unchanged" is 1 by definition); after it, `before` holds them. Returns the scores and the seconds that
+    the generated scores added (the decoding, or the "unchanged" pass)."""
+    scores, gen = {}, {}
+    for name, batches in (("ES", group.edit), ("GS", group.equiv), ("LS", group.unrel)):
+        tf, ag = answer_hits(model, batches, family, device, prefix)  # one pass: teacher-forced and generated
+        scores[name], gen[name] = float(tf.mean()), float(ag.mean())
     if group.counter is not None:
         scores.update(counterfact_scores(model, group, family, device, prefix, score_reduction))
-    return scores
+    if not generate:
+        return scores, 0.0
+    started = time.time()
+    if before is None:
+        scores["unrel_greedy"], gen["unchanged"] = greedy(model, group.unrel, family, device), 1.0
+    else:
+        gen["unchanged"] = float(unchanged(model, group.unrel, family, device, before, prefix).mean())
+    scores["generated"] = gen
+    return scores, time.time() - started
 
 
 def mean_metrics(rows: list[dict]) -> dict[str, float] | None:
-    """Mean of each metric (ES, GS, LS; CounterFact's scores) over validation groups; None without any
-    (max_valid_steps=0)."""
-    return {k: sum(r[k] for r in rows) / len(rows) for k in METRICS if k in rows[0]} if rows else None
+    """Mean of each metric (ES, GS, LS; CounterFact's scores; the generated scores) over validation groups; None
+    without any (max_valid_steps=0)."""
+    if not rows:
+        return None
+    means = {k: sum(r[k] for r in rows) / len(rows) for k in METRICS if k in rows[0]}
+    if "generated" in rows[0]:
+        means["generated"] = {k: sum(r["generated"][k] for r in rows) / len(rows) for k in GENERATED}
+    return means
 
 
 def materialize(cfg: DictConfig, facts: list[EditRecord] | None = None) -> None:
@@ -191,9 +211,12 @@ def train(cfg: DictConfig, editor: Editor, collator: Collator, logger: Logger, r
 
 
 def prefix_cache(cfg: DictConfig, model, editor: Editor) -> PrefixCache:
-    """The run's cache of hidden states below the lowest module `editor` changes (cfg.prefix_cache)."""
+    """The run's cache of hidden states below the lowest module `editor` changes (cfg.prefix_cache), kept on disk
+    for later runs too (cfg.prefix_store, under cache_dir/prefix_store/)."""
     device = cfg.editor.get("cache_device") or cfg.model_device
-    return PrefixCache(model, editor.edited_modules(), device, cfg.prefix_cache_gb, enabled=cfg.prefix_cache)
+    store = Path(cfg.cache_dir) / "prefix_store" if cfg.get("prefix_store") else None
+    return PrefixCache(model, editor.edited_modules(), device, cfg.prefix_cache_gb, enabled=cfg.prefix_cache,
+                       store_dir=store, store_gb=cfg.get("prefix_store_gb", 20.0))
 
 
 def pre_edit_cache(cfg: DictConfig, model) -> PreEditCache:
@@ -201,7 +224,7 @@ def pre_edit_cache(cfg: DictConfig, model) -> PreEditCache:
     mc = OmegaConf.to_container(cfg.model, resolve=True)
     key = pre_edit_key(model=mc, model_device=cfg.model_device, data_path=cfg.data.valid_path,
                        data_format=cfg.data.format, n_edits=cfg.data.n_edits, seed=cfg.seed,
-                       score_reduction=cfg.data.get("score_reduction"),
+                       score_reduction=cfg.data.get("score_reduction"), generate=cfg.data.get("generate", False),
                        weights_hash=None if mc["name_or_path"] else model_fingerprint(model))
     return PreEditCache(cfg.cache_dir, key, enabled=cfg.cache_pre_edit)
 
@@ -217,23 +240,32 @@ def validate(cfg: DictConfig, model, editor: Editor, collator: Collator, logger:
     n_valid = n_groups(len(records), m)
     if cfg.max_valid_steps is not None:
         n_valid = min(n_valid, cfg.max_valid_steps)
-    rows, edit_times, reduction = [], [], cfg.data.get("score_reduction", "sum")  # reduction: CounterFact's scores
+    rows, edit_times, gen_times = [], [], []
+    reduction, generate = cfg.data.get("score_reduction", "sum"), cfg.data.get("generate", False)
     for i, group in enumerate(tqdm(itertools.islice(groups, n_valid), total=n_valid, desc="validate",
                                    dynamic_ncols=True)):
-        pre = pre_edit.get(i, lambda: evaluate(model, group, cfg.model.family, device, editor.prefix, reduction))
+        spent = {"pre": 0.0}
+
+        def measure_before():  # run only when the pre-edit cache lacks group i
+            scores, spent["pre"] = evaluate(model, group, cfg.model.family, device, editor.prefix, reduction, generate)
+            return scores
+        pre = dict(pre_edit.get(i, measure_before))
+        before = pre.pop("unrel_greedy", None)  # the unrelated prompts' continuations before the edit
         extra, started = {}, time.time()
-        if isinstance(editor, MALMEN):  # and MEND: the residual of the aggregation (Fig. 8)
-            shifts, extra["residual"] = editor.edit_with_residual(group.edit)
-        else:
-            shifts = editor.edit_group(group)
+        shifts, diagnostics = editor.edit_group(group), editor.diagnostics()  # MALMEN/MEND: the residual (Fig. 8)
         edit_times.append(time.time() - started)  # the edit of m facts alone: the shifts, not their evaluation
         with apply_shifts(model, shifts, editor.label):  # NonFiniteEdit: never applied or reported
-            post = evaluate(model, group, cfg.model.family, device, editor.prefix, reduction)
-        if diagnostics := editor.diagnostics():  # MEMIT/EMMET's targets, LocFT-BF's epochs
+            post, spent["post"] = evaluate(model, group, cfg.model.family, device, editor.prefix, reduction,
+                                           generate, before)
+        if diagnostics and "residual" in diagnostics:
+            extra["residual"] = diagnostics.pop("residual")
+        if diagnostics:  # MEMIT/EMMET's targets, LocFT-BF's epochs
             extra["editor"] = diagnostics
+        gen_times.append(spent["pre"] + spent["post"])
         rows.append({**post, "pre_edit": pre, **extra})
-        logger.log({f"valid/{k}": v for k, v in post.items()}, editor.step + len(rows))
-    return rows, edit_times
+        logger.log({f"valid/{k}": v for k, v in post.items() if k != "generated"}
+                   | {f"valid/{k}_gen": v for k, v in post.get("generated", {}).items()}, editor.step + len(rows))
+    return rows, edit_times, gen_times
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
@@ -262,7 +294,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         check_trained_m(editor.trained, cfg.data.n_edits, cfg.editor.checkpoint, cfg.editor.allow_other_m)
     train_log = train(cfg, editor, collator, logger, run_dir, config, done) if training else done
     pre_edit = pre_edit_cache(cfg, model) if validating else None
-    valid_log, edit_times = validate(cfg, model, editor, collator, logger, pre_edit) if validating else ([], [])
+    valid_log, edit_times, gen_times = (validate(cfg, model, editor, collator, logger, pre_edit) if validating
+                                        else ([], [], []))
     results = {
         "config": config,
         "train": train_log,
@@ -274,6 +307,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "time_s": time.time() - start,
         "cpu_time_s": time.process_time() - cpu_start,  # this process's CPU seconds: load moves it far less
         "edit_time_s": edit_times,  # per validation group: computing the m edits' shifts (MEMIT: with its targets)
+        "generate_time_s": gen_times if cfg.data.get("generate") else None,  # per group: what the generated scores added
         "stats_time_s": editor.stats_time_s,  # MEMIT/EMMET key statistics; 0 when loaded from the cache
         "peak_memory_mb": peak_memory_mb(device),
         "prefix_cache": editor.prefix.summary(),  # hits, misses, bytes held (model/prefix.py)
@@ -284,7 +318,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     save_json(results, run_dir / "results.json")
     atomic_write(run_dir / "results.md", results_markdown(results, run_dir))
     if results["final"] is not None:
-        logger.log({f"final/{k}": v for k, v in results["final"].items()}, editor.step + len(valid_log) + 1)
+        logger.log({f"final/{k}": v for k, v in results["final"].items() if k != "generated"},
+                   editor.step + len(valid_log) + 1)
     logger.finish()
     return results
 

@@ -30,11 +30,14 @@ def _path_identity(path: str | None) -> object:
 
 
 def pre_edit_key(*, model: dict, model_device: str, data_path: str, data_format: str, n_edits: int, seed: int,
-                 weights_hash: str | None, score_reduction: str | None = None) -> dict:
+                 weights_hash: str | None, score_reduction: str | None = None, generate: bool = False) -> dict:
     """What the pre-edit metrics of a validation run depend on. `model`: the resolved model config;
     `weights_hash`: the weights' hash for a model without a name_or_path (random tiny models);
-    `score_reduction`: data.score_reduction of CounterFact's scores (None for data without it)."""
+    `score_reduction`: data.score_reduction of CounterFact's scores (None for data without it); `generate`:
+    data.generate (the entries then hold the generated scores and the unrelated prompts' greedy continuations)."""
     scores = {} if score_reduction is None else {"score_reduction": score_reduction}  # other data: keys unchanged
+    if generate:
+        scores["generate"] = True
     return {**scores, "model": {k: model.get(k) for k in ("arch", "family", "dtype", "tiny")},
             "name_or_path": _path_identity(model.get("name_or_path")), "weights": weights_hash,
             "tokenizer": _path_identity(model.get("tokenizer")), "checkpoint": _path_identity(model.get("checkpoint")),

@@ -65,11 +65,16 @@ def check_config(cfg: DictConfig) -> None:
                              f"got {value!r}")
     if not isinstance(cfg.prefix_cache, bool):
         raise ValueError(f"prefix_cache must be true or false, got {cfg.prefix_cache!r}")
-    gb = cfg.prefix_cache_gb
-    if not isinstance(gb, (int, float)) or isinstance(gb, bool) or gb < 0:
-        raise ValueError(f"prefix_cache_gb must be a number of GiB >= 0 (0 keeps nothing), got {gb!r}")
+    if not isinstance(cfg.get("prefix_store", False), bool):
+        raise ValueError(f"prefix_store must be true or false, got {cfg.prefix_store!r}")
+    for key in ("prefix_cache_gb", "prefix_store_gb"):
+        gb = cfg.get(key, 0)
+        if not isinstance(gb, (int, float)) or isinstance(gb, bool) or gb < 0:
+            raise ValueError(f"{key} must be a number of GiB >= 0 (0 keeps nothing), got {gb!r}")
     if cfg.data.get("score_reduction", "sum") not in ("sum", "mean"):
         raise ValueError(f"data.score_reduction must be sum or mean, got {cfg.data.score_reduction!r}")
+    if not isinstance(cfg.data.get("generate", False), bool):
+        raise ValueError(f"data.generate must be true or false, got {cfg.data.generate!r}")
     if cfg.data.format == "counterfact" and cfg.model.family not in ("causal", "seq2seq"):
         raise ValueError(f"data=counterfact edits a language model's answers: model={cfg.model.name} is a "
                          f"{cfg.model.family}")

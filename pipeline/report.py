@@ -21,6 +21,13 @@ COUNTERFACT_MEANINGS = {
                     "which the true answer is still more probable than the new one",
 }
 METRICS = ("ES", "GS", "LS", *COUNTERFACT_MEANINGS)  # what a validation group reports (the last three: CounterFact)
+# data.generate: `generated` {ES, GS, LS, unchanged} beside them (model/generate.py)
+GENERATED_MEANINGS = {
+    "ES, GS, LS by generation": "the share of tuples whose greedy decoding from the prompt, for as many tokens as the "
+                                "answer has, is the answer token for token (no partial credit, no gold prefix)",
+    "unchanged": "the share of unrelated prompts whose greedy continuation, at their answer's length, is the same "
+                 "after the edit as before it (a measure of disturbance; 1 before editing)",
+}
 
 
 def trained_label(results: dict) -> str | None:
@@ -39,6 +46,13 @@ def _table(rows: dict[str, dict]) -> list[str]:
         lines.append(f"| {name} | " + " | ".join("-" if values.get(k) is None else f"{values[k]:.3f}"
                                                for k in names) + " |")
     return lines
+
+
+def _generated_table(rows: dict[str, dict]) -> list[str]:
+    """Markdown rows of the generated scores (ES, GS, LS, unchanged), one per named state."""
+    names = ("ES", "GS", "LS", "unchanged")
+    lines = ["| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    return lines + [f"| {name} | " + " | ".join(f"{v[k]:.3f}" for k in names) + " |" for name, v in rows.items()]
 
 
 def no_gain_warning(pre: dict | None, post: dict | None, editor: str) -> str | None:
@@ -63,6 +77,11 @@ def results_markdown(results: dict, run_dir: Path) -> str:
     else:
         lines += _table({"before editing": results["pre_edit"], "after editing": results["final"]})
         meanings = {**METRIC_MEANINGS, **{k: v for k, v in COUNTERFACT_MEANINGS.items() if k in results["final"]}}
+        if "generated" in results["final"]:
+            lines += ["", "By greedy generation (data.generate):", ""]
+            lines += _generated_table({"before editing": results["pre_edit"]["generated"],
+                                       "after editing": results["final"]["generated"]})
+            meanings.update(GENERATED_MEANINGS)
         lines += [""] + [f"- **{k}**: {v}." for k, v in meanings.items()]
         lines.append(f"- Means over {len(results['valid'])} validation group(s) of m edits, each edited at once.")
         if trained_at := trained_label(results):
@@ -175,6 +194,11 @@ def terminal_summary(results: dict, mode: str, run_dir: Path) -> str:
     lines = ["\nno validation (max_valid_steps=0)"] if f is None else \
         ["\n" + f"{'':8}" + "".join(f"{k:>{w}}" for k, w in zip(names, width))] + \
         [f"{row:8}" + "".join(f"{v[k]:{w}.3f}" for k, w in zip(names, width)) for row, v in (("pre", p), ("post", f))]
+    if f is not None and "generated" in f:  # greedy generation's scores (data.generate)
+        g = ("ES", "GS", "LS", "unchanged")
+        lines += [f"{'greedy':8}" + "".join(f"{k:>8}" for k in g[:3]) + f"{'unchanged':>11}"]
+        lines += [f"{row:8}" + "".join(f"{v['generated'][k]:8.3f}" for k in g[:3]) + f"{v['generated']['unchanged']:11.3f}"
+                  for row, v in (("pre", p), ("post", f))]
     if trained_at := trained_label(results):
         lines.append(f"the hyper-network was {trained_at} (editor.allow_other_m=true)")
     lines.append(f"time {results['time_s']:.1f} s, peak memory {results['peak_memory_mb']:.0f} MB, "

@@ -6,20 +6,21 @@ massive_table: the massive-editing experiment, a row per (m, editor) with Counte
 """
 import numpy as np
 
-from scripts.runs import COUNTERFACT, METRICS, label, mean_std, row_order, seeds_title
+from scripts.runs import COUNTERFACT, GENERATED, METRICS, label, mean_std, row_order, seeds_title
 
 
 def single_m_table(rows: list[dict], title: str) -> str:
     """Markdown for a result with one m, where a curve would be one dot: rows x (before, ES, GS, LS)."""
     rows = sorted(rows, key=lambda r: row_order(r["editor"], r["variant"]))
     several = len({(r["model"], r["data"]) for r in rows}) > 1
-    stats = METRICS + (("residual",) if any(r["residual_mean"] is not None for r in rows) else ())
+    scores = METRICS + tuple(s for s in GENERATED if all(r[f"{s}_mean"] is not None for r in rows))
+    stats = scores + (("residual",) if any(r["residual_mean"] is not None for r in rows) else ())
     lines = [f"**{seeds_title(rows, title)}**, m = {rows[0]['m']}", "", "| | seeds | " + " | ".join(stats) + " |",
              "|---|---|" + "---|" * len(stats)]
     pre = [r for r in rows if r["pre_ES_mean"] is not None]
     if pre:
         lines.append("| before editing | | " + " | ".join(f"{np.mean([r[f'pre_{s}_mean'] for r in pre]):.3f}"
-                                                      for s in METRICS) + " |" + " |" * (len(stats) - 3))
+                                                      for s in scores) + " |" + " |" * (len(stats) - len(scores)))
     for r in rows:
         lines.append(f"| {label(r, several)} | {r['n']} | " + " | ".join(
             "–" if r[f"{s}_mean"] is None else mean_std(r[f"{s}_mean"], r[f"{s}_std"], 3) for s in stats) + " |")
@@ -73,7 +74,7 @@ def massive_table(rows: list[dict], title: str) -> str:
     """Markdown for the massive-editing experiment: a row per (m, editor), "before editing" first, with ES/GS/LS,
     CounterFact's three scores as mean (std over every validation group of every seed, pooled; one group: the
     mean alone), validation groups, wall and CPU time per run."""
-    stats = METRICS + COUNTERFACT
+    stats = METRICS + COUNTERFACT + tuple(s for s in GENERATED if any(r[f"{s}_mean"] is not None for r in rows))
     head = ["m", "editor", *stats, "groups x seeds", "wall s", "CPU s"]
     seeds = sorted({r["n"] for r in rows})
     lines = [f"**{title} (mean (std over validation groups x {'/'.join(map(str, seeds))} seed"

@@ -39,7 +39,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from scripts.readme_blocks import read_block, replace_block  # noqa: E402
-from scripts.runs import (COUNTERFACT, METRICS, AggregateError, Run, find_runs, label, mean_std,  # noqa: E402
+from scripts.runs import (COUNTERFACT, GENERATED, METRICS, AggregateError, Run, find_runs, label, mean_std,  # noqa: E402
                           row_order, summarize, write_csv)
 
 BEFORE = "before editing"
@@ -150,8 +150,9 @@ def provenance(runs: list[Run]) -> str:
 
 
 def columns(runs: list[Run]) -> tuple[str, ...]:
-    """ES, GS, LS, and CounterFact's three scores when every run has them (data=counterfact)."""
-    return METRICS + (COUNTERFACT if all(k in r.stats for r in runs for k in COUNTERFACT) else ())
+    """ES, GS, LS; CounterFact's three scores and the generated scores when every run has them."""
+    have = lambda names: all(k in r.stats for r in runs for k in names)  # noqa: E731
+    return METRICS + (COUNTERFACT if have(COUNTERFACT) else ()) + (GENERATED if have(GENERATED) else ())
 
 
 def _row(name: str, runs: list[Run], values: list[list[float]], seeds: str = "",

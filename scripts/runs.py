@@ -16,8 +16,11 @@ import numpy as np
 
 METRICS = ("ES", "GS", "LS")
 COUNTERFACT = ("efficacy", "paraphrase", "neighborhood")  # data=counterfact runs only (model/lm.counterfact_scores)
-OPTIONAL = COUNTERFACT + ("residual", "cpu_time_s", "valid_groups")  # in some results.json files only
-STATS = METRICS + COUNTERFACT + ("residual", "time_s", "cpu_time_s", "peak_memory_mb", "valid_groups")
+# by greedy generation (data.generate; model/generate.py): results.json's `generated` {ES, GS, LS, unchanged}
+GENERATED = ("ES_gen", "GS_gen", "LS_gen", "unchanged")
+SCORES = METRICS + COUNTERFACT + GENERATED  # what a validation group reports (the last six in some runs only)
+OPTIONAL = COUNTERFACT + GENERATED + ("residual", "cpu_time_s", "valid_groups", "generate_time_s")
+STATS = SCORES + ("residual", "time_s", "cpu_time_s", "peak_memory_mb", "valid_groups", "generate_time_s")
 VARIANTS = {"sum": "Sum param. shifts", "no_reg": "No regularization", "first_ffn": "Edit first FC in FFN",
             "all_tokens": "Cache all tokens", "none": "MALMEN"}  # Table 1 row order, MALMEN last
 EDITORS = {"malmen": "MALMEN", "mend": "MEND", "ft": "FT", "memit": "MEMIT", "emmet": "EMMET",
@@ -79,9 +82,19 @@ def _group_values(valid: list, names: tuple[str, ...], path: Path) -> dict[str, 
         per_group = [g.get(name) if isinstance(g, dict) else None for g in valid]
         for i, v in enumerate(per_group):
             if not isinstance(v, (int, float)) or isinstance(v, bool):
-                raise AggregateError(path, f"valid[{i}].{name}", f"expected a number, got {v!r}")
+                field = f"generated.{name.removesuffix('_gen')}" if name in GENERATED else name
+                raise AggregateError(path, f"valid[{i}].{field}", f"expected a number, got {v!r}")
         values[name] = tuple(map(float, per_group))
     return values
+
+
+def flat(scores: dict) -> dict:
+    """A results.json score dict with its `generated` scores as GENERATED names (ES_gen, ..., unchanged)."""
+    gen = scores.get("generated")
+    if not isinstance(gen, dict):
+        return scores
+    return {**{k: v for k, v in scores.items() if k != "generated"},
+            **{name: gen.get(name.removesuffix("_gen")) for name in GENERATED}}
 
 
 def read_run(path: Path) -> Run:
@@ -97,16 +110,20 @@ def read_run(path: Path) -> Run:
     if "paper_result" not in res.get("config", {}):
         raise AggregateError(path, "config.paper_result", "missing")
     result = res["config"]["paper_result"] or f"{model}_{data}"
-    stats = {k: float(_field(res, f"final.{k}", path, num)) for k in METRICS}
+    final = _field(res, "final", path, dict)
+    names = METRICS + tuple(k for k in COUNTERFACT if k in final) + (GENERATED if "generated" in final else ())
+    where = {k: f"final.generated.{k.removesuffix('_gen')}" if k in GENERATED else f"final.{k}" for k in names}
+    stats = {k: float(_field(res, where[k], path, num)) for k in names}
     stats.update({k: float(_field(res, k, path, num)) for k in ("time_s", "peak_memory_mb")})
-    stats.update({k: float(_field(res, f"final.{k}", path, num)) for k in COUNTERFACT if k in res["final"]})
     stats.update({k: float(_field(res, k, path, num)) for k in ("residual", "cpu_time_s") if k in res})
-    names = METRICS + tuple(k for k in COUNTERFACT if k in res["final"])
+    if isinstance(res.get("generate_time_s"), list):  # seconds the generated scores added, over every group
+        stats["generate_time_s"] = float(sum(res["generate_time_s"]))
     groups = None
     if isinstance(res.get("valid"), list):
         stats["valid_groups"] = float(len(res["valid"]))
-        groups = _group_values(res["valid"], names, path)
-    pre = {k: float(_field(res, f"pre_edit.{k}", path, num)) for k in names} if "pre_edit" in res else None
+        groups = _group_values([flat(g) if isinstance(g, dict) else g for g in res["valid"]], names, path)
+    pre = ({k: float(_field(res, where[k].replace("final.", "pre_edit.", 1), path, num)) for k in names}
+           if "pre_edit" in res else None)
     env = _field(res, "environment", path, dict) if res.get("environment") is not None else None
     m = _field(res, "config.data.n_edits", path, int)
     trained_m = _field(res, "trained.m", path, int) if res.get("trained") is not None else None
@@ -147,12 +164,12 @@ def summarize(runs: list[Run]) -> list[dict]:
             values = np.array([r.stats[stat] for r in have])
             row[f"{stat}_mean"] = float(values.mean()) if have else None
             row[f"{stat}_std"] = float(values.std()) if have else None
-        for stat in METRICS + COUNTERFACT:  # the spread over every validation group of every seed (pooled, ddof=0)
+        for stat in SCORES:  # the spread over every validation group of every seed (pooled, ddof=0)
             pooled = [v for r in group for v in (r.groups or {}).get(stat, ())]
             every = all(r.groups and stat in r.groups for r in group)
             row[f"{stat}_group_std"] = float(np.std(pooled)) if every and pooled else None
         row["n_groups"] = sum(r.n_groups for r in group) if all(r.groups for r in group) else None
-        for stat in METRICS + COUNTERFACT:  # before editing (None for results.json files without pre_edit)
+        for stat in SCORES:  # before editing (None for results.json files without pre_edit)
             pre = [r.pre_edit[stat] for r in group if r.pre_edit is not None and stat in r.pre_edit]
             row[f"pre_{stat}_mean"] = float(np.mean(pre)) if len(pre) == len(group) else None
         rows.append(row)

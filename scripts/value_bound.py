@@ -77,9 +77,9 @@ def main(cfg: DictConfig) -> None:
         (gen + cfg.editor.loc_coef * loc).backward()
         opt.step()
         bar.set_postfix(gen=f"{gen.item():.3f}", loc=f"{loc.item():.3f}")
-    pre = evaluate(model, group, family, device)
+    pre = evaluate(model, group, family, device)[0]
     with torch.no_grad(), apply_shifts(model, shifts()):
-        post = evaluate(model, group, family, device)
+        post = evaluate(model, group, family, device)[0]
     print(f"\nm = {m}, lambda = {lam}, {steps} Adam steps on D, edit prompts in the loss: {with_edits}")
     print(f"{'':8}{'ES':>8}{'GS':>8}{'LS':>8}")
     for name, row in (("pre", pre), ("bound", post)):

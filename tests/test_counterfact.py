@@ -198,8 +198,10 @@ def test_run_reports_the_scores_and_the_tables(tmp_path):
                          text=True)
     assert agg.returncode == 0, agg.stderr
     table = (tmp_path / "results" / "massive_counterfact.md").read_text()
-    assert "| m | editor | ES | GS | LS | efficacy | paraphrase | neighborhood | groups x seeds | wall s | CPU s |" \
-        in table
+    assert ("| m | editor | ES | GS | LS | efficacy | paraphrase | neighborhood | ES_gen | GS_gen | LS_gen | unchanged "
+            "| groups x seeds | wall s | CPU s |") in table
+    unchanged = [g["generated"]["unchanged"] for g in res["valid"]]  # by greedy generation, beside the rest
+    assert f" | {np.mean(unchanged):.3f} ({np.std(unchanged):.3f}) | 2 x 1 |" in table
     es_std = float(np.std([g["ES"] for g in res["valid"]]))  # the spread over the run's 2 validation groups
     assert f"| 8 | MALMEN | {res['final']['ES']:.3f} ({es_std:.3f}) |" in table and "| 8 | before editing |" in table
     assert "efficacy" in (tmp_path / "results" / "summary.csv").read_text().splitlines()[0]
@@ -214,7 +216,8 @@ def test_run_reports_the_scores_and_the_tables(tmp_path):
     assert readme.returncode == 0, readme.stderr
     lines = readme.stdout.splitlines()
     assert lines[0] == "tiny-gpt2, counterfact:" and lines[2] == ("| m | editor | seeds | ES | GS | LS | efficacy | "
-                                                                 "paraphrase | neighborhood | wall s | CPU s |")
+                                                                 "paraphrase | neighborhood | ES_gen | GS_gen | LS_gen | "
+                                                                 "unchanged | wall s | CPU s |")
     ft = json.loads((ft_dir / "results.json").read_text())
     assert lines[4].startswith(f"| 4 | before editing | 1 | {ft['pre_edit']['ES']:.3f} |")
     assert lines[5].startswith(f"| 4 | FT | 1 | {ft['final']['ES']:.3f} |") and lines[5].endswith(
@@ -261,7 +264,8 @@ def test_massive_script_end_to_end_and_resumable(tmp_path):
     assert cells == ["ft_m2_s0", "ft_m4_s0", "locft_bf_m2_s0", "malmen_m2_s0", "malmen_m4_s0"]
     assert json.loads((out / "split" / "split.json").read_text())["shared"]["subjects"] == 0
     table = readme.read_text()
-    assert ("| m | editor | groups x seeds | ES | GS | LS | efficacy | paraphrase | neighborhood | wall s | CPU s |"
+    assert ("| m | editor | groups x seeds | ES | GS | LS | efficacy | paraphrase | neighborhood | ES_gen | GS_gen | LS_gen "
+            "| unchanged | wall s | CPU s |"
             in table)
     assert table.count("| before editing | 1 x 1 |") == 2 and "| 4 | MALMEN | 1 x 1 |" in table
     assert (out / "results" / "massive_counterfact.md").is_file() and (out / "results" / "readme_table.csv").is_file()

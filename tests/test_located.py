@@ -86,9 +86,9 @@ def edited(cfg, seed: int = 0):
 def test_edits_succeed(world, tmp_path, editor_name):
     cfg = world_cfg(world, tmp_path, editor_name)
     editor, group, model, shifts = edited(cfg)
-    pre = evaluate(model, group, "causal", "cpu")
+    pre = evaluate(model, group, "causal", "cpu")[0]
     with apply_shifts(model, shifts):
-        post = evaluate(model, group, "causal", "cpu")
+        post = evaluate(model, group, "causal", "cpu")[0]
     assert pre["ES"] <= 0.25 and post["ES"] >= 0.9, (pre, post)
     modules = ([cfg.editor.module.format(i) for i in cfg.editor.layers] if editor_name != "locft_bf"
                else [cfg.editor.module])

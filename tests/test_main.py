@@ -56,9 +56,15 @@ def test_every_combination_runs(tmp_path, model, data, editor):
     assert saved["final"] == results["final"]
     assert saved["config"]["model"]["name"] == model and saved["config"]["data"]["n_edits"] == 4
     for key in ("final", "pre_edit"):
-        assert set(saved[key]) == {"ES", "GS", "LS"}
-        assert all(0.0 <= v <= 1.0 for v in saved[key].values())
-    assert len(saved["valid"]) == 1
+        assert set(saved[key]) == {"ES", "GS", "LS", "generated"}  # data.generate is on by default
+        assert set(saved[key]["generated"]) == {"ES", "GS", "LS", "unchanged"}
+        assert all(0.0 <= v <= 1.0 for part in (saved[key], saved[key]["generated"])
+                   for v in part.values() if not isinstance(v, dict))
+        for k in ("ES", "GS", "LS"):  # an exact match of the whole answer is a success of each of its tokens
+            assert saved[key]["generated"][k] <= saved[key][k] + 1e-12
+    assert saved["pre_edit"]["generated"]["unchanged"] == 1.0  # before the edit nothing has changed
+    assert len(saved["valid"]) == 1 and set(saved["valid"][0]["generated"]) == {"ES", "GS", "LS", "unchanged"}
+    assert len(saved["generate_time_s"]) == 1 and saved["generate_time_s"][0] > 0
     assert saved["time_s"] > 0 and 0 < saved["cpu_time_s"] and saved["peak_memory_mb"] > 0
     assert (saved["stats_time_s"] > 0) == (editor in ("memit", "emmet"))  # a fresh cache_dir: computed
     if editor not in ("malmen", "mend"):

@@ -51,8 +51,11 @@ def test_the_cache_changes_no_gradient_shift_or_metric(model_name, data, editor_
     assert summary["misses"] == n and summary["hits"] == 6 + (n + 6)
     for name, shift in plain.edit(group.edit).items():
         torch.testing.assert_close(cached.edit(group.edit)[name], shift, rtol=TOL, atol=TOL * shift.abs().max())
-    assert evaluate(model, group, cfg.model.family, "cpu", cached.prefix) == evaluate(model, group, cfg.model.family,
-                                                                                      "cpu")
+    with_prefix = evaluate(model, group, cfg.model.family, "cpu", cached.prefix, generate=True)[0]
+    assert with_prefix == evaluate(model, group, cfg.model.family, "cpu", generate=True)[0]  # generated scores too
+    before = with_prefix["unrel_greedy"]  # "unchanged": one teacher-forced pass, through the cache
+    assert evaluate(model, group, cfg.model.family, "cpu", cached.prefix, generate=True, before=before)[0] == \
+        evaluate(model, group, cfg.model.family, "cpu", generate=True, before=before)[0]
 
 
 def test_the_cache_holds_no_more_than_its_limit():
@@ -84,4 +87,5 @@ def test_smollm2_gives_the_same_losses_and_metrics_from_the_cache(smollm2):  # n
     cached.net.load_state_dict(state)
     got, ref = cached.meta_grad(group), plain.meta_grad(group)
     assert cached.prefix.hits > 0 and got == pytest.approx(ref, rel=1e-5)
-    assert evaluate(model, group, "causal", "cpu", cached.prefix) == evaluate(model, group, "causal", "cpu")
+    assert evaluate(model, group, "causal", "cpu", cached.prefix, generate=True)[0] == evaluate(
+        model, group, "causal", "cpu", generate=True)[0]
