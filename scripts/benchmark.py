@@ -1,27 +1,35 @@
-"""Per-phase times of one MALMEN meta-step and one validation group (issue 17).
+"""Per-phase times of one MALMEN (or MEND) meta-step and one validation group.
 
-python scripts/benchmark.py --data ZSRE.json --tokenizer DIR [--model gpt2] [--m 64 256] [--device cpu]
-                            [--threads 1] [--steps 2] [--prefix-cache both|on|off] [--out DIR]
+python scripts/benchmark.py --data RECORDS.json [--format zsre|counterfact] [--tokenizer DIR] [--model gpt2]
+                            [--editor malmen|mend] [--m 64 256] [--device cpu] [--threads 1] [--steps 2]
+                            [--prefix-cache both|on|off|store] [--out DIR]
 
-For each m: the first m records of --data (real zsRE, e.g. ../shared/data/zsre/zsre_mend_train-1k.json)
-make one group, tokenised by --tokenizer (needed by gpt2 and gpt-j, e.g. ../shared/data/gpt2-tokenizer;
-the model's own by default) and batched as
-data/groups.py batches it. The model is the real architecture with random weights (`gpt2`: GPT2Config(),
-GPT-2 124M; `gpt-j`: GPTJConfig(), 6B; a model with a `tiny` config: as in the tests), or a real model
-that needs no hub (`smollm2`, converted once into cache/); nothing is downloaded. The editor is config/editor/malmen.yaml (A.6: rank 1920, hyper-network batch 1024) on the
-model's edit_modules, LM batch --batch-size (64, data/zsre.yaml).
+For each m: the first m records of --data (e.g. ../shared/data/zsre/zsre_mend_train-1k.json, or a CounterFact
+split's train.json with --format counterfact) make one group, tokenised by --tokenizer (needed by gpt2 and gpt-j,
+e.g. ../shared/data/gpt2-tokenizer; the model's own by default) and batched as data/groups.py batches it. The
+model is the real architecture with random weights (`gpt2`: GPT2Config(), GPT-2 124M; `gpt-j`: GPTJConfig(), 6B;
+a model with a `tiny` config: as in the tests), or a real model that needs no hub (`smollm2`, converted once into
+cache/); nothing is downloaded. The editor is config/editor/<--editor>.yaml (A.6: rank 1920, hyper-network batch
+1024) on the model's edit_modules, LM batch --batch-size (64, data/zsre.yaml).
 
-Phases, timed by wrapping the editor's own methods (so any version of the code is measured alike):
-  meta-step   trace (keys and value gradients), solve (S* per layer), stage 1 (L_gen, L_loc and
-              their backward through the LM), stage 2 (pull-back through the hyper-network), total
+Phases, timed by wrapping the editor's own methods and the LM forward its meta losses call:
+  meta-step   trace (keys and value gradients), hyper-network (D for S*, no gradient), solve (factoring and S*
+              without the hyper-network), stage 1 forward (the edited LM's logits), stage 1 backward (the rest of
+              stage 1), KL reference (the pre-edit logits of the unrelated tuples), stage 2 (pull-back through
+              the hyper-network), total
   validation  pre-edit ES/GS/LS, edit (trace + solves + residual), post-edit ES/GS/LS, total
-Each phase is reported as wall seconds and CPU seconds of this process (CPU time stays stable under
-load where wall time does not). Peak RSS (CPU) or peak allocated memory (GPU) is the whole run's.
---steps > 1 times several meta-steps on the same group and reports the last (the first may pay
-one-time costs; with the prefix cache the first fills it, as the first epoch does, and the last reads it, as
-every later epoch does). --prefix-cache both (the default) times each m without and with the cached lower
-blocks (model/prefix.py, issue 26); the validation group's pre-edit metrics fill the cache there. Writes benchmark.md (markdown table with the machine, threads and load) and
-benchmark.json to --out, and prints the table.
+Each phase is reported as wall seconds and CPU seconds of this process (CPU time stays stable under load where
+wall time does not). Peak RSS (CPU) or peak allocated memory (GPU) is the whole run's. --prefix-cache:
+  off / on   without / with the cached lower blocks (model/prefix.py); with on, --steps > 1 times several
+             meta-steps on the same group and reports the last (the first fills the cache, as the first epoch
+             does); both (the default) times each m both ways
+  store      a first run against a later one: the first (cold) computes every tuple and fills a disk store (in a
+             temporary folder); the later (warm), a new cache with an empty memory, reads it, as every cell, seed
+             and editor of a grid after the first does (config prefix_store)
+For Llama-family models the table adds a floor: the FLOPs of the LM work from the first edited block up (the
+blocks' matmuls, the head at the answer positions; `flop_floor`) at this machine's measured float32 matmul rate.
+Writes benchmark.md (markdown table with the machine, threads and load) and benchmark.json to --out, and prints
+the table.
 """
 import argparse
 import json
@@ -29,6 +37,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -51,8 +60,12 @@ def arguments() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="LM batch (tuples), as data/zsre.yaml")
     p.add_argument("--steps", type=int, default=2, help="meta-steps timed on one group; the last is reported (with "
                    "the prefix cache: the first fills it, as epoch 1 does, the last reads it, as later epochs do)")
-    p.add_argument("--prefix-cache", choices=("both", "on", "off"), default="both",
-                   help="time without and/or with the cached lower blocks (model/prefix.py)")
+    p.add_argument("--prefix-cache", choices=("both", "on", "off", "store"), default="both",
+                   help="time without and/or with the cached lower blocks (model/prefix.py); store: a first run's "
+                   "meta-step and validation group (cold: every tuple computed, the disk store filled) against a "
+                   "later run's (a new process: memory empty, the store warm)")
+    p.add_argument("--editor", default="malmen", choices=("malmen", "mend"), help="the editor timed")
+    p.add_argument("--format", default="zsre", choices=("zsre", "counterfact"), help="--data's format")
     p.add_argument("--out", type=Path, default=Path("outputs/benchmark"), help="folder for benchmark.md and .json")
     return p
 
@@ -131,12 +144,12 @@ class Timer:
         self.cpu.clear()
 
 
-def build_model(name: str, tokenizer: str | None, device: str):
+def build_model(name: str, tokenizer: str | None, device: str, editor: str = "malmen"):
     """Random weights of the real architecture (gpt2, gpt-j), a tiny model, or the real weights of a
     model that needs no hub (smollm2, a local name_or_path); the config and tokenizer (--tokenizer, else
     the model's own)."""
     with initialize_config_dir(config_dir=str(ROOT / "config"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"model={name}", "editor=malmen", "data=zsre",
+        cfg = compose(config_name="config", overrides=[f"model={name}", f"editor={editor}", "data=zsre",
                                                        f"model_device={device}", f"editor_device={device}",
                                                        f"editor.cache_device={device}"])
     mc, tok = cfg.model, None
@@ -164,41 +177,111 @@ def build_model(name: str, tokenizer: str | None, device: str):
     return cfg, model, tok
 
 
-def run(args, m: int, prefix: bool) -> dict:
+def phases(timer: Timer, editor) -> None:
+    """Time the meta-step's phases through the editor's methods and the LM forward its meta losses call."""
+    import editor.malmen as malmen_module
+    timer.wrap(editor, "cache", "trace")
+    timer.wrap(editor, "system", "factor")  # K^T K + lambda I (or the dual form), built and factored
+    timer.wrap(editor, "value_diffs", "hyper-network")  # D for S*, without gradient
+    timer.wrap(editor, "shifts", "shifts")  # S*: hyper-network and solves
+    timer.wrap(editor, "meta_losses", "stage 1")
+    timer.wrap(editor, "pull_back", "stage 2")
+    forward = malmen_module.logits
+
+    def logits(model, batch, family, params=None, prefix=None):  # the edited LM's forward, or the KL reference
+        return timer.phase("edited forward" if params else "KL reference", forward, model, batch, family, params,
+                           prefix)
+    malmen_module.logits = logits
+
+
+META = ("trace", "hyper-network", "solve", "stage 1 forward", "stage 1 backward", "KL reference", "stage 2", "meta-step")
+
+
+def meta_row(timer: Timer) -> dict:
+    """The meta-step's phases (wall, CPU): solve = factoring and S* without the hyper-network; stage 1 forward =
+    the edited LM's forward (logits) and its losses' backward, the rest of stage 1 less the KL reference."""
+    get = lambda k: (timer.wall[k], timer.cpu[k])  # noqa: E731
+    minus = lambda a, *b: tuple(a[i] - sum(x[i] for x in b) for i in (0, 1))  # noqa: E731
+    row = {k: get(k) for k in ("trace", "hyper-network", "stage 2", "meta-step")}
+    row["solve"] = minus(tuple(get("factor")[i] + get("shifts")[i] for i in (0, 1)), get("hyper-network"))
+    row["stage 1 forward"], row["KL reference"] = get("edited forward"), get("KL reference")
+    row["stage 1 backward"] = minus(get("stage 1"), get("edited forward"), get("KL reference"))
+    return {k: row[k] for k in META}
+
+
+def run(args, m: int, mode: str, store_dir: Path | None = None) -> dict:
+    """One meta-step and one validation group at m. mode: off (no cache), on (--steps steps, the last timed:
+    the memory cache filled by the ones before), cold (a first run: every tuple computed, the disk store at
+    `store_dir` filled) or warm (a later run: a new cache, memory empty, the store filled by cold)."""
     seed_everything(0)
     device = torch.device(args.device)
-    cfg, model, tok = build_model(args.model, args.tokenizer, args.device)
+    cfg, model, tok = build_model(args.model, args.tokenizer, args.device, args.editor)
     editor = experiment.build_editor(cfg, model)
-    editor.prefix = PrefixCache(model, editor.edited_modules(), device, enabled=prefix)
-    records = load_records(args.data, "zsre")
+    stored = mode in ("cold", "warm")  # the meta-step's store and the validation group's: filled by cold
+    new_cache = lambda part: PrefixCache(model, editor.edited_modules(), device, enabled=mode != "off",  # noqa: E731
+                                         store_dir=store_dir / part if stored else None)
+    editor.prefix = new_cache("train")
+    records = load_records(args.data, args.format)
     collator = Collator(tok, cfg.model.family)
     group = next(iter(edit_groups(records[:m], m, args.batch_size, collator, seed=0, shuffle=False,
                                   path=args.data)))
     timer = Timer(device)
-    timer.wrap(editor, "cache", "trace")
-    timer.wrap(editor, "shifts", "solve")
-    timer.wrap(editor, "meta_losses", "stage 1")
-    timer.wrap(editor, "pull_back", "stage 2")
-    for _ in range(args.steps):
+    phases(timer, editor)
+    for _ in range(args.steps if mode == "on" else 1):
         timer.reset()
         timer.phase("meta-step", editor.meta_step, group)
-    row = {f"{k}": (timer.wall[k], timer.cpu[k]) for k in ("trace", "solve", "stage 1", "stage 2", "meta-step")}
+    row = meta_row(timer)
     timer.reset()
     family = cfg.model.family
     trained = editor.prefix.summary()
-    # a validation group of records not seen before: an empty cache, filled by the pre-edit metrics
-    editor.prefix = PrefixCache(model, editor.edited_modules(), device, enabled=prefix)
-    pre = timer.phase("pre-edit metrics", experiment.evaluate, model, group, family, device, editor.prefix)
-    shifts, _ = timer.phase("edit", editor.edit_with_residual, group.edit)
+    # a validation group: records not seen before (off, on, cold: an empty cache, filled by the pre-edit
+    # metrics) or seen by an earlier run (warm: a new cache that reads the store)
+    editor.prefix = new_cache("valid")
+    pre = timer.phase("pre-edit metrics", experiment.evaluate, model, group, family, device, editor.prefix)[0]
+    shifts = timer.phase("edit", editor.edit, group.edit)
     with apply_shifts(model, shifts, editor.label):
-        post = timer.phase("post-edit metrics", experiment.evaluate, model, group, family, device, editor.prefix)
+        post = timer.phase("post-edit metrics", experiment.evaluate, model, group, family, device, editor.prefix)[0]
     row.update({k: (timer.wall[k], timer.cpu[k]) for k in ("pre-edit metrics", "edit", "post-edit metrics")})
     row["validation group"] = tuple(sum(row[k][i] for k in ("pre-edit metrics", "edit", "post-edit metrics"))
                                     for i in (0, 1))
     tokens = {kind: sum(int(b["attention_mask"].numel()) for b in getattr(group, kind))
               for kind in ("edit", "equiv", "unrel")}  # tokens through the LM, padding included
-    return {"m": m, "prefix_cache": trained, "prefix_cache_validation": editor.prefix.summary(), "phases": row, "peak_mb": peak_memory_mb(device),
-            "lm_tokens": tokens, "pre": pre, "post": post}
+    answers = {kind: sum(int((b["labels"] != -100).sum()) for b in getattr(group, kind))
+               for kind in ("edit", "equiv", "unrel")} if family != "classifier" else None
+    return {"m": m, "mode": mode, "prefix_cache": trained, "prefix_cache_validation": editor.prefix.summary(),
+            "phases": row, "peak_mb": peak_memory_mb(device), "lm_tokens": tokens, "answer_positions": answers,
+            "floor": flop_floor(model, editor.prefix.first, tokens, answers), "pre": pre, "post": post}
+
+
+def flop_floor(model, first: int | None, tokens: dict, answers: dict | None) -> dict | None:
+    """FLOPs of one meta-step's LM work from the first edited block up (Llama-family blocks; None for others):
+    the blocks' matmuls (q, k, v, o; gate, up, down) per token and the output head at the answer positions;
+    forward 1x, backward 1x more (the frozen weights need only input gradients) plus the edited down_proj's weight
+    gradient in stage 1. Passes: the trace (edit tuples, forward and backward), stage 1 (equivalent and unrelated
+    tuples, forward and backward) and the KL reference (unrelated, forward)."""
+    c = model.config
+    if first is None or getattr(c, "model_type", None) not in ("llama", "qwen2", "mistral") or answers is None:
+        return None
+    d, f, v, n = c.hidden_size, c.intermediate_size, c.vocab_size, c.num_hidden_layers - first
+    kv = d * c.num_key_value_heads // c.num_attention_heads
+    block = 2 * (2 * d * d + 2 * d * kv) + 2 * 3 * d * f  # forward, per token
+    head = 2 * d * v  # forward, per answer position
+    fwd = lambda kind: n * block * tokens[kind] + head * answers[kind]  # noqa: E731
+    weight_grad = n * 2 * d * f * (tokens["equiv"] + tokens["unrel"])  # the edited down_proj, stage 1 only
+    total = 2 * fwd("edit") + 2 * fwd("equiv") + 3 * fwd("unrel") + weight_grad
+    return {"flops": total, "blocks": n}
+
+
+def matmul_gflops(device: torch.device, d: int = 576, f: int = 1536, rows: int = 2048, repeat: int = 20) -> float:
+    """This machine's measured float32 matmul rate (GFLOP/s, torch's threads) at an FFN's shape."""
+    a, w = torch.randn(rows, d, device=device), torch.randn(d, f, device=device)
+    a @ w  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeat):
+        a @ w
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 2 * rows * d * f * repeat / (time.perf_counter() - start) / 1e9
 
 
 def environment(args) -> str:
@@ -217,23 +300,30 @@ def environment(args) -> str:
             f"{os.getloadavg()[0]:.1f} at the end, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}")
 
 
-def table(results: list[dict], args, env: str) -> str:
-    phases = list(results[0]["phases"])
+def table(results: list[dict], args, env: str, gflops: float) -> str:
+    phases_ = list(results[0]["phases"])
     weights = "random weights" if args.model in ("gpt2", "gpt-j") or args.model.startswith("tiny-") else "its weights"
-    lines = [f"**MALMEN, model {args.model} ({weights}), device {args.device}, LM batch {args.batch_size}**",
-             "", "| phase | " + " | ".join(f"m = {r['m']}, prefix cache {r['prefix_cache']['off'] or 'on'}: "
-                                          "wall s | CPU s" for r in results) + " |",
+    name = {"off": "cache off", "on": "cache on", "cold": "first run (store cold)", "warm": "later run (store warm)"}
+    lines = [f"**{args.editor.upper()}, model {args.model} ({weights}), device {args.device}, LM batch {args.batch_size}**",
+             "", "| phase | " + " | ".join(f"m = {r['m']}, {name[r['mode']]}: wall s | CPU s" for r in results) + " |",
              "|---|" + "---:|---:|" * len(results)]
-    for p in phases:
+    for p in phases_:
         lines.append(f"| {p} | " + " | ".join(f"{r['phases'][p][0]:.2f} | {r['phases'][p][1]:.2f}"
                                               for r in results) + " |")
     lines.append("| peak memory (GiB) | " + " | ".join(f"{r['peak_mb'] / 1024:.2f} | " for r in results) + " |")
     lines.append("| LM tokens edit / equiv / unrel (padding incl.) | " + " | ".join(
         f"{r['lm_tokens']['edit']} / {r['lm_tokens']['equiv']} / {r['lm_tokens']['unrel']} | " for r in results)
         + " |")
-    notes = ("The meta-step is the last of --steps on one group: with the prefix cache its lower blocks were cached by the "
-             "steps before, as from the second epoch on. The validation group starts from an empty cache. Peak memory is "
-             "the process's: with --prefix-cache both, a column's is the largest so far (run on and off apart to compare).")
+    if all(r["floor"] for r in results):
+        lines.append(f"| meta-step floor: the top blocks' and head's FLOPs at {gflops:.0f} GFLOP/s (s) | " + " | ".join(
+            f"{r['floor']['flops'] / 1e9 / gflops:.2f} | " for r in results) + " |")
+    notes = ("cache on: the meta-step is the last of --steps on one group, its lower blocks cached by the steps before. "
+             "first run / later run: the first run's meta-step computes every tuple and fills the disk store; the later "
+             "run's (a new cache, memory empty) reads it, as every cell, seed and editor of a grid after the first does. "
+             "The validation group starts from an empty memory cache (later run: the store warm). solve: factoring and "
+             "S* without the hyper-network; stage 1 backward: stage 1 less the edited forward and the KL reference. "
+             "The floor: the LM matmuls from the first edited block up, at the measured rate of a float32 matmul of an "
+             "FFN's shape (flop_floor). Peak memory is the process's, the largest so far.")
     return "\n".join(lines) + f"\n\n{notes}\n\n{env}\n"
 
 
@@ -241,16 +331,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     torch.set_num_threads(args.threads)
     results = []
-    caches = {"both": (False, True), "on": (True,), "off": (False,)}[args.prefix_cache]
-    for m in args.m:  # one process: the peak memory of a later run is max(earlier, its own); one m per call
-        for prefix in caches:
-            results.append(run(args, m, prefix))
-            print(json.dumps(results[-1]), flush=True)
+    modes = {"both": ("off", "on"), "on": ("on",), "off": ("off",), "store": ("cold", "warm")}[args.prefix_cache]
+    with tempfile.TemporaryDirectory() as scratch:  # the disk store of --prefix-cache store, removed at the end
+        for m in args.m:  # one process: the peak memory of a later run is max(earlier, its own); one m per call
+            for mode in modes:
+                results.append(run(args, m, mode, Path(scratch) / f"store_m{m}"))
+                print(json.dumps(results[-1]), flush=True)
+    gflops = matmul_gflops(torch.device(args.device))
     env = environment(args)
-    text = table(results, args, env)
+    text = table(results, args, env, gflops)
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write(args.out / "benchmark.md", text)
-    atomic_write(args.out / "benchmark.json", json.dumps({"results": results, "environment": env}, indent=1))
+    atomic_write(args.out / "benchmark.json", json.dumps({"results": results, "environment": env,
+                                                          "matmul_gflops": gflops}, indent=1))
     print(text)
     return 0
 

@@ -337,3 +337,23 @@ def test_speed_benchmark_runs_offline_on_a_tiny_model(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads((tmp_path / "bench" / "benchmark.json").read_text())["results"][0]
     assert result["m"] == 4 and all(result["phases"][k][1] > 0 for k in ("meta-step", "validation group")), result
+
+
+def test_speed_benchmark_times_a_later_run_from_the_warm_store(tmp_path):
+    """--prefix-cache store: the first run computes every tuple and fills the disk store, the later one (a new
+    cache) reads every tuple from it; each meta-step phase and the FLOP floor are reported."""
+    data = write_records(tmp_path / "zsre.json", qa_records(8), "zsre")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "scripts/benchmark.py", "--data", str(data), "--model", "tiny-llama",
+                           "--m", "4", "--prefix-cache", "store", "--editor", "mend", "--out", str(tmp_path / "bench")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    cold, warm = json.loads((tmp_path / "bench" / "benchmark.json").read_text())["results"]
+    assert (cold["mode"], warm["mode"]) == ("cold", "warm")
+    assert cold["prefix_cache"]["store"]["writes"] == 3 * 4 and cold["prefix_cache"]["store"]["reads"] == 0
+    assert warm["prefix_cache"]["misses"] == 0 and warm["prefix_cache"]["store"]["reads"] == 3 * 4
+    assert warm["prefix_cache_validation"]["misses"] == 0 and warm["pre"] == cold["pre"] and warm["post"] == cold["post"]
+    assert set(warm["phases"]) >= {"trace", "hyper-network", "solve", "stage 1 forward", "stage 1 backward",
+                                   "KL reference", "stage 2", "meta-step"}
+    assert warm["floor"]["blocks"] == 2 and warm["floor"]["flops"] > 0
+    assert "later run (store warm)" in (tmp_path / "bench" / "benchmark.md").read_text()
