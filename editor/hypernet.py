@@ -4,8 +4,8 @@ One network per distinct weight shape (d_out, d_in), shared by every edited laye
 Input z = concat(u, dL/dv) (d_in + d_out), normalised with running statistics shared by those layers;
 then `n_blocks` residual blocks h <- h + s_l * max(0, h A B + c) + t_l, each modulated by a per-layer
 scale s_l and shift t_l; the output splits back into a pseudo key u~ (d_in) and a pseudo value
-gradient g~ (d_out). Per layer it also holds the learning rate eta and, for MALMEN, the regulariser
-lambda = exp(log_lambda) > 0. The block, its initialisation and the shared normaliser are those of
+gradient g~ (d_out). Per layer it also holds the learning rate eta (a plain parameter, as the paper's, or
+exp(log_lr) > 0 with editor.eta_param=log) and, for MALMEN, the regulariser lambda = exp(log_lambda) > 0. The block, its initialisation and the shared normaliser are those of
 the runs behind the paper's numbers (methods.md, "Where the paper is silent").
 """
 import math
@@ -19,6 +19,7 @@ from torch import nn
 #      std of sqrt(var + 1e-8), whose floor of 1e-4 left value-gradient channels of scale 1e-6 unnormalised
 #   2  the summed edit loss (model/trace.py) and the standardising normaliser below (issue 25)
 INPUT_VERSION = 2
+ETA_PARAMS = ("plain", "log")  # editor.eta_param: eta as it is (the paper's), or exp of a parameter (eta > 0)
 EPS = torch.finfo(torch.float32).eps  # 1.19e-7, added to the standard deviation (the authors' placement)
 
 
@@ -58,8 +59,10 @@ class HyperNet(nn.Module):
     """MEND-architecture hyper-network for one weight shape and `n_layers` layers sharing it."""
 
     def __init__(self, d_in: int, d_out: int, n_layers: int, rank: int, n_blocks: int,
-                 lr_init: float, lambda_init: float):
+                 lr_init: float, lambda_init: float, eta_param: str = "plain"):
         super().__init__()
+        if eta_param not in ETA_PARAMS:
+            raise ValueError(f"editor.eta_param must be one of {ETA_PARAMS}, got {eta_param!r}")
         self.d_in, d = d_in, d_in + d_out
         self.norm = RunningNorm(d)  # one per network: every layer of this shape feeds it (as MEND)
         # Block k: h + s * max(0, h A B + c) + t. A ~ N(0, 1) unscaled, B = 0 and c = 0, so every block
@@ -70,8 +73,27 @@ class HyperNet(nn.Module):
         self.c = nn.Parameter(torch.zeros(n_blocks, d))
         self.scale = nn.Parameter(torch.ones(n_layers, n_blocks, d))
         self.shift = nn.Parameter(torch.zeros(n_layers, n_blocks, d))
-        self.lr = nn.Parameter(torch.full((n_layers,), float(lr_init)))
+        if eta_param == "plain":  # the paper's: eta itself, which Adam can move through zero
+            self.lr = nn.Parameter(torch.full((n_layers,), float(lr_init)))
+        else:  # eta = exp(log_lr) > 0: Adam moves it by a factor, whatever its scale
+            self.log_lr = nn.Parameter(torch.full((n_layers,), math.log(lr_init)))
         self.log_lambda = nn.Parameter(torch.full((n_layers,), math.log(lambda_init)))
+
+    def eta(self) -> torch.Tensor:
+        """The per-layer learning rates eta (n_layers,)."""
+        return self.lr if hasattr(self, "lr") else self.log_lr.exp()
+
+    def scale_parameters(self) -> list[nn.Parameter]:
+        """eta's and lambda's parameters (editor.scale_lr gives them their own Adam learning rate)."""
+        return [self.lr if hasattr(self, "lr") else self.log_lr, self.log_lambda]
+
+    @torch.no_grad()
+    def set_eta(self, layer: int, value: float) -> None:
+        """Set eta of one layer (editor.eta_search)."""
+        if hasattr(self, "lr"):
+            self.lr[layer] = value
+        else:
+            self.log_lr[layer] = math.log(value)
 
     def forward(self, keys: torch.Tensor, grads: torch.Tensor, layer: int):
         """keys (n, d_in), grads (n, d_out) -> pseudo keys (n, d_in), pseudo grads (n, d_out)."""
@@ -84,4 +106,4 @@ class HyperNet(nn.Module):
     def value_diffs(self, keys: torch.Tensor, grads: torch.Tensor, layer: int) -> torch.Tensor:
         """d_j = -eta (u~_j . u_j) g~_j (paper A.2): (n, d_out)."""
         pk, pg = self(keys, grads, layer)
-        return -self.lr[layer] * (pk * keys).sum(-1, keepdim=True) * pg
+        return -self.eta()[layer] * (pk * keys).sum(-1, keepdim=True) * pg

@@ -39,7 +39,8 @@ class MALMEN(Editor):
                  rank: int, n_blocks: int, lr_init: float, lambda_init: float, meta_lr: float,
                  loc_coef: float, max_grad_norm: float, token: str, batch_size: int,
                  loss_reduction: str = "token_mean", regularize: bool = True, device="cpu", cache_device="cpu",
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, eta_param: str = "plain", scale_lr: float | None = None,
+                 eta_search: bool = False, lambda_rel: float | None = None):
         super().__init__(model, family, device)
         if loss_reduction not in REDUCTIONS:
             raise ValueError(f"editor.loss_reduction must be one of {REDUCTIONS}, got {loss_reduction!r}")
@@ -56,12 +57,21 @@ class MALMEN(Editor):
         self.net = nn.ModuleDict({
             key: HyperNet(d_in=weight_shape(modules[names[0]])[1], d_out=weight_shape(modules[names[0]])[0],
                           n_layers=len(names), rank=rank, n_blocks=n_blocks, lr_init=lr_init,
-                          lambda_init=lambda_init)
+                          lambda_init=lambda_init, eta_param=eta_param)
             for key, names in by_shape.items()}).to(self.device, dtype)
         if not regularize:  # ablation "no regularisation": lambda = 0, not learned
             for net in self.net.values():
                 net.log_lambda.requires_grad_(False)
-        self.opt = torch.optim.Adam([p for p in self.net.parameters() if p.requires_grad], lr=meta_lr)
+        # At the model's scale (docs/experiments.md): eta and lambda in their own Adam group (scale_lr), eta found
+        # by a search on the first meta-training group (eta_search), lambda from its keys (lambda_rel); None /
+        # False: the paper's single group at meta_lr and fixed initial values
+        self.eta_search, self.lambda_rel, self.calibrated = eta_search, lambda_rel, None
+        scales = {id(p) for net in self.net.values() for p in net.scale_parameters()} if scale_lr is not None else set()
+        groups = [{"params": [p for p in self.net.parameters() if p.requires_grad and id(p) not in scales]}]
+        if scales:
+            groups.append({"params": [p for p in self.net.parameters() if p.requires_grad and id(p) in scales],
+                           "lr": scale_lr})
+        self.opt = torch.optim.Adam(groups, lr=meta_lr)
         self.step = 0
         self.trained: dict | None = None  # {m, token, loss_reduction} of the meta-training; None untrained
 
@@ -226,23 +236,71 @@ class MALMEN(Editor):
         (gen + self.loc_coef * loc).backward()
         return {"gen_loss": float(gen.detach()), "loc_loss": float(loc.detach())}
 
+    def calibrate(self, group, grid: tuple[float, ...] = tuple(10.0 ** (k / 2) for k in range(-16, 1))) -> dict:
+        """Before the first meta-step (editor.lambda_rel, editor.eta_search), on the first meta-training group:
+        lambda of each layer = lambda_rel * the mean squared norm of its cached keys; then one eta for every layer,
+        the one of `grid` with the least meta loss L_gen + loc_coef * L_loc of the group edited at it. S* is
+        linear in eta (D is, and the solve is linear in D), so S* is computed once at eta = 1 and scaled. The
+        input statistics are those the first meta-step will see, and are put back afterwards."""
+        group = group.to(self.device)
+        cache, out = self.cache(group.edit), {}  # the trace needs gradients; nothing after it does
+        with torch.no_grad():
+            self._calibrate(group, cache, grid, out)
+        self.calibrated = out
+        return out
+
+    def _calibrate(self, group, cache: dict, grid: tuple[float, ...], out: dict) -> None:
+        if self.lambda_rel is not None and self.regularize:
+            for n in self.modules:
+                net, layer = self._net(n)
+                net.log_lambda[layer] = (self.lambda_rel * cache[n][0].pow(2).sum(-1).mean()).log()
+            out["lambda"] = {n: float(self._lambda(*self._net(n))) for n in self.modules}
+        if self.eta_search:
+            saved = {k: net.norm.state_dict() for k, net in self.net.items()}
+            saved = {k: {b: v.clone() for b, v in state.items()} for k, state in saved.items()}
+            self.update_norms(cache)
+            for n in self.modules:
+                self._net(n)[0].set_eta(self._net(n)[1], 1.0)
+            unit = self.shifts(cache)  # S* at eta = 1, per module
+            losses = []
+            for eta in grid:
+                params = {f"{n}.weight": shifted(mod.weight, to_param_layout(mod, eta * unit[n]), f"{n}.weight",
+                                                 self.label) for n, mod in self.modules.items()}
+                gen, loc = self.meta_losses(group, params, backward=False)
+                losses.append(float(gen + self.loc_coef * loc))
+            best = grid[min(range(len(grid)), key=lambda i: losses[i])]
+            for n in self.modules:
+                self._net(n)[0].set_eta(self._net(n)[1], best)
+            for k, net in self.net.items():
+                net.norm.load_state_dict(saved[k])
+            out.update(eta=best, eta_grid=list(grid), meta_loss=losses)
+
+    def scales(self) -> dict[str, list[float]]:
+        """eta and lambda of each edited module, in module order (results.json's train log records them per step)."""
+        return {"eta": [float(self._net(n)[0].eta()[self._net(n)[1]]) for n in self.modules],
+                "lambda": [float(self._lambda(*self._net(n))) for n in self.modules]}
+
     def meta_step(self, group, end_to_end: bool = False) -> dict[str, float]:
         """One Adam step on the meta loss of an EditGroup, gradient clipped to max_grad_norm."""
+        if self.step == 0 and self.calibrated is None and (self.eta_search or self.lambda_rel is not None):
+            self.calibrate(group)
         self.opt.zero_grad(set_to_none=True)
         metrics = (self.meta_grad_end_to_end if end_to_end else self.meta_grad)(group)
         params = [p for p in self.net.parameters() if p.requires_grad]
         metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
         self.opt.step()
         self.step += 1
+        metrics.update(self.scales())  # after the step: the values the next edit uses
         self.trained = {"m": len(group.records), "token": self.token, "loss_reduction": self.loss_reduction}
         return metrics
 
     def state_dict(self) -> dict:
         """The checkpoint's editor part; `input_version` says what inputs the network was trained on."""
         return {"net": self.net.state_dict(), "opt": self.opt.state_dict(), "step": self.step,
-                "trained": self.trained, "input_version": INPUT_VERSION}
+                "trained": self.trained, "input_version": INPUT_VERSION, "calibrated": self.calibrated}
 
     def load_state_dict(self, state: dict) -> None:
         self.net.load_state_dict(state["net"])
         self.opt.load_state_dict(state["opt"])
         self.step, self.trained = state["step"], state.get("trained")
+        self.calibrated = state.get("calibrated")

@@ -30,11 +30,11 @@ class MEND(MALMEN):
         for s in self._chunks(keys.shape[0]):
             pk, pg = net(keys[s].to(self.device), grads[s].to(self.device), layer)
             total = total + pg.T @ pk  # (d_out, d_in)
-        return -net.lr[layer] * total
+        return -net.eta()[layer] * total
 
     def pull_back(self, name: str, keys: torch.Tensor, grads: torch.Tensor, grad_w: torch.Tensor,
                   shift: torch.Tensor, system=None) -> None:
         net, layer = self._net(name)
         for s in self._chunks(keys.shape[0]):
             pk, pg = net(keys[s].to(self.device), grads[s].to(self.device), layer)
-            (-net.lr[layer] * ((pg @ grad_w) * pk).sum()).backward()
+            (-net.eta()[layer] * ((pg @ grad_w) * pk).sum()).backward()

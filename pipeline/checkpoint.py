@@ -25,7 +25,10 @@ LAYOUT_KEYS = ("model.arch", "model.name_or_path", "model.tiny", "editor.name", 
 TRAJECTORY_KEYS = ("seed", "model.dtype", "data.format", "data.train_path", "data.n_edits", "data.batch_size",
                    "editor.lr_init", "editor.lambda_init", "editor.meta_lr",
                    "editor.loc_coef", "editor.max_grad_norm", "editor.token", "editor.batch_size",
-                   "editor.loss_reduction")
+                   "editor.loss_reduction", "editor.eta_param", "editor.scale_lr", "editor.eta_search",
+                   "editor.lambda_rel")
+# keys added after checkpoints were written: a checkpoint without one was trained at this (the paper's) value
+ADDED = {"editor.eta_param": "plain", "editor.scale_lr": None, "editor.eta_search": False, "editor.lambda_rel": None}
 REQUIRED = ("net", "opt", "step", "config")
 _ABSENT = "<absent>"
 
@@ -42,8 +45,11 @@ def lookup(config: dict, key: str):
 
 def config_differences(saved: dict, current: dict, keys: tuple[str, ...]) -> list[str]:
     """'key: checkpoint X, this run Y' for every key whose value differs."""
-    return [f"{k}: checkpoint {lookup(saved, k)!r}, this run {lookup(current, k)!r}"
-            for k in keys if lookup(saved, k) != lookup(current, k)]
+    def value(config: dict, k: str):
+        v = lookup(config, k)
+        return ADDED[k] if v == _ABSENT and k in ADDED else v
+    return [f"{k}: checkpoint {value(saved, k)!r}, this run {value(current, k)!r}"
+            for k in keys if value(saved, k) != value(current, k)]
 
 
 def net_differences(saved: dict, current: dict) -> list[str]:

@@ -7,6 +7,7 @@ here directly. Writes results.json and results.md (and checkpoint.pt for editors
 run directory.
 """
 import itertools
+import json
 import time
 from pathlib import Path
 
@@ -105,7 +106,8 @@ def build_editor(cfg: DictConfig, model: torch.nn.Module, dtype: torch.dtype = t
                  max_grad_norm=e.max_grad_norm, token=e.token, batch_size=e.batch_size,
                  loss_reduction=e.loss_reduction,
                  regularize=e.regularize, device=cfg.editor_device, cache_device=e.cache_device,
-                 dtype=dtype, **label)
+                 dtype=dtype, eta_param=e.get("eta_param", "plain"), scale_lr=e.get("scale_lr"),
+                 eta_search=e.get("eta_search", False), lambda_rel=e.get("lambda_rel"), **label)
     if e.checkpoint:  # refused, saying what differs, if trained for another model or module layout
         load_editor_checkpoint(e.checkpoint, editor, OmegaConf.to_container(cfg, resolve=True))
     return editor
@@ -179,8 +181,11 @@ def load(cfg: DictConfig) -> tuple[torch.nn.Module, object]:
 
 
 def train(cfg: DictConfig, editor: Editor, collator: Collator, logger: Logger, run_dir: Path,
-          config: dict, done: list[dict] | None = None) -> list[dict]:
-    """Meta-train for cfg.n_epochs (capped by max_train_steps); checkpoint to run_dir.
+          config: dict, done: list[dict] | None = None, pre_edit: "PreEditCache | None" = None,
+          curve: list[dict] | None = None) -> list[dict]:
+    """Meta-train for cfg.n_epochs (capped by max_train_steps); checkpoint to run_dir. Every cfg.eval_every
+    meta-steps, the first cfg.eval_groups validation groups are edited and scored: `curve` (the learning curve,
+    appended to and written to run_dir/curve.json as it grows).
 
     `done`: the train log of an interrupted run being resumed; its groups are skipped."""
     records = load_records(cfg.data.train_path, cfg.data.format)
@@ -198,7 +203,7 @@ def train(cfg: DictConfig, editor: Editor, collator: Collator, logger: Logger, r
         for group in itertools.islice(groups, skip, skip + max(0, total - len(log_rows))):
             metrics = editor.meta_step(group)
             log_rows.append({"step": editor.step, "epoch": epoch, **metrics})
-            logger.log({f"train/{k}": v for k, v in metrics.items()}, editor.step)
+            logger.log({f"train/{k}": v for k, v in metrics.items() if not isinstance(v, list)}, editor.step)
             bar.set_postfix(gen=f"{metrics['gen_loss']:.3f}", loc=f"{metrics['loc_loss']:.3f}")
             bar.update()
             due = time.time() - saved_at >= 60 * cfg.save_every_minutes  # long steps: keep work by wall time too
@@ -206,8 +211,18 @@ def train(cfg: DictConfig, editor: Editor, collator: Collator, logger: Logger, r
                 save_checkpoint({**editor.state_dict(), "config": config, "train_log": log_rows,
                                  "rng": rng_state()}, run_dir / "checkpoint.pt")
                 saved_at = time.time()
+            if cfg.get("eval_every") and editor.step % cfg.eval_every == 0 and curve is not None:
+                rows = validate(cfg, editor.model, editor, collator, logger, pre_edit, cfg.eval_groups)[0]
+                curve.append({"step": editor.step, "groups": len(rows), **mean_metrics(rows)})
+                atomic_write(run_dir / "curve.json", json.dumps(curve, indent=1))
     bar.close()
     return log_rows
+
+
+def read_curve(run_dir: Path) -> list[dict]:
+    """The learning curve an interrupted run wrote so far (run_dir/curve.json), or []."""
+    path = run_dir / "curve.json"
+    return json.loads(path.read_text()) if path.is_file() else []
 
 
 def prefix_cache(cfg: DictConfig, model, editor: Editor) -> PrefixCache:
@@ -230,16 +245,17 @@ def pre_edit_cache(cfg: DictConfig, model) -> PreEditCache:
 
 
 def validate(cfg: DictConfig, model, editor: Editor, collator: Collator, logger: Logger,
-             pre_edit: PreEditCache) -> tuple[list[dict], list[float]]:
+             pre_edit: PreEditCache, n_valid: int | None = None) -> tuple[list[dict], list[float], list[float]]:
     """Per validation group of m edits: ES/GS/LS before editing (from `pre_edit` when cached), edit all
     m at once, after; and each group's edit time in seconds (the shifts alone, not their evaluation)."""
     records = load_records(cfg.data.valid_path, cfg.data.format)
     m, device = cfg.data.n_edits, torch.device(cfg.model_device)
     groups = edit_groups(records, m, cfg.data.batch_size, collator, seed=cfg.seed, shuffle=True,
                          path=cfg.data.valid_path)
+    limit = cfg.max_valid_steps if n_valid is None else n_valid  # n_valid: the learning curve's groups
     n_valid = n_groups(len(records), m)
-    if cfg.max_valid_steps is not None:
-        n_valid = min(n_valid, cfg.max_valid_steps)
+    if limit is not None:
+        n_valid = min(n_valid, limit)
     rows, edit_times, gen_times = [], [], []
     reduction, generate = cfg.data.get("score_reduction", "sum"), cfg.data.get("generate", False)
     for i, group in enumerate(tqdm(itertools.islice(groups, n_valid), total=n_valid, desc="validate",
@@ -292,8 +308,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     validating = cfg.max_valid_steps != 0  # 0: meta-training only
     if validating and not training and editor.trainable and cfg.editor.checkpoint:  # one hyper-network per m
         check_trained_m(editor.trained, cfg.data.n_edits, cfg.editor.checkpoint, cfg.editor.allow_other_m)
-    train_log = train(cfg, editor, collator, logger, run_dir, config, done) if training else done
-    pre_edit = pre_edit_cache(cfg, model) if validating else None
+    pre_edit = pre_edit_cache(cfg, model) if validating or training and cfg.get("eval_every") else None
+    curve = [c for c in read_curve(run_dir) if c["step"] <= len(done)] if done else []  # a resumed run's so far
+    train_log = train(cfg, editor, collator, logger, run_dir, config, done, pre_edit, curve) if training else done
     valid_log, edit_times, gen_times = (validate(cfg, model, editor, collator, logger, pre_edit) if validating
                                         else ([], [], []))
     results = {
@@ -304,6 +321,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "pre_edit": mean_metrics([v["pre_edit"] for v in valid_log]),
         "pre_edit_source": pre_edit.summary() if pre_edit else None,  # computed in this run or loaded
         "trained": getattr(editor, "trained", None),  # MALMEN/MEND: the m, token, loss_reduction it was trained at
+        "calibrated": getattr(editor, "calibrated", None),  # MALMEN/MEND: eta and lambda found before step 1
+        "curve": curve,  # every eval_every meta-steps: {step, groups, the scores}; [] without eval_every
         "time_s": time.time() - start,
         "cpu_time_s": time.process_time() - cpu_start,  # this process's CPU seconds: load moves it far less
         "edit_time_s": edit_times,  # per validation group: computing the m edits' shifts (MEMIT: with its targets)

@@ -25,7 +25,7 @@ LOCATED = {"locft_bf": "locft_module", "memit": "memit", "emmet": "memit.emmet"}
 AT_LEAST_ONE = ("n_steps", "batch_size", "n_epochs", "rank", "n_blocks", "stats_batch_size", "n_samples",
                 "prefix_tokens", "prefix_top_k")  # integers
 NON_NEGATIVE = ("n_prefixes", "lr", "meta_lr", "kl_coef", "norm_coef", "weight_decay", "lam", "lam_e", "loc_coef")
-POSITIVE = ("clamp_factor", "max_grad_norm", "lambda_init")
+POSITIVE = ("clamp_factor", "max_grad_norm", "lambda_init", "scale_lr", "lambda_rel")  # None: not set
 
 
 def check_run(cfg: DictConfig, run_dir: Path) -> list[EditRecord] | None:
@@ -58,11 +58,15 @@ def check_config(cfg: DictConfig) -> None:
     check_threads(cfg.threads)
     if cfg.logger not in (None, "wandb"):
         raise ValueError(f"logger must be null or wandb, got {cfg.logger!r}")
-    for key in ("n_epochs", "max_train_steps", "max_valid_steps"):
-        value = cfg[key]
+    for key in ("n_epochs", "max_train_steps", "max_valid_steps", "eval_every", "eval_groups"):
+        value = cfg.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
             raise ValueError(f"{key} must be a non-negative integer{'' if key == 'n_epochs' else ' or null'}, "
                              f"got {value!r}")
+    if cfg.editor.get("eta_param", "plain") not in ("plain", "log"):
+        raise ValueError(f"editor.eta_param must be plain or log, got {cfg.editor.eta_param!r}")
+    if not isinstance(cfg.editor.get("eta_search", False), bool):
+        raise ValueError(f"editor.eta_search must be true or false, got {cfg.editor.eta_search!r}")
     if not isinstance(cfg.prefix_cache, bool):
         raise ValueError(f"prefix_cache must be true or false, got {cfg.prefix_cache!r}")
     if not isinstance(cfg.get("prefix_store", False), bool):

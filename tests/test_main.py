@@ -73,7 +73,7 @@ def test_every_combination_runs(tmp_path, model, data, editor):
         assert len(saved["train"]) == 1
         assert math.isfinite(saved["train"][0]["gen_loss"]) and math.isfinite(saved["train"][0]["loc_loss"])
         ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-        assert set(ckpt) == {"net", "opt", "step", "config", "train_log", "rng", "trained", "input_version"}
+        assert set(ckpt) == {"net", "opt", "step", "config", "train_log", "rng", "trained", "input_version", "calibrated"}
         assert ckpt["step"] == 1 and ckpt["trained"] == saved["trained"]
         assert saved["trained"] == {"m": saved["config"]["data"]["n_edits"], "token": saved["config"]["editor"]["token"],
                                     "loss_reduction": saved["config"]["editor"]["loss_reduction"]}
