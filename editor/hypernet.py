@@ -98,9 +98,12 @@ class HyperNet(nn.Module):
     def forward(self, keys: torch.Tensor, grads: torch.Tensor, layer: int):
         """keys (n, d_in), grads (n, d_out) -> pseudo keys (n, d_in), pseudo grads (n, d_out)."""
         h = self.norm(torch.cat([keys, grads], -1))  # (n, d_in + d_out)
-        for k in range(self.A.shape[0]):
-            h = h + self.scale[layer, k] * torch.clamp(h @ self.A[k] @ self.B[k] + self.c[k], min=0) \
-                + self.shift[layer, k]
+        # unbind, not A[k]: the backward of one unbind writes each gradient once, where every A[k] would fill a
+        # zero tensor of A's whole size (2 x 2112 x 1920 on SmolLM2) per block and call (stage 2: a third faster)
+        blocks = zip(self.A.unbind(0), self.B.unbind(0), self.c.unbind(0), self.scale[layer].unbind(0),
+                     self.shift[layer].unbind(0))
+        for a, b, c, scale, shift in blocks:
+            h = h + scale * torch.clamp(h @ a @ b + c, min=0) + shift
         return h[:, :self.d_in], h[:, self.d_in:]
 
     def value_diffs(self, keys: torch.Tensor, grads: torch.Tensor, layer: int) -> torch.Tensor:
