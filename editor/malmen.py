@@ -275,6 +275,7 @@ class MALMEN(Editor):
                 net.norm.load_state_dict(saved[k])
             out.update(eta=best, eta_grid=list(grid), meta_loss=losses)
 
+    @torch.no_grad()
     def scales(self) -> dict[str, list[float]]:
         """eta and lambda of each edited module, in module order (results.json's train log records them per step)."""
         return {"eta": [float(self._net(n)[0].eta()[self._net(n)[1]]) for n in self.modules],
