@@ -26,6 +26,8 @@ wall time does not). Peak RSS (CPU) or peak allocated memory (GPU) is the whole 
   store      a first run against a later one: the first (cold) computes every tuple and fills a disk store (in a
              temporary folder); the later (warm), a new cache with an empty memory, reads it, as every cell, seed
              and editor of a grid after the first does (config prefix_store)
+  cold, warm one of the two, the store in --store DIR: `--prefix-cache cold --store DIR`, then `--prefix-cache
+             warm --store DIR` in another process, gives each its own peak memory
 For Llama-family models the table adds a floor: the FLOPs of the LM work from the first edited block up (the
 blocks' matmuls, the head at the answer positions; `flop_floor`) at this machine's measured float32 matmul rate.
 Writes benchmark.md (markdown table with the machine, threads and load) and benchmark.json to --out, and prints
@@ -60,10 +62,12 @@ def arguments() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="LM batch (tuples), as data/zsre.yaml")
     p.add_argument("--steps", type=int, default=2, help="meta-steps timed on one group; the last is reported (with "
                    "the prefix cache: the first fills it, as epoch 1 does, the last reads it, as later epochs do)")
-    p.add_argument("--prefix-cache", choices=("both", "on", "off", "store"), default="both",
+    p.add_argument("--prefix-cache", choices=("both", "on", "off", "store", "cold", "warm"), default="both",
                    help="time without and/or with the cached lower blocks (model/prefix.py); store: a first run's "
                    "meta-step and validation group (cold: every tuple computed, the disk store filled) against a "
-                   "later run's (a new process: memory empty, the store warm)")
+                   "later run's (a new process: memory empty, the store warm); cold, warm: one of the two, with --store")
+    p.add_argument("--store", type=Path, help="the disk store's folder for --prefix-cache cold or warm (run cold, then "
+                   "warm in another process: each its own peak memory); store uses a temporary one")
     p.add_argument("--editor", default="malmen", choices=("malmen", "mend"), help="the editor timed")
     p.add_argument("--format", default="zsre", choices=("zsre", "counterfact"), help="--data's format")
     p.add_argument("--out", type=Path, default=Path("outputs/benchmark"), help="folder for benchmark.md and .json")
@@ -75,6 +79,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     random-weight model without --tokenizer (its default would be the hub's gpt2)."""
     p = arguments()
     args = p.parse_args(argv)
+    if args.prefix_cache in ("cold", "warm") and args.store is None:
+        p.error(f"--prefix-cache {args.prefix_cache} needs --store DIR (cold fills it, warm reads it)")
     if not Path(args.data).is_file():
         p.error(f"--data {args.data}: no such file")
     if min(args.m) < 1 or args.steps < 1 or args.threads < 1 or args.batch_size < 1:
@@ -331,11 +337,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     torch.set_num_threads(args.threads)
     results = []
-    modes = {"both": ("off", "on"), "on": ("on",), "off": ("off",), "store": ("cold", "warm")}[args.prefix_cache]
+    modes = {"both": ("off", "on"), "store": ("cold", "warm")}.get(args.prefix_cache, (args.prefix_cache,))
     with tempfile.TemporaryDirectory() as scratch:  # the disk store of --prefix-cache store, removed at the end
         for m in args.m:  # one process: the peak memory of a later run is max(earlier, its own); one m per call
             for mode in modes:
-                results.append(run(args, m, mode, Path(scratch) / f"store_m{m}"))
+                results.append(run(args, m, mode, (args.store or Path(scratch)) / f"store_m{m}"))
                 print(json.dumps(results[-1]), flush=True)
     gflops = matmul_gflops(torch.device(args.device))
     env = environment(args)
