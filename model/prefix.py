@@ -128,7 +128,7 @@ class PrefixStore:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-        self.bytes += size
+        self.bytes += path.stat().st_size  # as counted at the start: the files' sizes
         self.writes += 1
 
 

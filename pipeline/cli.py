@@ -75,7 +75,8 @@ def _wrong_type(cfg, job: list[str], config_name: str) -> str | None:
             kind = "a number"
         else:
             continue
-        return f"{override}: {key} takes {kind} (its default is {before!r}), not {after!r}"
+        default = str(before).lower() if isinstance(before, bool) else repr(before)  # as the YAML writes it
+        return f"{override}: {key} takes {kind} (its default is {default}), not {after!r}"
     return None
 
 

@@ -58,7 +58,12 @@ def check_config(cfg: DictConfig) -> None:
     check_threads(cfg.threads)
     if cfg.logger not in (None, "wandb"):
         raise ValueError(f"logger must be null or wandb, got {cfg.logger!r}")
-    for key in ("n_epochs", "max_train_steps", "max_valid_steps", "eval_every", "eval_groups"):
+    for key in ("eval_every", "eval_groups"):  # the learning curve: null (eval_every) or at least 1
+        value = cfg.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{key} must be an integer >= 1{' or null (no learning curve)' if key == 'eval_every' else ''}"
+                             f", got {value!r}")
+    for key in ("n_epochs", "max_train_steps", "max_valid_steps"):
         value = cfg.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
             raise ValueError(f"{key} must be a non-negative integer{'' if key == 'n_epochs' else ' or null'}, "

@@ -196,7 +196,7 @@ def terminal_summary(results: dict, mode: str, run_dir: Path) -> str:
         [f"{row:8}" + "".join(f"{v[k]:{w}.3f}" for k, w in zip(names, width)) for row, v in (("pre", p), ("post", f))]
     if f is not None and "generated" in f:  # greedy generation's scores (data.generate)
         g = ("ES", "GS", "LS", "unchanged")
-        lines += [f"{'greedy':8}" + "".join(f"{k:>8}" for k in g[:3]) + f"{'unchanged':>11}"]
+        lines += [f"{'generated':9}" + f"{'ES':>7}" + "".join(f"{k:>8}" for k in g[1:3]) + f"{'unchanged':>11}"]
         lines += [f"{row:8}" + "".join(f"{v['generated'][k]:8.3f}" for k in g[:3]) + f"{v['generated']['unchanged']:11.3f}"
                   for row, v in (("pre", p), ("post", f))]
     if trained_at := trained_label(results):
