@@ -301,7 +301,8 @@ def check(tables: list[dict], expected: dict[str, dict[str, float]], tol: float,
     """Print README and measured rows and their differences; 0 if all within ±tol, else 1."""
     if len(tables) != 1:
         raise ValueError(f"the runs make {len(tables)} tables ({', '.join(t['title'] for t in tables)}); check one")
-    measured = {r["name"]: r["means"] for r in tables[0]["rows"]}
+    at = [tables[0]["columns"].index(k) for k in METRICS]  # the README table's columns, of the runs' wider ones
+    measured = {r["name"]: [r["means"][j] for j in at] for r in tables[0]["rows"]}
     common = [name for name in expected if name in measured]
     if not [n for n in common if n != BEFORE]:
         raise ValueError(f"{source}: no row of the runs' table ({', '.join(measured)}) is in the README table "
