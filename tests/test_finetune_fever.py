@@ -103,7 +103,9 @@ def test_malmen_edits_the_finetuned_classifier(finetuned, tmp_path):
         says_supports = logits(finetuned.model, Collator(tok, "classifier")(prompts, labels), "classifier") > 0
     flipped = [not g for g in labels]
     assert results["pre_edit"]["ES"] == pytest.approx((says_supports == torch.tensor(flipped)).float().mean().item())
-    assert len(results["train"]) == 1 and set(results["final"]) == {"ES", "GS", "LS"}
+    assert len(results["train"]) == 1 and set(results["final"]) == {"ES", "GS", "LS", "generated"}
+    generated = results["final"]["generated"]  # the classifier's generation is its label: the same scores
+    assert {k: generated[k] for k in ("ES", "GS", "LS")} == {k: results["final"][k] for k in ("ES", "GS", "LS")}
 
 
 def test_cli_writes_checkpoint(tmp_path):

@@ -31,7 +31,9 @@ def test_every_editor_trains_and_validates(tmp_path, editor):
     results = run(smoke_cfg(tmp_path, "tiny-llama", "zsre", editor), tmp_path)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["final"] == results["final"] and saved["config"]["model"]["arch"] == "llama"
-    assert all(0.0 <= v <= 1.0 for v in (*results["final"].values(), *results["pre_edit"].values()))
+    scores = [v for part in (results["final"], results["pre_edit"]) for d in (part, part["generated"])
+              for v in d.values() if not isinstance(v, dict)]
+    assert len(scores) == 2 * (3 + 4) and all(0.0 <= v <= 1.0 for v in scores)
     assert len(results["valid"]) == 1 and len(results["train"]) == (editor in ("malmen", "mend"))
     diag = saved["valid"][0].get("editor")  # what the edit did, recorded per validation group
     md = (tmp_path / "results.md").read_text()
@@ -73,7 +75,8 @@ def test_edit_mode_saves_a_model_that_reloads_with_the_edits(tmp_path, editor):
     expected = sorted(f"{n}.weight" for n in modules.get(editor, m.edit_modules))  # Llama's linears have no bias
     assert record["edited_parameters"] == expected
     diag, md = record["diagnostics"], (tmp_path / "results.md").read_text()  # what bounded the edit, as in a run
-    assert (diag is not None) == (editor in ("memit", "emmet", "locft_bf"))
+    assert (diag is not None) == (editor != "ft")  # MALMEN and MEND: the residual of their solve (Fig. 8)
+    assert ("residual" in (diag or {})) == (editor in ("malmen", "mend"))
     assert ("- Target vectors z (5 edits)" in md) == (editor in ("memit", "emmet")) == ("solve" in (diag or {}))
     assert ("- LocFT-BF: " in md) == (editor == "locft_bf")
     model, tok = reloaded(cfg, tmp_path / "edited")

@@ -58,7 +58,11 @@ def test_training_run_writes_results_md_with_the_numbers_of_results_json(tmp_pat
     results = run(train_cfg(tmp_path, "max_train_steps=1"), tmp_path)
     md = (tmp_path / "results.md").read_text()
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert md_rows(md) == {"before editing": cells(saved["pre_edit"]), "after editing": cells(saved["final"])}
+    teacher_forced, _, generated = md.partition("By greedy generation")  # two tables: teacher-forced, generated
+    assert md_rows(teacher_forced) == {"before editing": cells(saved["pre_edit"]), "after editing": cells(saved["final"])}
+    gen = ("ES", "GS", "LS", "unchanged")
+    assert md_rows(generated) == {"before editing": cells(saved["pre_edit"]["generated"], gen),
+                                  "after editing": cells(saved["final"]["generated"], gen)}
     assert saved["final"] == results["final"]
     assert all(f"- **{k}**:" in md for k in ("ES", "GS", "LS"))  # one line per metric
     # LS as computed: the unrelated tuples' own answers (model/lm.py accuracy), not agreement with the model before
