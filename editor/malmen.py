@@ -156,11 +156,6 @@ class MALMEN(Editor):
         """The last edit's mean residual ||S* u - d|| / ||d|| (paper Fig. 8); {} before any edit."""
         return {"residual": self._residual} if getattr(self, "_residual", None) is not None else {}
 
-    def edit_with_residual(self, batches: list[dict]) -> tuple[Shifts, float]:
-        """`edit(batches)` and the mean residual of its shifts (paper Fig. 8), from one trace."""
-        shifts = self.edit(batches)
-        return shifts, self._residual
-
     @torch.no_grad()
     def residual(self, cache: dict, shifts: dict[str, torch.Tensor]) -> float:
         """Mean over layers and cached tokens of ||S* u_j - d_j|| / ||d_j|| (paper 5.2, Fig. 8).

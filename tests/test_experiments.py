@@ -114,7 +114,8 @@ def test_residual_is_zero_for_an_exact_solve_one_without_shift_and_large_for_sum
         group = one_group(cfg, tok, qa_records(4))
         n_tokens, d_in = editor.cache(group.edit)["transformer.h.2.mlp.c_proj"][0].shape
         assert n_tokens < d_in  # fewer cached tokens than key dimensions: S* u_j = d_j can hold exactly
-        return editor.edit_with_residual(group.edit)[1]
+        editor.edit(group.edit)
+        return editor.diagnostics()["residual"]
 
     exact = residual("editor.lambda_init=1e-12")
     no_shift = residual("editor.lambda_init=1e12")  # S* ~ 0, so ||S* u - d|| / ||d|| ~ 1
