@@ -26,9 +26,10 @@ TRAJECTORY_KEYS = ("seed", "model.dtype", "data.format", "data.train_path", "dat
                    "editor.lr_init", "editor.lambda_init", "editor.meta_lr",
                    "editor.loc_coef", "editor.max_grad_norm", "editor.token", "editor.batch_size",
                    "editor.loss_reduction", "editor.eta_param", "editor.scale_lr", "editor.eta_search",
-                   "editor.lambda_rel")
+                   "editor.lambda_rel", "curriculum")
 # keys added after checkpoints were written: a checkpoint without one was trained at this (the paper's) value
-ADDED = {"editor.eta_param": "plain", "editor.scale_lr": None, "editor.eta_search": False, "editor.lambda_rel": None}
+ADDED = {"editor.eta_param": "plain", "editor.scale_lr": None, "editor.eta_search": False, "editor.lambda_rel": None,
+         "curriculum": None}
 REQUIRED = ("net", "opt", "step", "config")
 _ABSENT = "<absent>"
 

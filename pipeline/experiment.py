@@ -7,7 +7,6 @@ here directly. Writes results.json and results.md (and checkpoint.pt for editors
 run directory.
 """
 import itertools
-import json
 import time
 from pathlib import Path
 
@@ -34,12 +33,13 @@ from model.lm import answer_hits, counterfact_scores
 from model.load import load_model, resolve_modules
 from model.prefix import PrefixCache
 from model.toy import ensure_toy_model, world_tokenizer
-from pipeline.checkpoint import check_trained_m, load_editor_checkpoint, resume, rng_state
+from pipeline.checkpoint import check_trained_m, load_editor_checkpoint, resume
+from pipeline.meta_train import read_curve, train
 from pipeline.edit_facts import base_model, edit_and_save, reload_overrides
 from pipeline.pre_edit import PreEditCache, pre_edit_key
 from pipeline.preflight import check_config, check_edit, check_editor
 from pipeline.report import METRICS, edit_markdown, results_markdown
-from util import (Logger, atomic_write, peak_memory_mb, run_environment, save_checkpoint, save_json, started_from,
+from util import (Logger, atomic_write, peak_memory_mb, run_environment, save_json, started_from,
                   seed_everything, set_threads)
 
 
@@ -180,51 +180,6 @@ def load(cfg: DictConfig) -> tuple[torch.nn.Module, object]:
         else cfg.model.device_map)  # null | auto | {module: device}
 
 
-def train(cfg: DictConfig, editor: Editor, collator: Collator, logger: Logger, run_dir: Path,
-          config: dict, done: list[dict] | None = None, pre_edit: "PreEditCache | None" = None,
-          curve: list[dict] | None = None) -> list[dict]:
-    """Meta-train for cfg.n_epochs (capped by max_train_steps); checkpoint to run_dir. Every cfg.eval_every
-    meta-steps, the first cfg.eval_groups validation groups are edited and scored: `curve` (the learning curve,
-    appended to and written to run_dir/curve.json as it grows).
-
-    `done`: the train log of an interrupted run being resumed; its groups are skipped."""
-    records = load_records(cfg.data.train_path, cfg.data.format)
-    m = cfg.data.n_edits
-    per_epoch = n_groups(len(records), m)
-    total = cfg.n_epochs * per_epoch
-    if cfg.max_train_steps is not None:
-        total = min(total, cfg.max_train_steps)
-    log_rows, saved_at = list(done or []), time.time()
-    bar = tqdm(total=total, initial=min(len(log_rows), total), desc="meta-train", dynamic_ncols=True)
-    for epoch in range(len(log_rows) // max(per_epoch, 1), cfg.n_epochs):
-        groups = edit_groups(records, m, cfg.data.batch_size, collator, seed=cfg.seed + epoch, shuffle=True,
-                             path=cfg.data.train_path)
-        skip = max(0, len(log_rows) - epoch * per_epoch)  # groups of this epoch the resumed run already took
-        for group in itertools.islice(groups, skip, skip + max(0, total - len(log_rows))):
-            metrics = editor.meta_step(group)
-            log_rows.append({"step": editor.step, "epoch": epoch, **metrics})
-            logger.log({f"train/{k}": v for k, v in metrics.items() if not isinstance(v, list)}, editor.step)
-            bar.set_postfix(gen=f"{metrics['gen_loss']:.3f}", loc=f"{metrics['loc_loss']:.3f}")
-            bar.update()
-            due = time.time() - saved_at >= 60 * cfg.save_every_minutes  # long steps: keep work by wall time too
-            if len(log_rows) % cfg.save_every == 0 or len(log_rows) == total or due:
-                save_checkpoint({**editor.state_dict(), "config": config, "train_log": log_rows,
-                                 "rng": rng_state()}, run_dir / "checkpoint.pt")
-                saved_at = time.time()
-            if cfg.get("eval_every") and editor.step % cfg.eval_every == 0 and curve is not None:
-                rows = validate(cfg, editor.model, editor, collator, logger, pre_edit, cfg.eval_groups)[0]
-                curve.append({"step": editor.step, "groups": len(rows), **mean_metrics(rows)})
-                atomic_write(run_dir / "curve.json", json.dumps(curve, indent=1))
-    bar.close()
-    return log_rows
-
-
-def read_curve(run_dir: Path) -> list[dict]:
-    """The learning curve an interrupted run wrote so far (run_dir/curve.json), or []."""
-    path = run_dir / "curve.json"
-    return json.loads(path.read_text()) if path.is_file() else []
-
-
 def prefix_cache(cfg: DictConfig, model, editor: Editor) -> PrefixCache:
     """The run's cache of hidden states below the lowest module `editor` changes (cfg.prefix_cache), kept on disk
     for later runs too (cfg.prefix_store, under cache_dir/prefix_store/)."""
@@ -310,7 +265,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         check_trained_m(editor.trained, cfg.data.n_edits, cfg.editor.checkpoint, cfg.editor.allow_other_m)
     pre_edit = pre_edit_cache(cfg, model) if validating or training and cfg.get("eval_every") else None
     curve = [c for c in read_curve(run_dir) if c["step"] <= len(done)] if done else []  # a resumed run's so far
-    train_log = train(cfg, editor, collator, logger, run_dir, config, done, pre_edit, curve) if training else done
+
+    def learning_curve_point() -> dict:  # cfg.eval_every: the first cfg.eval_groups validation groups
+        rows = validate(cfg, model, editor, collator, logger, pre_edit, cfg.eval_groups)[0]
+        return {"groups": len(rows), **mean_metrics(rows)}
+    train_log = (train(cfg, editor, collator, logger, run_dir, config, done, learning_curve_point, curve)
+                 if training else done)
     valid_log, edit_times, gen_times = (validate(cfg, model, editor, collator, logger, pre_edit) if validating
                                         else ([], [], []))
     results = {

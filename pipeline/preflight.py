@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from data.facts import read_facts, require_subjects
 from data.records import DataError, EditRecord, load_records, require_file
@@ -51,6 +51,21 @@ def check_validation_size(cfg: DictConfig) -> None:
                         "validation group of m edits")
 
 
+def check_curriculum(curriculum, n_edits: int) -> None:
+    """curriculum: null, or stages [[m, meta-steps], ...] of positive integers whose last m is data.n_edits."""
+    if curriculum is None:
+        return
+    stages = list(curriculum) if isinstance(curriculum, (list, tuple, ListConfig)) else None
+    pair = lambda s: (isinstance(s, (list, tuple, ListConfig)) and len(s) == 2  # noqa: E731
+                      and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in s))
+    if not stages or not all(pair(s) for s in stages):
+        raise ValueError(f"curriculum must be null or a list of [m, meta-steps] pairs of positive integers, e.g. "
+                         f"'curriculum=[[128,300],[512,60]]', got {curriculum!r}")
+    if stages[-1][0] != n_edits:
+        raise ValueError(f"curriculum must end at the m it edits: its last stage is m = {stages[-1][0]}, "
+                         f"data.n_edits={n_edits}")
+
+
 def check_config(cfg: DictConfig) -> None:
     """Config values and combinations that cannot run."""
     if cfg.mode not in MODES:
@@ -68,6 +83,7 @@ def check_config(cfg: DictConfig) -> None:
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
             raise ValueError(f"{key} must be a non-negative integer{'' if key == 'n_epochs' else ' or null'}, "
                              f"got {value!r}")
+    check_curriculum(cfg.get("curriculum"), cfg.data.n_edits)
     if cfg.editor.get("eta_param", "plain") not in ("plain", "log"):
         raise ValueError(f"editor.eta_param must be plain or log, got {cfg.editor.eta_param!r}")
     if not isinstance(cfg.editor.get("eta_search", False), bool):

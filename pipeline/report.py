@@ -86,6 +86,8 @@ def results_markdown(results: dict, run_dir: Path) -> str:
         lines.append(f"- Means over {len(results['valid'])} validation group(s) of m edits, each edited at once.")
         if trained_at := trained_label(results):
             lines.append(f"- The hyper-network was {trained_at}, not at this run's m (editor.allow_other_m=true).")
+        if cfg.get("curriculum") and results["train"]:
+            lines.append(f"- Meta-trained by the curriculum {cfg['curriculum']} ([m, meta-steps] per stage).")
     if "residual" in results:
         lines.append(f"- Mean residual ‖S*u − d‖ / ‖d‖ (Fig. 8): {results['residual']:.3g}.")
     lines += diagnostics_lines([v["editor"] for v in results["valid"] if v.get("editor")], cfg["editor"])
