@@ -53,8 +53,9 @@ LLAMA = ["tiny-llama", "smollm2", "llama-3.2-1b", "qwen2.5-0.5b", "llama-3-8b"] 
 def test_config_has_all_keys(name):
     cfg = cfg_of(name)
     # the comparison editors: LocFT-BF's module everywhere, MEMIT/EMMET's settings on causal LMs;
-    # smollm2 also names the GGUF file it is converted from
-    extra = ({"memit"} if cfg["family"] == "causal" else set()) | ({"gguf"} if name == "smollm2" else set())
+    # smollm2 also names the GGUF file it is converted from, and its last 12 blocks' down_proj (a capacity variant)
+    extra = ({"memit"} if cfg["family"] == "causal" else set()) | ({"gguf", "wide_edit_modules"} if name == "smollm2"
+                                                                 else set())
     assert set(cfg) == KEYS | {"locft_module"} | extra
     assert cfg["name"] == name
     assert (cfg["tiny"] is None) == (cfg["name_or_path"] is not None or cfg.get("gguf") is not None)

@@ -7,7 +7,6 @@ import torch
 from model.prefix import PrefixCache
 from pipeline.experiment import build_editor, evaluate, load
 from tests.conftest import make_cfg, one_group, records_for
-from tests.test_llama import smollm2  # noqa: F401  (fixture)
 from tests.test_meta_grad import grads, max_rel_err, setup
 
 CASES = [("tiny-gpt2", "zsre"), ("tiny-gptj", "zsre"), ("tiny-llama", "zsre"), ("tiny-t5", "zsre")]
