@@ -12,6 +12,7 @@ of two exact forms is smaller: K^T K + lambda I (d_in, d_in) or K K^T + lambda I
 """
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from editor.base import Editor, Shifts, from_param_layout, shifted, to_param_layout
 from editor.hypernet import INPUT_VERSION, HyperNet
@@ -258,7 +259,7 @@ class MALMEN(Editor):
                 self._net(n)[0].set_eta(self._net(n)[1], 1.0)
             unit = self.shifts(cache)  # S* at eta = 1, per module
             losses = []
-            for eta in grid:
+            for eta in tqdm(grid, desc="eta search", leave=False, dynamic_ncols=True):
                 params = {f"{n}.weight": shifted(mod.weight, to_param_layout(mod, eta * unit[n]), f"{n}.weight",
                                                  self.label) for n, mod in self.modules.items()}
                 gen, loc = self.meta_losses(group, params, backward=False)

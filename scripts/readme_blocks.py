@@ -38,8 +38,9 @@ def replace_block(readme: Path, name: str, body: str) -> None:
     os.chmod(readme, mode)
 
 
-def read_block(readme: Path, name: str) -> dict[str, dict[str, float]]:
-    """The first Markdown table between the markers of NAME: row label -> {ES, GS, LS} (first number of a cell)."""
+def read_block(readme: Path, name: str, which: int = 0) -> dict[str, dict[str, float]]:
+    """The first Markdown table between the markers of NAME: row label -> {ES, GS, LS}, each cell's first number
+    (which=0: "0.488 (0.015)" reads 0.488) or its second (which=1, the spread in parentheses: 0.015; NaN if none)."""
     text = readme.read_text()
     lines = text[slice(*_span(text, readme, name))].strip().splitlines()
     start = next((i for i, ln in enumerate(lines) if ln.startswith("|")), None)
@@ -60,7 +61,7 @@ def read_block(readme: Path, name: str) -> dict[str, dict[str, float]]:
             continue
         values = {}
         for k in METRICS:
-            number = re.search(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", cells[head.index(k)])
-            values[k] = float(number.group()) if number else math.nan  # "n/a" compares as differing
+            numbers = re.findall(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?", cells[head.index(k)])
+            values[k] = float(numbers[which]) if len(numbers) > which else math.nan  # "n/a" compares as differing
         rows[cells[0]] = values
     return rows

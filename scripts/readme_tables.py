@@ -2,7 +2,8 @@
 
 usage: python scripts/readme_tables.py table DIR [DIR ...] [--by KEY ...] [--csv PATH] [--readme README.md --name NAME]
                                              [--made-by CMD] [--times] [--combined] [--spread seeds|groups]
-       python scripts/readme_tables.py check DIR [DIR ...] [--readme README.md] [--name default_seed0] [--tol 0.03]
+       python scripts/readme_tables.py check DIR [DIR ...] [--readme README.md] [--name default_seed0]
+                                             [--tol 0.03 | --tol-std K]
 
 `table` reads every results.json under the DIRs (run or sweep directories, searched recursively) and
 prints one Markdown table per (model, data, m): a "before editing" row (the runs' pre_edit, one value per
@@ -21,7 +22,8 @@ infinite value is printed as "n/a (why)", never as a number. `--csv` writes the 
 `check` builds the same table from the DIRs and compares it, row by row (the rows both have), with the
 first Markdown table between the markers NAME in the README. Each README cell's first number is its
 value ("0.488 (0.015)" reads 0.488), columns are found by their header (ES, GS, LS), rows by their first
-cell ("MALMEN", "before editing"). Exit status 0: every compared value within ±tol; 1: one differs
+cell ("MALMEN", "before editing"). `--tol-std K` allows K times each README cell's std (the number in
+parentheses) instead of a fixed ±tol. Exit status 0: every compared value within the tolerance; 1: one differs
 (or is n/a); 2: bad input (no runs, a missing marker, column or row). The runs are read by scripts/runs.py,
 the README's marked blocks by scripts/readme_blocks.py.
 """
@@ -297,8 +299,10 @@ def csv_rows(tables: list[dict]) -> list[dict]:
 
 
 # ----- a rerun against a README table (read by scripts/readme_blocks.read_block) -------------------------------
-def check(tables: list[dict], expected: dict[str, dict[str, float]], tol: float, source: str) -> int:
-    """Print README and measured rows and their differences; 0 if all within ±tol, else 1."""
+def check(tables: list[dict], expected: dict[str, dict[str, float]], tol: float, source: str,
+          spread: dict[str, dict[str, float]] | None = None, k: float | None = None) -> int:
+    """Print README and measured rows and their differences; 0 if all within the tolerance, else 1. The tolerance
+    is ±tol, or with `spread` (the README cells' std in parentheses) ±k std of each cell: the measured spread."""
     if len(tables) != 1:
         raise ValueError(f"the runs make {len(tables)} tables ({', '.join(t['title'] for t in tables)}); check one")
     at = [tables[0]["columns"].index(k) for k in METRICS]  # the README table's columns, of the runs' wider ones
@@ -308,18 +312,24 @@ def check(tables: list[dict], expected: dict[str, dict[str, float]], tol: float,
         raise ValueError(f"{source}: no row of the runs' table ({', '.join(measured)}) is in the README table "
                          f"({', '.join(expected)})")
     w = max(map(len, common))
-    print(f"{source}, tolerance ±{tol:.3f}\n{'':{w + 12}}" + "".join(f"{k:>9}" for k in METRICS))
+    if spread is not None:
+        missing = [f"{n} {m}" for n in common for m in METRICS if not math.isfinite(spread[n][m])]
+        if missing:
+            raise ValueError(f"{source}: no spread in parentheses for {', '.join(missing)}: the tolerance is k std")
+    rule = f"±{k:g} std of the README's seeds" if spread is not None else f"±{tol:.3f}"
+    print(f"{source}, tolerance {rule}\n{'':{w + 12}}" + "".join(f"{m:>9}" for m in METRICS))
     differ = []
     for name in common:
-        diff = [m - expected[name][k] for k, m in zip(METRICS, measured[name])]
+        diff = [v - expected[name][m] for m, v in zip(METRICS, measured[name])]
+        allowed = [k * spread[name][m] if spread is not None else tol for m in METRICS]
         for what, values, fmt in (("README", expected[name].values(), "9.3f"), ("run", measured[name], "9.3f"),
-                                  ("difference", diff, "+9.3f")):
+                                  ("difference", diff, "+9.3f"), ("tolerance", allowed, "9.3f")):
             print(f"{name:{w}}  {what:10}" + "".join(f"{v:{fmt}}" if math.isfinite(v) else f"{'n/a':>9}"
                                                         for v in values))
-        differ += [f"{name} {k}" for k, d in zip(METRICS, diff) if not abs(d) <= tol + 1e-9]  # NaN differs
+        differ += [f"{name} {m}" for m, d, a in zip(METRICS, diff, allowed) if not abs(d) <= a + 1e-9]  # NaN differs
     for name in expected.keys() - measured.keys():
         print(f"not measured by these runs: {name}")
-    print(f"differ beyond ±{tol:.3f}: {', '.join(differ)}" if differ else f"all within ±{tol:.3f}")
+    print(f"differ beyond the tolerance: {', '.join(differ)}" if differ else "all within the tolerance")
     return 1 if differ else 0
 
 
@@ -344,13 +354,17 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--readme", type=Path, default=ROOT / "README.md")
     c.add_argument("--name", default="default_seed0")
     c.add_argument("--tol", type=float, default=0.03, help="largest allowed |run - README| (default 0.03)")
+    c.add_argument("--tol-std", type=float, metavar="K", help="instead: allow K times each README cell's std "
+                                                              "(the number in parentheses: the measured spread)")
     args = parser.parse_args(argv)
     if args.cmd == "table" and (args.readme is None) != (args.name is None):
         parser.error("--readme and --name go together")
     try:
         tables = build_tables(read_runs(args.dirs, args.by), args.by, getattr(args, "spread", "seeds"))
         if args.cmd == "check":
-            return check(tables, read_block(args.readme, args.name), args.tol, f"{args.readme}, table {args.name}")
+            spread = read_block(args.readme, args.name, which=1) if args.tol_std is not None else None
+            return check(tables, read_block(args.readme, args.name), args.tol, f"{args.readme}, table {args.name}",
+                         spread, args.tol_std)
         text = markdown(tables, args.made_by, args.times, args.combined)
         print(text, end="")
         if args.csv:

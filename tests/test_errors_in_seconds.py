@@ -150,7 +150,7 @@ def test_override_problems_in_process():
     assert override_problem(["mode=["]).startswith("cannot read the override 'mode=['")
     # a value of the wrong kind: refused now, not after minutes of toy pretraining with a TypeError
     assert override_problem(["data.n_edits=abc"]) == (
-        "data.n_edits=abc: data.n_edits takes an integer (its default is 256), not 'abc'")
+        "data.n_edits=abc: data.n_edits takes an integer (its default is 64), not 'abc'")
     assert override_problem(["editor.lr_init=fast"]).startswith("editor.lr_init=fast: editor.lr_init takes a number")
     assert override_problem(["cache_pre_edit=maybe"]).startswith("cache_pre_edit=maybe: cache_pre_edit takes true")
     for fine in (["+foo=1", "++data.n_edits=3", "~seed"], ["editor.lr_init=1", "max_train_steps=3"], ["-m", "editor=malmen,mend", "data.n_edits=1,2"],
@@ -168,7 +168,7 @@ def test_valid_multirun_and_added_keys_reach_the_run(tmp_path):
 def test_toy_model_refuses_unknown_words_before_pretraining(tmp_path):
     """model=toy-gpt2 with an empty cache: the world is written (seconds), the toy LM is never pretrained."""
     (tmp_path / "facts.json").write_text(json.dumps([{"prompt": "Zorblax Quux", "answer": "Mars"}]))
-    cache, world = tmp_path / "cache", [o for o in TINY_WORLD if o.startswith(("data.world", "model.pretrain"))]
+    cache, world = tmp_path / "cache", [o for o in TINY_WORLD if o.startswith(("experiment", "data.world", "model.pretrain"))]
     code, err, _, _ = main_py(tmp_path, "mode=edit", "editor=ft", f"edit.facts={tmp_path / 'facts.json'}",
                               *world, f"cache_dir={cache}", f"hydra.run.dir={tmp_path / 'run'}")
     assert code == 2 and err[-1].startswith(

@@ -267,11 +267,32 @@ def test_check_compares_a_rerun_with_the_readme_row(tmp_path, capsys, final, tol
     assert got == code, out + err
     lines = [ln.split() for ln in out.splitlines()]
     assert ["MALMEN", "README", "0.488", "0.391", "0.969"] in lines
-    assert ("all within ±" in out) == (code == 0)
+    assert ("all within the tolerance" in out) == (code == 0)
     if final[0] == 0.528:
         assert ["MALMEN", "difference", "+0.040", "+0.000", "+0.000"] in lines
-        assert ("differ beyond ±0.030: MALMEN ES" in out) == (code == 1)
+        assert ("differ beyond the tolerance: MALMEN ES" in out) == (code == 1)
     assert "not measured by these runs: MEND" in out
+
+
+SPREAD = ("<!-- table:default -->\n| m = 64 | seeds | ES | GS | LS |\n|---|---|---|---|---|\n"
+          "| before editing | 3 | 0.030 (0.004) | 0.030 (0.005) | 1.000 (0.000) |\n"
+          "| MALMEN | 3 | 0.800 (0.020) | 0.330 (0.010) | 0.900 (0.030) |\n\nCommands: ...\n<!-- /table:default -->\n")
+
+
+@pytest.mark.parametrize("final, code", [((0.859, 0.359, 0.990), 0),   # within 3 std: 0.060, 0.030, 0.090
+                                         ((0.861, 0.330, 0.900), 1),   # ES 0.061 beyond 3 x 0.020
+                                         ((0.800, 0.300, 0.809), 1)])  # LS 0.091 beyond 3 x 0.030
+def test_check_allows_k_times_the_readme_spread(tmp_path, capsys, final, code):
+    readme = tmp_path / "README.md"
+    readme.write_text(SPREAD)
+    write_result(tmp_path / "run", final=final, pre=(0.03, 0.03, 1.0))
+    got, out, err = tables(capsys, "check", tmp_path / "run", "--readme", readme, "--name", "default", "--tol-std", "3")
+    assert got == code, out + err
+    assert ["MALMEN", "tolerance", "0.060", "0.030", "0.090"] in [ln.split() for ln in out.splitlines()]
+    assert "tolerance ±3 std of the README's seeds" in out
+    readme.write_text(SEED0.replace("default_seed0", "default"))  # a cell without a spread cannot give one
+    got, _, err = tables(capsys, "check", tmp_path / "run", "--readme", readme, "--name", "default", "--tol-std", "3")
+    assert got == 2 and "no spread in parentheses for before editing ES" in err
 
 
 def test_check_needs_a_common_row(tmp_path, capsys):
