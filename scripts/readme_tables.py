@@ -2,7 +2,7 @@
 
 usage: python scripts/readme_tables.py table DIR [DIR ...] [--by KEY ...] [--csv PATH] [--readme README.md --name NAME]
                                              [--made-by CMD] [--times] [--combined] [--spread seeds|groups]
-       python scripts/readme_tables.py check DIR [DIR ...] [--readme README.md] [--name default_seed0]
+       python scripts/readme_tables.py check DIR [DIR ...] [--readme README.md] [--name default]
                                              [--tol 0.03 | --tol-std K]
 
 `table` reads every results.json under the DIRs (run or sweep directories, searched recursively) and
@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--spread", choices=("seeds", "groups"), default="seeds",
                    help="the std in parentheses: over seeds (default), or over every validation group of every seed")
     c.add_argument("--readme", type=Path, default=ROOT / "README.md")
-    c.add_argument("--name", default="default_seed0")
+    c.add_argument("--name", default="default")
     c.add_argument("--tol", type=float, default=0.03, help="largest allowed |run - README| (default 0.03)")
     c.add_argument("--tol-std", type=float, metavar="K", help="instead: allow K times each README cell's std "
                                                               "(the number in parentheses: the measured spread)")

@@ -249,9 +249,9 @@ def test_table_names_a_missing_marker(sweep, tmp_path, capsys, name, marker):
     assert readme.read_text() == README + "<!-- table:broken -->\n"  # untouched
 
 
-SEED0 = ("<!-- table:default_seed0 -->\n| m = 256 | seeds | ES | GS | LS |\n|---|---|---|---|---|\n"
+SEED0 = ("<!-- table:default -->\n| m = 256 | seeds | ES | GS | LS |\n|---|---|---|---|---|\n"
          "| before editing | 1 | 0.000 | 0.000 | 1.000 |\n| MALMEN | 1 | 0.488 (0.015) | 0.391 | 0.969 |\n"
-         "| MEND | 1 | 0.090 | 0.094 | 0.945 |\n\nCommands: ...\n<!-- /table:default_seed0 -->\n")
+         "| MEND | 1 | 0.090 | 0.094 | 0.945 |\n\nCommands: ...\n<!-- /table:default -->\n")
 
 
 @pytest.mark.parametrize("final, tol, code", [((0.510, 0.370, 0.969), None, 0),   # |diff| 0.022, 0.021, 0
@@ -290,7 +290,7 @@ def test_check_allows_k_times_the_readme_spread(tmp_path, capsys, final, code):
     assert got == code, out + err
     assert ["MALMEN", "tolerance", "0.060", "0.030", "0.090"] in [ln.split() for ln in out.splitlines()]
     assert "tolerance ±3 std of the README's seeds" in out
-    readme.write_text(SEED0.replace("default_seed0", "default"))  # a cell without a spread cannot give one
+    readme.write_text(SEED0)  # a cell without a spread cannot give one
     got, _, err = tables(capsys, "check", tmp_path / "run", "--readme", readme, "--name", "default", "--tol-std", "3")
     assert got == 2 and "no spread in parentheses for before editing ES" in err
 
