@@ -302,7 +302,8 @@ def csv_rows(tables: list[dict]) -> list[dict]:
 def check(tables: list[dict], expected: dict[str, dict[str, float]], tol: float, source: str,
           spread: dict[str, dict[str, float]] | None = None, k: float | None = None) -> int:
     """Print README and measured rows and their differences; 0 if all within the tolerance, else 1. The tolerance
-    is ±tol, or with `spread` (the README cells' std in parentheses) ±k std of each cell: the measured spread."""
+    is ±tol, or with `spread` (the README cells' std in parentheses) ±(k std + 0.0005) of each cell: the measured
+    spread, and the README's rounding to 3 decimals."""
     if len(tables) != 1:
         raise ValueError(f"the runs make {len(tables)} tables ({', '.join(t['title'] for t in tables)}); check one")
     at = [tables[0]["columns"].index(k) for k in METRICS]  # the README table's columns, of the runs' wider ones
@@ -321,9 +322,10 @@ def check(tables: list[dict], expected: dict[str, dict[str, float]], tol: float,
     differ = []
     for name in common:
         diff = [v - expected[name][m] for m, v in zip(METRICS, measured[name])]
-        allowed = [k * spread[name][m] if spread is not None else tol for m in METRICS]
+        # K std, plus the README's rounding to 3 decimals (a spread of 0.000 still allows ±0.0005)
+        allowed = [k * spread[name][m] + 0.0005 if spread is not None else tol for m in METRICS]
         for what, values, fmt in (("README", expected[name].values(), "9.3f"), ("run", measured[name], "9.3f"),
-                                  ("difference", diff, "+9.3f"), ("tolerance", allowed, "9.3f")):
+                                  ("difference", diff, "+9.3f"), ("tolerance", allowed, "9.4f")):
             print(f"{name:{w}}  {what:10}" + "".join(f"{v:{fmt}}" if math.isfinite(v) else f"{'n/a':>9}"
                                                         for v in values))
         differ += [f"{name} {m}" for m, d, a in zip(METRICS, diff, allowed) if not abs(d) <= a + 1e-9]  # NaN differs
