@@ -27,7 +27,7 @@ def test_default_config_is_smollm2_on_invented_people_at_the_models_scale():
 def test_tiny_default_run_edits_smollm2(smollm2, tmp_path):
     """python main.py at a tiny size: SmolLM2 learns new facts about invented people; what it knew stays."""
     people = ["data.people.n_train_subjects=4", "data.people.n_valid_subjects=2", "data.n_edits=12",
-              "max_train_steps=4", f"cache_dir={tmp_path / 'cache'}"]
+              "n_epochs=2", "max_train_steps=4", f"cache_dir={tmp_path / 'cache'}"]
     results = run(make_cfg(*people, f"model.name_or_path={smollm2.model.name_or_path}"), tmp_path)
     assert [r["m"] for r in results["train"]] == [12] * 4 and results["calibrated"]["eta"] > 1e-6
     assert results["pre_edit"]["LS"] == 1.0 and results["pre_edit"]["generated"]["LS"] == 1.0  # facts it knows
