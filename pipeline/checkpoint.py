@@ -105,8 +105,10 @@ def as_base(config: dict) -> tuple[dict, str]:
     base = base_model(model)
     if all(base.get(k) == model.get(k) for k in BASE_KEYS):
         return config, ""
-    return {**config, "model": {**model, **base}}, (f" (an edited model, {model.get('name_or_path')}, whose base "
-                                                    f"model is {base.get('name_or_path') or base.get('tiny')})")
+    path = model.get("name_or_path")
+    edited = bool(path) and (Path(path) / "provenance.json").is_file()  # else only its folder, made absolute
+    return {**config, "model": {**model, **base}}, (f" (an edited model, {path}, whose base model is "
+                                                    f"{base.get('name_or_path') or base.get('tiny')})" if edited else "")
 
 
 def load_editor_checkpoint(path: str | Path, editor, config: dict, keys: tuple[str, ...] = LAYOUT_KEYS) -> dict:

@@ -1,6 +1,7 @@
 """Editor checkpoints: code in a checkpoint never runs, a mismatched one is refused, resumption is exact,
 and a normal equation without a finite solution stops with the module's name."""
 import collections
+import json
 import os
 import signal
 import subprocess
@@ -161,3 +162,19 @@ def test_solve_without_finite_solution_names_the_module(keys, reason):
     with pytest.raises(SolveError, match=f"module transformer.h.2.mlp.c_proj \\(lambda = 0\\): .*{reason}.*"
                                          "use a larger editor.lambda_init"):
         editor.aggregate("transformer.h.2.mlp.c_proj", keys, torch.randn(5, 32))
+
+
+def test_a_model_folder_is_named_an_edited_model_only_when_mode_edit_saved_it(tmp_path, monkeypatch):
+    """A converted model under a relative path (cache/SmolLM2-...) is compared by its absolute folder, and is not
+    called "an edited model"; a folder with mode=edit's provenance.json is, with its base model."""
+    from pipeline.checkpoint import as_base
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cache" / "model").mkdir(parents=True)
+    config = {"model": {"arch": "llama", "name_or_path": "cache/model", "tiny": None}}
+    compared, note = as_base(config)
+    assert compared["model"]["name_or_path"] == str(tmp_path / "cache" / "model") and note == ""
+    base = {"arch": "llama", "name_or_path": "/models/base", "tiny": None}
+    (tmp_path / "cache" / "model" / "provenance.json").write_text(json.dumps({"base_model": base}))
+    compared, note = as_base(config)
+    assert compared["model"]["name_or_path"] == "/models/base"
+    assert note == " (an edited model, cache/model, whose base model is /models/base)"
