@@ -119,7 +119,8 @@ def people_records(names: list[str], rng: np.random.Generator, held_out: bool, k
 def write_people(cfg: PeopleConfig, root: str | Path) -> dict[str, str]:
     """Generate (once; keyed by the settings) train.json and valid.json under root/people-<hash>/."""
     if not 1 <= cfg.n_train_templates < 4:
-        raise ValueError(f"data.people.n_train_templates must be 1, 2 or 3 (of 4 templates), got {cfg.n_train_templates}")
+        raise ValueError(f"data.people.n_train_templates must be 1, 2 or 3 (of 4 templates), "
+                         f"got {cfg.n_train_templates}")
     key = hashlib.sha256(json.dumps({"config": asdict(cfg), "relations": RELATIONS, "known": KNOWN},
                                     sort_keys=True).encode()).hexdigest()[:12]
     out = Path(root) / f"people-{key}"

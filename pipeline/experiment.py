@@ -161,7 +161,8 @@ def materialize(cfg: DictConfig, facts: list[EditRecord] | None = None) -> None:
         cfg.data.train_path, cfg.data.valid_path = paths["train"], paths["valid"]
     if cfg.model.get("pretrain") is not None and cfg.model.name_or_path is None:
         if cfg.data.get("world") is None:
-            raise ValueError(f"model={cfg.model.name} is pretrained on the synthetic world: use data=synthetic")
+            raise ValueError(f"model={cfg.model.name} is pretrained on the synthetic world: use experiment=toy "
+                             "(or data=synthetic)")
         world = str(Path(cfg.data.train_path).with_name("facts.json"))
         texts = [cfg.data.train_path, cfg.data.valid_path]
         if facts is not None:  # the vocabulary is the world's words, known in seconds; the pretraining takes minutes

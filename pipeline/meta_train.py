@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from data.collate import Collator
 from data.groups import EditGroup, edit_groups, n_groups
-from data.records import EditRecord, load_records
+from data.records import DataError, EditRecord, load_records
 from editor.base import Editor
 from pipeline.checkpoint import rng_state
 from util import Logger, atomic_write, save_checkpoint
@@ -42,11 +42,14 @@ def stage_groups(cfg: DictConfig, records: list[EditRecord], m: int, collator: C
     """(epoch, group) of m training records, epoch after epoch (each shuffled by seed + epoch), after the first
     `skip` groups (those a resumed run already took)."""
     per_epoch = n_groups(len(records), m)
-    for epoch in itertools.count(skip // per_epoch):
+    if per_epoch == 0:
+        raise DataError(cfg.data.train_path, None, None, f"has {len(records)} records, fewer than a group of m = {m}")
+    first = skip // per_epoch  # the epoch the resumed run was in, and the groups of it already taken
+    for epoch in itertools.count(first):
         groups = edit_groups(records, m, cfg.data.batch_size, collator, seed=cfg.seed + epoch, shuffle=True,
                              path=cfg.data.train_path)
-        for group in itertools.islice(groups, skip - epoch * per_epoch if epoch == skip // per_epoch else 0, None):
-            yield epoch, group
+        start = skip - first * per_epoch if epoch == first else 0
+        yield from ((epoch, g) for g in itertools.islice(groups, start, None))
 
 
 def train(cfg: DictConfig, editor: Editor, collator: Collator, logger: Logger, run_dir: Path, config: dict,

@@ -3,6 +3,7 @@ it edits (pipeline/meta_train.py). Its first stage is the plain run at that m, a
 import pytest
 import torch
 
+from data.records import DataError
 from pipeline.experiment import run
 from pipeline.preflight import check_config
 from tests.conftest import make_cfg, qa_records, write_records
@@ -47,6 +48,11 @@ def test_curriculum_interrupted_in_its_second_stage_resumes_to_the_same_numbers(
     assert nets_equal(load_checkpoint(cut / "checkpoint.pt")["net"], load_checkpoint(whole / "checkpoint.pt")["net"])
     with pytest.raises(ValueError, match="curriculum: checkpoint .*, this run"):  # another trajectory
         run(cfg_at(cut, "curriculum=[[2,1],[4,3]]", "editor.resume=true"), cut)
+
+
+def test_a_curriculum_stage_larger_than_the_training_records_names_the_file(tmp_path):
+    with pytest.raises(DataError, match="train.json: has 8 records, fewer than a group of m = 16"):
+        run(cfg_at(tmp_path, "curriculum=[[16,1],[4,1]]", "max_valid_steps=0"), tmp_path)
 
 
 @pytest.mark.parametrize("value, message", [
