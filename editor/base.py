@@ -4,7 +4,7 @@ Shifts = {parameter name: delta in the parameter's own layout}. Editors that lea
 also implement `meta_step(group)`; the others only `edit`.
 """
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -87,10 +87,16 @@ class Editor:
     step = 0  # meta-training steps taken
     stats_time_s = 0.0  # seconds spent computing precomputed statistics (MEMIT, EMMET); 0 when cached
     prefix = None  # model/prefix.PrefixCache of the run (MALMEN, MEND: trace and meta losses), or None
+    timer = None  # name -> context manager that times a named phase (scripts/benchmark.py), or None
 
     def __init__(self, model: nn.Module, family: str, device: str | torch.device = "cpu"):
         self.model, self.family, self.device = model, family, torch.device(device)
         self.label = self.name  # how messages name it; MEND run as editor=malmen ablation=sum says so
+
+    def phase(self, name: str):
+        """The context a named phase of the method runs in ("trace", "hyper-network", "solve", "stage 1",
+        "stage 2", "edited forward", "KL reference"): timed when `timer` is set, else nothing."""
+        return self.timer(name) if self.timer is not None else nullcontext()
 
     def edit(self, batches: list[dict]) -> Shifts:
         """Parameter shifts that insert the edit tuples of `batches`."""

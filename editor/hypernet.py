@@ -17,7 +17,7 @@ from torch import nn
 # What a checkpoint's hyper-network was trained on (pipeline/checkpoint.py refuses any other):
 #   1  value gradients of an edit loss averaged over the whole group (they shrank as 1/m), and a normaliser
 #      std of sqrt(var + 1e-8), whose floor of 1e-4 left value-gradient channels of scale 1e-6 unnormalised
-#   2  the summed edit loss (model/trace.py) and the standardising normaliser below (issue 25)
+#   2  the summed edit loss (model/trace.py) and the standardising normaliser below (docs/implementation_notes.md)
 INPUT_VERSION = 2
 ETA_PARAMS = ("plain", "log")  # editor.eta_param: eta as it is (the paper's), or exp of a parameter (eta > 0)
 EPS = torch.finfo(torch.float32).eps  # 1.19e-7, added to the standard deviation (the authors' placement)

@@ -1,22 +1,23 @@
-"""MALMEN: hyper-network value differences aggregated by the normal equation (paper Alg. 1, 2).
+"""MALMEN: hyper-network value differences aggregated by the normal equation (paper Alg. 1, 2), and MEND.
 
-Shapes, per edited layer, with n cached tokens (rows, i.e. the paper's U^T and D^T):
-  keys K (n, d_in), value gradients (n, d_out), value differences D (n, d_out),
-  S* = D^T K (K^T K + lambda I)^{-1}  (d_out, d_in)        [paper: D U^T (U U^T + lambda I)^{-1}]
-Meta-training (Alg. 2): stage 1 computes G = dL_meta/dW~ on the LM alone; stage 2 pulls G back:
-  M = G (K^T K + lambda I)^{-1},  dL/dD = K M^T,  dL/dlambda = -<M, S*>   (Theorems 1, 2)
-and back-propagates the proxy loss <dL/dD, D(theta)> through the hyper-network in batches.
-The solve of each layer (editor/normal_equation.py) is built and factored once per step, in whichever
-of two exact forms is smaller: K^T K + lambda I (d_in, d_in) or K K^T + lambda I (n, n).
+`edit` is Alg. 1 and `meta_grad` Alg. 2, each one function in the paper's steps and names. Per edited layer,
+with n cached tokens as rows (the paper's U^T and D^T):
+  keys U (n, d_in), value gradients dL/dV (n, d_out), value differences D (n, d_out),
+  S* = D^T U (U^T U + lambda I)^{-1}  (d_out, d_in)        [paper: D U^T (U U^T + lambda I)^{-1}]
+Meta-training: stage 1 computes G = dL_meta/dW~ on the LM alone; stage 2 pulls G back (Theorems 1, 2) and
+back-propagates a proxy loss through the hyper-network in batches. How the per-token shifts become S*, and how
+stage 2 pulls back through it, is the layer's aggregation (editor/aggregation.py): the normal equation
+(MALMEN) or the sum of the shifts (MEND, editor/mend.py, and the ablation "sum of parameter shifts").
 `meta_grad_end_to_end` is the MEND-style procedure (Fig. 1): one backward through both networks.
 """
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from editor.aggregation import AGGREGATIONS
 from editor.base import Editor, Shifts, from_param_layout, shifted, to_param_layout
 from editor.hypernet import INPUT_VERSION, HyperNet
-from editor.normal_equation import NormalEquation, SolveError  # noqa: F401  (SolveError: part of this API)
+from editor.normal_equation import SolveError  # noqa: F401  (SolveError: part of this API)
 from model.lm import answer_tokens, kl, logits, nll, to_device
 from model.trace import trace, weight_shape
 
@@ -41,10 +42,13 @@ class MALMEN(Editor):
                  loc_coef: float, max_grad_norm: float, token: str, batch_size: int,
                  loss_reduction: str = "token_mean", regularize: bool = True, device="cpu", cache_device="cpu",
                  dtype: torch.dtype = torch.float32, eta_param: str = "plain", scale_lr: float | None = None,
-                 eta_search: bool = False, lambda_rel: float | None = None):
+                 eta_search: bool = False, lambda_rel: float | None = None, aggregation: str = "normal_equation"):
         super().__init__(model, family, device)
         if loss_reduction not in REDUCTIONS:
             raise ValueError(f"editor.loss_reduction must be one of {REDUCTIONS}, got {loss_reduction!r}")
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"editor.aggregation must be one of {tuple(AGGREGATIONS)}, got {aggregation!r}")
+        self.aggregation = AGGREGATIONS[aggregation]
         self.modules, self.token, self.batch_size = modules, token, batch_size
         self.loss_reduction = loss_reduction
         self.loc_coef, self.max_grad_norm, self.regularize = loc_coef, max_grad_norm, regularize
@@ -76,104 +80,92 @@ class MALMEN(Editor):
         self.step = 0
         self.trained: dict | None = None  # {m, token, loss_reduction} of the meta-training; None untrained
 
-    # ----- pieces shared by inference and training -----------------------------------------
-    def _net(self, name: str) -> tuple[HyperNet, int]:
+    # ----- pieces of Alg. 1 and 2 ----------------------------------------------------------------------
+    def network(self, name: str) -> tuple[HyperNet, int]:
+        """The hyper-network of a module's weight shape, and the module's layer index in it."""
         key, layer = self.slots[name]
         return self.net[key], layer
 
-    def _lambda(self, net: HyperNet, layer: int) -> torch.Tensor:
+    def regularizer(self, name: str) -> torch.Tensor:
+        """lambda of a module (0 in the no-regularisation ablation)."""
+        net, layer = self.network(name)
         return net.log_lambda[layer].exp() if self.regularize else net.log_lambda.new_zeros(())
 
-    def _chunks(self, n: int):
-        return (slice(i, i + self.batch_size) for i in range(0, n, self.batch_size))
+    def batches(self, keys: torch.Tensor, grads: torch.Tensor):
+        """(rows, keys, value gradients) of the cached tokens, batch_size at a time, on the editor's device."""
+        for i in range(0, keys.shape[0], self.batch_size):
+            s = slice(i, i + self.batch_size)
+            yield s, keys[s].to(self.device), grads[s].to(self.device)
 
     def cache(self, batches: list[dict]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Keys and value gradients of the edit tuples, per module."""
-        return trace(self.model, self.modules, batches, self.family, self.token, self.device,
-                     self.cache_device, self.dtype, self.prefix)
+        """{module: (U (n, d_in), dL/dV (n, d_out))}: keys and value gradients of the edit loss L (model/trace.py)."""
+        with self.phase("trace"):
+            return trace(self.model, self.modules, batches, self.family, self.token, self.device,
+                         self.cache_device, self.dtype, self.prefix)
 
     def _denominator(self, group, batches: list[dict]) -> int:
         """What the summed per-example losses of `batches` are divided by (editor.loss_reduction)."""
         return answer_tokens(batches, self.family) if self.loss_reduction == "token_mean" else len(group.records)
 
+    def layers(self, cache: dict, form: str | None = None) -> dict:
+        """Each module's aggregation of its cached tokens (editor/aggregation.py): built once, for S* and stage 2."""
+        return {n: self.aggregation(self, n, *cache[n], form=form) for n in self.modules if n in cache}
+
+    def shifts(self, cache: dict) -> dict[str, torch.Tensor]:
+        """S* (d_out, d_in) per module; differentiable when grad is enabled."""
+        return {n: layer.shift() for n, layer in self.layers(cache).items()}
+
     def update_norms(self, cache: dict) -> None:
         """Fold this meta-training step's cached tuples into the running input statistics of each
         layer's network (shared by the layers of one shape); constants afterwards."""
         for name, (keys, grads) in cache.items():
-            net, _ = self._net(name)
-            net.norm.update(torch.cat([keys, grads], -1).to(self.device))
+            self.network(name)[0].norm.update(torch.cat([keys, grads], -1).to(self.device))
 
-    def system(self, name: str, keys: torch.Tensor, form: str | None = None) -> NormalEquation:
-        """The normal equation of one layer, built and factored once per step and shared by `aggregate`
-        and `pull_back` (editor/normal_equation.py: primal or dual form, Cholesky or LU)."""
-        net, layer = self._net(name)
-        return NormalEquation(name, keys, self._lambda(net, layer), self.regularize, self.batch_size, form)
-
-    def value_diffs(self, name: str, keys: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
-        """D (n, d_out): the hyper-network's value differences of all cached tokens, in batches."""
-        net, layer = self._net(name)
-        return torch.cat([net.value_diffs(keys[s].to(self.device), grads[s].to(self.device), layer)
-                          for s in self._chunks(keys.shape[0])])
-
-    def aggregate(self, name: str, keys: torch.Tensor, grads: torch.Tensor, system=None) -> torch.Tensor:
-        """S* (d_out, d_in) by the normal equation; differentiable when grad is enabled. `system`: the
-        layer's `system(name, keys)` when the caller already built it."""
-        system = self.system(name, keys) if system is None else system
-        return system.shift(self.value_diffs(name, keys, grads))
-
-    def pull_back(self, name: str, keys: torch.Tensor, grads: torch.Tensor, grad_w: torch.Tensor,
-                  shift: torch.Tensor, system=None) -> None:
-        """Stage 2: accumulate dL_meta/dtheta from G = dL_meta/dW~ (d_out, d_in) for one layer; `system`
-        is the factored normal equation that `aggregate` solved (built again if None)."""
-        net, layer = self._net(name)
-        if system is None:
-            with torch.no_grad():
-                system = self.system(name, keys)
-                system.shift(self.value_diffs(name, keys, grads))
-        grad_d, inner = system.pull_back(grad_w, shift)  # dL/dD (n, d_out) = K M^T, <M, S*>
-        if self.regularize:  # dL/dlambda = -<M, S*>, chained through lambda = exp(log_lambda)
-            (-inner * self._lambda(net, layer)).backward()
-        for s in self._chunks(keys.shape[0]):
-            k, g = keys[s].to(self.device), grads[s].to(self.device)
-            (grad_d[s] * net.value_diffs(k, g, layer)).sum().backward()
-
-    # ----- the editor contract ---------------------------------------------------------------
     def edited_modules(self) -> list[str]:
         return list(self.modules)
 
-    def shifts(self, cache: dict, systems: dict | None = None) -> dict[str, torch.Tensor]:
-        """S* per module, (d_out, d_in); `systems`: the factored normal equations per module, if built."""
-        return {n: self.aggregate(n, *cache[n], system=(systems or {}).get(n)) for n in self.modules}
-
+    # ----- Alg. 1: editor inference ------------------------------------------------------------------
     def edit(self, batches: list[dict]) -> Shifts:
-        """Shifts for the edit tuples of `batches`; `diagnostics()` then holds their residual (Fig. 8)."""
-        cache = self.cache(batches)
+        """The shift S*_l of every edited layer l for the edit tuples (x_i, y_i) of `batches`; `diagnostics()`
+        then holds their residual (Fig. 8)."""
+        # L = -sum_i log p_W(y_i | x_i); cache the keys u_l,j; back-propagate L; cache dL/dv_l,j
+        cache = self.cache(batches)  # {l: (U_l (n, d_in), dL/dV_l (n, d_out))}
         with torch.no_grad():
-            shifts = self.shifts(cache)
-            self._residual = self.residual(cache, shifts)
+            layers = self.layers(cache)  # MALMEN: U_l^T U_l + lambda_l I of each layer, factored
+            # S_l,j = g_theta(u_l,j, dL/dv_l,j); d_l,j = S_l,j u_l,j; S*_l = D_l^T U_l (U_l^T U_l + lambda_l I)^-1
+            # (MEND: S*_l = sum_j S_l,j)
+            shifts = {n: layer.shift() for n, layer in layers.items()}
+            self._residual = residual(layers, shifts)
+        # W~_l = W_l + S*_l: applied by the caller (editor/base.apply_shifts), in the weight's own layout
         return {f"{n}.weight": to_param_layout(self.modules[n], s) for n, s in shifts.items()}
 
     def diagnostics(self) -> dict:
         """The last edit's mean residual ||S* u - d|| / ||d|| (paper Fig. 8); {} before any edit."""
         return {"residual": self._residual} if getattr(self, "_residual", None) is not None else {}
 
-    @torch.no_grad()
-    def residual(self, cache: dict, shifts: dict[str, torch.Tensor]) -> float:
-        """Mean over layers and cached tokens of ||S* u_j - d_j|| / ||d_j|| (paper 5.2, Fig. 8).
-
-        d_j is the hyper-network's value difference for token j, i.e. what its own rank-one shift does
-        to u_j; the residual measures how much aggregating the m edits into one S* cancels them."""
-        per_layer = []
-        for name, shift in shifts.items():  # shift (d_out, d_in)
-            net, layer = self._net(name)
-            keys, grads = cache[name]
-            total = 0
-            for s in self._chunks(keys.shape[0]):
-                k, g = keys[s].to(self.device), grads[s].to(self.device)
-                d = net.value_diffs(k, g, layer)  # (b, d_out)
-                total = total + ((k @ shift.T - d).norm(dim=-1) / d.norm(dim=-1)).sum()  # (b,) summed
-            per_layer.append(total / keys.shape[0])
-        return float(sum(per_layer) / len(per_layer))  # one read per call
+    # ----- Alg. 2: editor training -------------------------------------------------------------------
+    def meta_grad(self, group) -> dict[str, float]:
+        """Accumulate dL_meta/dtheta (and dL_meta/dlambda) in .grad by the two stages, for one EditGroup."""
+        group = group.to(self.device)  # the LM batches, moved once for the trace and both meta losses
+        cache = self.cache(group.edit)  # W~ = editor inference (Alg. 1): cache (u_l,j, dL/dv_l,j) ...
+        self.update_norms(cache)
+        with torch.no_grad():
+            layers = self.layers(cache)
+            shifts = {n: layer.shift() for n, layer in layers.items()}  # ... and S*_l
+        # Stage 1, the LM alone: L_meta (eq. 1) of the equivalent and unrelated tuples at W~ (fresh leaves),
+        # back-propagated in batches; cache G_l = dL_meta/dW~_l
+        leaves = {n: shifted(mod.weight, to_param_layout(mod, shifts[n]), f"{n}.weight", self.label).detach()
+                  .requires_grad_()
+                  for n, mod in self.modules.items()}
+        with self.phase("stage 1"):
+            gen, loc = self.meta_losses(group, {f"{n}.weight": w for n, w in leaves.items()}, backward=True)
+        # Stage 2, the hyper-network alone: M_l = G_l (U_l^T U_l + lambda_l I)^-1; dL/dD_l = U_l M_l^T;
+        # dL/dlambda_l = -<M_l, S*_l>; back-propagate L~ = sum_l <dL/dD_l, D_l(theta)> in batches
+        with self.phase("stage 2"):
+            for n, mod in self.modules.items():
+                grad_w = from_param_layout(mod, leaves[n].grad).to(self.device, self.dtype)  # (d_out, d_in)
+                layers[n].pull_back(grad_w, shifts[n])
+        return {"gen_loss": float(gen.detach()), "loc_loss": float(loc.detach())}
 
     def meta_losses(self, group, params: dict, backward: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """L_gen and L_loc of the edited LM (`params`) over the equivalent and unrelated tuples.
@@ -185,40 +177,25 @@ class MALMEN(Editor):
         total_gen, total_loc = 0.0, 0.0
         for b in group.equiv:
             b = to_device(b, self.device)
-            loss = nll(logits(self.model, b, self.family, params, self.prefix), b, self.family).sum() / n_gen
+            with self.phase("edited forward"):
+                out = logits(self.model, b, self.family, params, self.prefix)
+            loss = nll(out, b, self.family).sum() / n_gen
             if backward:
                 loss.backward()
                 loss = loss.detach()
             total_gen = total_gen + loss
         for b in group.unrel:
             b = to_device(b, self.device)
-            with torch.no_grad():
+            with torch.no_grad(), self.phase("KL reference"):
                 ref = logits(self.model, b, self.family, prefix=self.prefix)  # the pre-edit model p_W
-            loss = kl(ref, logits(self.model, b, self.family, params, self.prefix), b, self.family).sum() / n_loc
+            with self.phase("edited forward"):
+                out = logits(self.model, b, self.family, params, self.prefix)
+            loss = kl(ref, out, b, self.family).sum() / n_loc
             if backward:
                 (self.loc_coef * loss).backward()
                 loss = loss.detach()
             total_loc = total_loc + loss
         return total_gen, total_loc
-
-    def meta_grad(self, group) -> dict[str, float]:
-        """Accumulate dL_meta/dtheta in .grad by the two-stage procedure (Alg. 2)."""
-        group = group.to(self.device)  # the LM batches, moved once for the trace and both meta losses
-        cache = self.cache(group.edit)
-        self.update_norms(cache)
-        with torch.no_grad():  # each layer's K^T K + lambda I, built and factored once for S* and stage 2
-            systems = {n: self.system(n, cache[n][0]) for n in self.modules}
-            shifts = self.shifts(cache, systems)
-        # Stage 1: the LM alone, with W~ as fresh leaves, accumulates G = dL_meta/dW~.
-        leaves = {n: shifted(mod.weight, to_param_layout(mod, shifts[n]), f"{n}.weight", self.label).detach()
-                  .requires_grad_()
-                  for n, mod in self.modules.items()}
-        gen, loc = self.meta_losses(group, {f"{n}.weight": w for n, w in leaves.items()}, backward=True)
-        # Stage 2: the hyper-network alone, on the cached tuples in batches.
-        for n, mod in self.modules.items():
-            grad_w = from_param_layout(mod, leaves[n].grad).to(self.device, self.dtype)  # from the module's device
-            self.pull_back(n, *cache[n], grad_w, shifts[n], systems[n])
-        return {"gen_loss": float(gen.detach()), "loc_loss": float(loc.detach())}
 
     def meta_grad_end_to_end(self, group) -> dict[str, float]:
         """The same gradient by one backward through hyper-network and LM (Fig. 1, MEND-style)."""
@@ -248,15 +225,15 @@ class MALMEN(Editor):
     def _calibrate(self, group, cache: dict, grid: tuple[float, ...], out: dict) -> None:
         if self.lambda_rel is not None and self.regularize:
             for n in self.modules:
-                net, layer = self._net(n)
+                net, layer = self.network(n)
                 net.log_lambda[layer] = (self.lambda_rel * cache[n][0].pow(2).sum(-1).mean()).log()
-            out["lambda"] = {n: float(self._lambda(*self._net(n))) for n in self.modules}
+            out["lambda"] = {n: float(self.regularizer(n)) for n in self.modules}
         if self.eta_search:
             saved = {k: net.norm.state_dict() for k, net in self.net.items()}
             saved = {k: {b: v.clone() for b, v in state.items()} for k, state in saved.items()}
             self.update_norms(cache)
             for n in self.modules:
-                self._net(n)[0].set_eta(self._net(n)[1], 1.0)
+                self.network(n)[0].set_eta(self.network(n)[1], 1.0)
             unit = self.shifts(cache)  # S* at eta = 1, per module
             losses = []
             for eta in tqdm(grid, desc="eta search", leave=False, dynamic_ncols=True):
@@ -266,7 +243,7 @@ class MALMEN(Editor):
                 losses.append(float(gen + self.loc_coef * loc))
             best = grid[min(range(len(grid)), key=lambda i: losses[i])]
             for n in self.modules:
-                self._net(n)[0].set_eta(self._net(n)[1], best)
+                self.network(n)[0].set_eta(self.network(n)[1], best)
             for k, net in self.net.items():
                 net.norm.load_state_dict(saved[k])
             out.update(eta=best, eta_grid=list(grid), meta_loss=losses)
@@ -274,8 +251,8 @@ class MALMEN(Editor):
     @torch.no_grad()
     def scales(self) -> dict[str, list[float]]:
         """eta and lambda of each edited module, in module order (results.json's train log records them per step)."""
-        return {"eta": [float(self._net(n)[0].eta()[self._net(n)[1]]) for n in self.modules],
-                "lambda": [float(self._lambda(*self._net(n))) for n in self.modules]}
+        return {"eta": [float(self.network(n)[0].eta()[self.network(n)[1]]) for n in self.modules],
+                "lambda": [float(self.regularizer(n)) for n in self.modules]}
 
     def meta_step(self, group, end_to_end: bool = False) -> dict[str, float]:
         """One Adam step on the meta loss of an EditGroup, gradient clipped to max_grad_norm."""
@@ -301,3 +278,20 @@ class MALMEN(Editor):
         self.opt.load_state_dict(state["opt"])
         self.step, self.trained = state["step"], state.get("trained")
         self.calibrated = state.get("calibrated")
+
+
+@torch.no_grad()
+def residual(layers: dict, shifts: dict[str, torch.Tensor]) -> float:
+    """Mean over layers and cached tokens of ||S* u_j - d_j|| / ||d_j|| (paper 5.2, Fig. 8).
+
+    d_j is the hyper-network's value difference for token j, i.e. what its own rank-one shift does to u_j;
+    the residual measures how much aggregating the m edits into one S* cancels them."""
+    per_layer = []
+    for name, shift in shifts.items():  # shift (d_out, d_in)
+        layer = layers[name]
+        total = 0
+        for _, k, g in layer.editor.batches(layer.keys, layer.grads):
+            d = layer.net.value_diffs(k, g, layer.layer)  # (b, d_out)
+            total = total + ((k @ shift.T - d).norm(dim=-1) / d.norm(dim=-1)).sum()  # (b,) summed
+        per_layer.append(total / layer.keys.shape[0])
+    return float(sum(per_layer) / len(per_layer))  # one read per call

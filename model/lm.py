@@ -7,7 +7,7 @@ Batches come from `data.collate.Collator`:
   classifier  input_ids, attention_mask, labels (B,) in {0., 1.}
 
 `logits` computes the output head only where a loss or metric reads it: at the N answer positions
-(N, V), not at all B * T positions (issue 17; for GPT-2 on zsRE about a fifth of the tokens).
+(N, V), not at all B * T positions (for GPT-2 on zsRE about a fifth of the tokens).
 Every loss is per example (B,), summed over its answer tokens, so that callers can sum over any
 split into batches and divide by a total of the whole group (examples or answer tokens,
 `answer_tokens`): the result does not depend on the batch size.

@@ -1,4 +1,4 @@
-"""The hidden states below the first edited block, computed once per tuple (issue 26).
+"""The hidden states below the first edited block, computed once per tuple.
 
 An edit changes only the edited modules, so every block below the first edited one computes, for a
 tuple, exactly what it computed the last time that tuple went through: the hidden state entering the

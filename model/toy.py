@@ -87,7 +87,7 @@ def pretrain(facts: list[dict], texts: list[str], *, n_layer: int, n_embd: int, 
 
 # Raised whenever a change of this file or model.lm changes the pretrained weights bit-wise, so that a
 # cache made by older code is not mistaken for this code's LM. 2: the output head only at the answer
-# positions (issue 17), which sums the head's gradient over fewer rows (max weight change 0.8).
+# positions (model/lm.py), which sums the head's gradient over fewer rows (max weight change 0.8).
 PRETRAIN_VERSION = 2
 
 

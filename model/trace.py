@@ -9,7 +9,7 @@ The edit loss is the SUM of the answer tokens' cross-entropies, not a mean over 
 and data.batch_size (tests/test_trace.py checks it token by token). The authors' runs take each fixed-size
 LM batch's token mean (32 edits on zsRE): their value gradients are these divided by that batch's answer
 tokens (about 87 with GPT-2 tokens), a near-constant factor that the hyper-network's input normaliser
-removes (editor/hypernet.py). A mean over the whole group instead shrinks every input as 1/m (issue 25).
+removes (editor/hypernet.py). A mean over the whole group instead shrinks every input as 1/m (docs/implementation_notes.md).
 """
 import torch
 from torch import nn

@@ -76,7 +76,7 @@ def refuse_old_network(net: dict, path: str | Path) -> None:
 
 def refuse_old_inputs(state: dict, path: str | Path) -> None:
     """Refuse a hyper-network trained on other inputs than this code gives it (editor/hypernet.py INPUT_VERSION):
-    before issue 25 value gradients shrank as 1/m and the normaliser did not standardise them."""
+    in networks of input version 1 value gradients shrank as 1/m and the normaliser did not standardise them."""
     version = state.get("input_version", 1)
     if version != INPUT_VERSION:
         raise ValueError(

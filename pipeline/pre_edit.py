@@ -1,4 +1,4 @@
-"""Pre-edit ES/GS/LS of validation groups, computed once and reused by later runs (issue 17, item 4).
+"""Pre-edit ES/GS/LS of validation groups, computed once and reused by later runs.
 
 Before editing, the metrics of a validation group depend only on the model, the validation data, the
 tokenizer, m and how the records are grouped (the seed), not on the editor. A sweep over editors,

@@ -10,7 +10,7 @@ was trained at); seeds are the repeats. Such rows are labelled "(trained at m = 
   level before editing dashed); a result with a single m is a table, <result>.md, instead;
   <result>_residual.png when the runs recorded the Fig. 8 residual; fig8_residual.png for Fig. 8;
 - table1.md and table2.md in the layout of the paper's Tables 1 and 2 (mean (std), in %), and
-  toy_table.md in Table 1's layout for the default experiment (scripts/toy_table.sh);
+  toy_table.md in Table 1's layout for the toy (experiment=toy_table, scripts/toy_table.sh);
 - real_lm_zsre.md in that layout, one column group per m (a row per editor, "Before editing" first), beside
   its curve real_lm_zsre.png (scripts/real_lm.sh);
 - massive_counterfact.md: a row per (m, editor) with ES/GS/LS, CounterFact's efficacy, paraphrase and

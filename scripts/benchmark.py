@@ -12,9 +12,9 @@ a model with a `tiny` config: as in the tests), or a real model that needs no hu
 cache/); nothing is downloaded. The editor is config/editor/<--editor>.yaml (A.6: rank 1920, hyper-network batch
 1024) on the model's edit_modules, LM batch --batch-size (64, data/zsre.yaml).
 
-Phases, timed by wrapping the editor's own methods and the LM forward its meta losses call:
-  meta-step   trace (keys and value gradients), hyper-network (D for S*, no gradient), solve (factoring and S*
-              without the hyper-network), stage 1 forward (the edited LM's logits), stage 1 backward (the rest of
+Phases, timed through the editor's phase hooks (Editor.phase, editor/malmen.py):
+  meta-step   trace (keys and value gradients), hyper-network (D for S*, or MEND's U~ and G~; no gradient), solve
+              (factoring and S* without the hyper-network; MEND: the sum), stage 1 forward (the edited LM's logits), stage 1 backward (the rest of
               stage 1), KL reference (the pre-edit logits of the unrelated tuples), stage 2 (pull-back through
               the hyper-network), total
   validation  pre-edit ES/GS/LS, edit (trace + solves + residual), post-edit ES/GS/LS, total
@@ -42,6 +42,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,24 +118,17 @@ class Timer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def wrap(self, obj, method: str, phase: str):
-        """Replace obj.method by a version that adds its time to `phase` (re-entrant calls count once)."""
-        inner, depth = getattr(obj, method), [0]
-
-        def timed(*args, **kwargs):
-            if depth[0]:
-                return inner(*args, **kwargs)
-            depth[0] += 1
+    @contextmanager
+    def context(self, phase: str):
+        """Adds the time of its body to `phase` (the editor's `phase` hooks, Editor.timer)."""
+        self._sync()
+        w, c = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
             self._sync()
-            w, c = time.perf_counter(), time.process_time()
-            try:
-                return inner(*args, **kwargs)
-            finally:
-                self._sync()
-                self.wall[phase] += time.perf_counter() - w
-                self.cpu[phase] += time.process_time() - c
-                depth[0] -= 1
-        setattr(obj, method, timed)
+            self.wall[phase] += time.perf_counter() - w
+            self.cpu[phase] += time.process_time() - c
 
     def phase(self, phase: str, fn, *args, **kwargs):
         self._sync()
@@ -183,33 +177,17 @@ def build_model(name: str, tokenizer: str | None, device: str, editor: str = "ma
     return cfg, model, tok
 
 
-def phases(timer: Timer, editor) -> None:
-    """Time the meta-step's phases through the editor's methods and the LM forward its meta losses call."""
-    import editor.malmen as malmen_module
-    timer.wrap(editor, "cache", "trace")
-    timer.wrap(editor, "system", "factor")  # K^T K + lambda I (or the dual form), built and factored
-    timer.wrap(editor, "value_diffs", "hyper-network")  # D for S*, without gradient
-    timer.wrap(editor, "shifts", "shifts")  # S*: hyper-network and solves
-    timer.wrap(editor, "meta_losses", "stage 1")
-    timer.wrap(editor, "pull_back", "stage 2")
-    forward = malmen_module.logits
-
-    def logits(model, batch, family, params=None, prefix=None):  # the edited LM's forward, or the KL reference
-        return timer.phase("edited forward" if params else "KL reference", forward, model, batch, family, params,
-                           prefix)
-    malmen_module.logits = logits
-
-
 META = ("trace", "hyper-network", "solve", "stage 1 forward", "stage 1 backward", "KL reference", "stage 2", "meta-step")
 
 
 def meta_row(timer: Timer) -> dict:
-    """The meta-step's phases (wall, CPU): solve = factoring and S* without the hyper-network; stage 1 forward =
-    the edited LM's forward (logits) and its losses' backward, the rest of stage 1 less the KL reference."""
+    """The meta-step's phases (wall, CPU), from the editor's hooks: solve = factoring and S* without the
+    hyper-network (MEND: the sum); stage 1 forward = the edited LM's forward (logits); stage 1 backward = the rest
+    of stage 1 (the losses and their backward) less the KL reference."""
     get = lambda k: (timer.wall[k], timer.cpu[k])  # noqa: E731
     minus = lambda a, *b: tuple(a[i] - sum(x[i] for x in b) for i in (0, 1))  # noqa: E731
     row = {k: get(k) for k in ("trace", "hyper-network", "stage 2", "meta-step")}
-    row["solve"] = minus(tuple(get("factor")[i] + get("shifts")[i] for i in (0, 1)), get("hyper-network"))
+    row["solve"] = get("solve")
     row["stage 1 forward"], row["KL reference"] = get("edited forward"), get("KL reference")
     row["stage 1 backward"] = minus(get("stage 1"), get("edited forward"), get("KL reference"))
     return {k: row[k] for k in META}
@@ -232,7 +210,7 @@ def run(args, m: int, mode: str, store_dir: Path | None = None) -> dict:
     group = next(iter(edit_groups(records[:m], m, args.batch_size, collator, seed=0, shuffle=False,
                                   path=args.data)))
     timer = Timer(device)
-    phases(timer, editor)
+    editor.timer = timer.context  # the editor's phase hooks (Editor.phase)
     for _ in range(args.steps if mode == "on" else 1):
         timer.reset()
         timer.phase("meta-step", editor.meta_step, group)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Massive editing on a real LM (issue 27): SmolLM2-135M on CounterFact, every editor up to m = 1024, on a CPU.
+# Massive editing on a real LM (docs/experiments.md): SmolLM2-135M on CounterFact, every editor up to m = 1024, on a CPU.
 #   1. split: DATA -> N_TRAIN meta-training and N_VALID validation records with no subject in both
 #      (scripts/split_records.py --by-subject; split.json records the source's sha256 and every index)
 #   2. one cell per (m, editor, seed), each its own run directory OUT/results/<editor>_m<m>_s<seed>:

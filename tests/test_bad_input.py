@@ -1,4 +1,4 @@
-"""Nothing silently wrong (issue 16): each kind of fault that used to finish with exit 0 and plausible numbers
+"""Nothing silently wrong (docs/bad_input.md): each kind of fault that used to finish with exit 0 and plausible numbers
 either gives the right result or stops with one message, a non-zero exit and nothing written. The inputs
 are the shared cases (../shared/cases/, copied here so the tests stand alone) or smaller ones of the kind."""
 import json

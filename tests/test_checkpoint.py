@@ -161,7 +161,7 @@ def test_solve_without_finite_solution_names_the_module(keys, reason):
     editor = build_editor(cfg, build_model(cfg)[0])
     with pytest.raises(SolveError, match=f"module transformer.h.2.mlp.c_proj \\(lambda = 0\\): .*{reason}.*"
                                          "use a larger editor.lambda_init"):
-        editor.aggregate("transformer.h.2.mlp.c_proj", keys, torch.randn(5, 32))
+        editor.shifts({"transformer.h.2.mlp.c_proj": (keys, torch.randn(5, 32))})
 
 
 def test_a_model_folder_is_named_an_edited_model_only_when_mode_edit_saved_it(tmp_path, monkeypatch):

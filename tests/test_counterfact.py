@@ -1,4 +1,4 @@
-"""CounterFact (issue 27): both file forms, the subject-disjoint split, the download's split, the
+"""CounterFact: both file forms, the subject-disjoint split, the download's split, the
 efficacy/paraphrase/neighborhood scores against a plain forward pass, and a whole run to its tables."""
 import json
 import subprocess

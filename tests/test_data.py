@@ -171,7 +171,7 @@ def test_groups_cover_every_tuple(gpt2, zsre_records):
             assert sum(b["input_ids"].shape[0] for b in batches) == 10
             mean = sum(int(b["attention_mask"].sum()) for b in batches) / 10
             assert all(b["input_ids"].shape[0] <= 3 and b["input_ids"].numel() <= 3 * mean for b in batches)
-        # every (prompt, answer) tuple exactly once, in length-sorted batches (issue 17)
+        # every (prompt, answer) tuple exactly once, in length-sorted batches (data/groups.py)
         pairs = lambda batches: sorted(zip(_prompts(gpt2, batches), _answers(gpt2, batches)))  # noqa: E731
         assert pairs(g.edit) == sorted((r.prompt, " " + r.answer) for r in g.records)
         assert pairs(g.equiv) == sorted((r.equiv_prompts[0], " " + r.answer) for r in g.records)

@@ -17,7 +17,7 @@ def float64_editor():
     model, _ = build_model(cfg)
     editor = build_editor(cfg, model, dtype=torch.float64)
     name = next(iter(editor.modules))
-    return editor, name, *editor._net(name)
+    return editor, name, *editor.network(name)
 
 
 @pytest.mark.parametrize("n_tokens", [40, 300])  # fewer and more cached tokens than d_in = 128
@@ -31,7 +31,7 @@ def test_normal_equation_matches_ridge_least_squares(n_tokens):
     keys = torch.randn(n_tokens, net.d_in, dtype=torch.float64)
     grads = torch.randn(n_tokens, weight_shape(editor.modules[name])[0], dtype=torch.float64)
     with torch.no_grad():
-        shift = editor.aggregate(name, keys, grads)  # (d_out, d_in)
+        shift = editor.shifts({name: (keys, grads)})[name]  # (d_out, d_in)
         diffs = net.value_diffs(keys, grads, layer)  # (n, d_out)
     # min_S ||S U - D||^2 + lam ||S||^2 as ordinary least squares on the augmented system
     # [U^T; sqrt(lam) I] S^T = [D^T; 0]; solved by QR in lstsq, independently of the normal equation.
@@ -106,7 +106,7 @@ def test_primal_and_dual_normal_equations_agree(n_tokens):
         ref_shift = diffs.T @ keys @ inv
         ref_m = grad_w @ inv
         for form in ("primal", "dual"):
-            system = editor.system(name, keys, form=form)
+            system = editor.layers({name: (keys, grads)}, form=form)[name].system
             shift = system.shift(diffs)
             grad_d, inner = system.pull_back(grad_w, shift)
             assert torch.allclose(shift, ref_shift, rtol=1e-9, atol=1e-11), form

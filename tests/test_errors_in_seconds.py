@@ -1,4 +1,4 @@
-"""Errors in seconds (issue 18): --help and refused inputs never import torch, a typo in an override is one
+"""Errors in seconds: --help and refused inputs never import torch, a typo in an override is one
 line with the closest name, a refused run leaves no folder (warnings or not), the toy model refuses unknown
 words before its pretraining, and max_valid_steps=0 means meta-training without validation."""
 import json

@@ -84,7 +84,7 @@ def test_checkpoints_with_per_layer_statistics_are_refused(trained, tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_the_normaliser_standardises_channels_of_any_scale(dtype):
-    """Value-gradient channels of scale 1e-6 (SmolLM2's, issue 25) and key channels of scale 1e3 alike come
+    """Value-gradient channels of scale 1e-6 (SmolLM2's) and key channels of scale 1e3 alike come
     out with mean 0 and standard deviation 1: the epsilon is added to the std, 1.19e-7, far under 1e-6."""
     torch.manual_seed(0)
     scales = torch.tensor([1e-6, 1e-3, 1.0, 1e3], dtype=dtype).repeat_interleave(8)  # (32,)
@@ -99,13 +99,13 @@ def test_the_normaliser_standardises_channels_of_any_scale(dtype):
 
 
 def test_checkpoints_of_the_old_inputs_are_refused(trained, tmp_path):
-    """A network trained before issue 25 (value gradients shrinking as 1/m, the sqrt(var + 1e-8) normaliser)
+    """A network of input version 1 (value gradients shrinking as 1/m, the sqrt(var + 1e-8) normaliser)
     was fed other inputs than this code gives it: refused, with the reason."""
     cfg, model, editor, _ = trained
     config = OmegaConf.to_container(cfg, resolve=True)
     state = {**editor.state_dict(), "config": config}
     assert state["input_version"] == INPUT_VERSION == 2
-    del state["input_version"]  # as written before issue 25
+    del state["input_version"]  # as written by input version 1
     save_checkpoint(state, tmp_path / "old.pt")
     with pytest.raises(ValueError, match="inputs of version 1.*1/m.*sqrt\\(var \\+ 1e-8\\).*Meta-train"):
         load_editor_checkpoint(tmp_path / "old.pt", build_editor(cfg, model), config)

@@ -106,7 +106,7 @@ def test_closed_forms_hold_in_float64(world, tmp_path, editor_name, model):
     EMMET  Delta = Lambda K^T C_s^-1 and Delta K + lam_e Lambda = R (C_s = lam C): with Lambda from the
            second, the first reads Delta C_s = Lambda K^T. Together they say Delta (lam_e C_s + K K^T) = R K^T,
            MEMIT's equation with lam * lam_e, so EMMET must also equal memit_delta with that weight.
-    (Before issue 15 EMMET used MEMIT's layers; it now edits its own one layer, model.memit.emmet.layers.)"""
+    (EMMET once used MEMIT's layers; it now edits its own one layer, model.memit.emmet.layers.)"""
     # any targets will do for the algebra: few target steps
     cfg = world_cfg(world, tmp_path, editor_name, "editor.n_steps=5", model=model)
     editor, _, model_, shifts = edited(cfg)

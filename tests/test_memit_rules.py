@@ -1,4 +1,4 @@
-"""MEMIT, EMMET and LocFT-BF as their authors ran them (issue 15), each rule against a computation written
+"""MEMIT, EMMET and LocFT-BF as their authors ran them, each rule against a computation written
 here from the model's plain forward pass (full logits, hooks, positions counted by hand), on tiny models
 in float64 where the rule is a closed form: EMMET's single layer, the solve's diagnostics, the statistics'
 source, LocFT-BF's loss. MEMIT's target vectors (contexts, keys, target loss, early stop) and its defaults:

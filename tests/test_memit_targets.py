@@ -1,4 +1,4 @@
-"""MEMIT's target vectors as its authors computed them (issue 15): the generated context prefixes, the keys,
+"""MEMIT's target vectors as its authors computed them: the generated context prefixes, the keys,
 the target loss (NLL, KL, norm term), its cached-prefix Suffixes, early stop and clamp, and MEMIT's defaults, each
 against a computation written here from the model's plain forward pass (full logits, hooks, positions counted by
 hand), on tiny models in float64. EMMET, the solve and LocFT-BF: tests/test_memit_rules.py.

@@ -1,4 +1,4 @@
-"""A newcomer's first hour (issue 18): results.md beside results.json, a warning when an edit did not
+"""A newcomer's first hour: results.md beside results.json, a warning when an edit did not
 raise ES, CSVs with a byte-order mark, no litter behind a refused or early-interrupted run, no resume
 hint without a checkpoint, shareable file modes, an absolute facts path, edit runs' own folder names, one
 message for a hub model that cannot be fetched (in seconds, without the hub), --from-dir that leaves the

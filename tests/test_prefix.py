@@ -1,4 +1,4 @@
-"""The lower blocks run once per tuple (model/prefix.py, issue 26): with the cache and without, the same
+"""The lower blocks run once per tuple (model/prefix.py): with the cache and without, the same
 meta-gradients (two-stage and end-to-end), shifts and ES/GS/LS, in float64 on every family to 1e-10; and on
 the real SmolLM2 in float32. A family that cannot start from a hidden state runs whole and says why."""
 import pytest

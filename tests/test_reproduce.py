@@ -1,4 +1,4 @@
-"""Reproducibility (issue 12): the tiny default pipeline is bit-identical across thread environments,
+"""Reproducibility: the tiny default pipeline is bit-identical across thread environments,
 the toy LM's cache is keyed by the thread count, results carry their environment, and
 scripts/readme_tables.py turns results.json trees into the README's tables and checks a rerun."""
 import csv

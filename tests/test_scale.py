@@ -51,7 +51,7 @@ def test_calibration_sets_lambda_from_the_keys_and_eta_at_the_grid_minimum():
     for n in editor.modules:
         expect = 0.1 * keys[n][0].pow(2).sum(-1).mean()
         assert out["lambda"][n] == pytest.approx(float(expect), rel=1e-5)
-        assert float(editor._lambda(*editor._net(n)).detach()) == pytest.approx(float(expect), rel=1e-5)
+        assert float(editor.regularizer(n).detach()) == pytest.approx(float(expect), rel=1e-5)
     losses = out["meta_loss"]
     assert len(losses) == len(out["eta_grid"]) and out["eta"] == out["eta_grid"][losses.index(min(losses))]
     assert len(set(losses)) > 1  # eta matters on this group

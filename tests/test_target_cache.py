@@ -1,4 +1,4 @@
-"""MEMIT/EMMET's target vectors cached per request (issue 27): a rerun reuses them, whatever the batching; a
+"""MEMIT/EMMET's target vectors cached per request: a rerun reuses them, whatever the batching; a
 request not in the cache is optimised, and gives the z an uncached run gives; another setting shares nothing."""
 import torch
 

@@ -1,4 +1,4 @@
-"""One edit's cached (key, value-gradient) pairs do not depend on its group (issue 25).
+"""One edit's cached (key, value-gradient) pairs do not depend on its group.
 
 The hyper-network's inputs must be the same whether an edit is traced alone, in a small group or inside a
 large one, whatever data.batch_size: the edit loss is summed over answer tokens (model/trace.py), never
