@@ -9,7 +9,7 @@
 #   3. aggregate.py: OUT/results/summary.csv, massive_counterfact.md (a row per m and editor: ES/GS/LS,
 #      efficacy/paraphrase/neighborhood, wall and CPU time) and massive_counterfact.png (against m, log axis);
 #      readme_tables.py: the same in one table (std over validation groups), with each row's command, between
-#      <!-- table:massive_counterfact --> markers of README (README= leaves it alone) and in OUT/results/readme_table.csv
+#      <!-- table:massive_counterfact --> markers of $README (only when README=PATH is given) and in OUT/results/readme_table.csv
 # Resumable: rerun the same command with the same OUT. A cell with results.json is kept; a MALMEN/MEND cell
 # with a checkpoint.pt continues its meta-training from it (editor.resume=true); any other cell starts again.
 # The split is made once (OUT/split/split.json kept). A MEMIT/EMMET cell restarts, but the target vectors its
@@ -17,7 +17,7 @@
 # Environment [default]: DATA [datasets/raw/counterfact.json: scripts/download_data.py counterfact puts ROME's file
 #   there; or the flat counterfact-train.json of MEND/EasyEdit]  N_TRAIN [8000]  N_VALID [2000]  M ["128 256 512 1024"]
 #   LOCATED_M [M]  EDITORS ["malmen mend ft memit emmet locft_bf"]  SEEDS ["0"]  STEPS [20]
-#   VALID_STEPS [3]  OUT [multirun/massive_counterfact/<date>]  README [README.md; empty: leave it alone]
+#   VALID_STEPS [3]  OUT [multirun/massive_counterfact/<date>]  README [unset: no README is touched; README=README.md writes its table block]
 # Extra arguments go to every main.py run, e.g. model_device=cuda.
 set -uo pipefail; cd "$(dirname "$0")/.."; dir=${OUT:-multirun/massive_counterfact/$(date +%Y-%m-%d_%H-%M-%S)}
 status=0
@@ -43,8 +43,8 @@ for m in ${M:-128 256 512 1024}; do
   done
 done
 python scripts/aggregate.py "$dir/results" || exit $?
-if [ -n "${README-README.md}" ]; then
-  python scripts/readme_tables.py table "$dir/results" --readme "${README-README.md}" --name massive_counterfact --combined \
+if [ -n "${README:-}" ]; then
+  python scripts/readme_tables.py table "$dir/results" --readme "$README" --name massive_counterfact --combined \
     --times --spread groups --csv "$dir/results/readme_table.csv" --made-by "OUT=DIR scripts/massive_counterfact.sh" || exit $?
 fi
 exit $status

@@ -6,11 +6,11 @@
 #   3. MALMEN and MEND, as the paper, one hyper-network per m: each meta-trains on the train records at m edits
 #      per step for STEPS meta-steps (the same budget at every m), then edits the valid records at that m
 #   4. aggregate.py: summary.csv, real_lm_zsre.md (editors x m x ES/GS/LS, with "before editing") and
-#      real_lm_zsre.png; readme_tables.py: the tables between <!-- table:real_lm --> markers of README
+#      real_lm_zsre.png; readme_tables.py: the tables between <!-- table:real_lm --> markers of $README (if set)
 # Environment [default]: DATA [datasets/zsre/zsre_mend_train.json, scripts/download_data.py zsre]
 #   N_TRAIN [600]  N_VALID [400]  MODEL [smollm2]  M ["32 64 128"]  SEEDS ["0"; "0 1 2" for the spread]
 #   STEPS [100, experiment real_lm_zsre]  VALID_STEPS [all validation groups]  OUT [multirun/real_lm/<date>]
-#   README [README.md; empty: leave it alone]  EDITORS ["ft memit emmet locft_bf malmen mend"]
+#   README [unset: no README is touched; README=README.md writes its table block]  EDITORS ["ft memit emmet locft_bf malmen mend"]
 # The budget is meta-steps, not edits: Adam moves each parameter (eta among them) by about meta_lr per step, so
 # the step count, not the edits seen, sets how far the hyper-network gets; every m cycles the same train records.
 # Extra arguments go to every main.py run, e.g. model_device=cuda or launcher=joblib; a key that only some
@@ -33,8 +33,8 @@ if [ -n "$trained" ]; then  # each run meta-trains at its own m, then validates 
     hydra.sweep.dir="$dir/results/trained" "$@" || status=$?
 fi
 python scripts/aggregate.py "$dir/results" || exit $?
-if [ -n "${README-README.md}" ]; then
-  python scripts/readme_tables.py table "$dir/results" --readme "${README-README.md}" --name real_lm \
+if [ -n "${README:-}" ]; then
+  python scripts/readme_tables.py table "$dir/results" --readme "$README" --name real_lm \
     --csv "$dir/results/readme_table.csv" --made-by "OUT=DIR scripts/real_lm.sh" || exit $?
 fi
 exit $status
