@@ -6,7 +6,7 @@ Shapes, rows are cached tokens: U (n, d_in), dL/dV (n, d_out), D (n, d_out); S* 
   normal_equation (MALMEN, eq. 6):  d_j = S_j u_j,  S* = D^T U (U^T U + lambda I)^{-1}
       stage 2 (Theorems 1, 2):  M = G (U^T U + lambda I)^{-1},  dL/dD = U M^T,  dL/dlambda = -<M, S*>,
       then the proxy loss <dL/dD, D(theta)> back-propagated through the hyper-network in batches
-  sum (MEND, A.2):  S* = sum_j S_j = -eta G~^T U~
+  sum (MEND as the paper re-implements it, A.7; the shifts of A.2):  S* = sum_j S_j = -eta G~^T U~
       stage 2: the proxy loss <G, S*(theta)> = -eta sum_j g~_j^T G u~_j, in batches
 """
 import torch

@@ -1,6 +1,7 @@
 """MEND as re-implemented by the paper (A.7): MALMEN's hyper-network and memory-economic training, but the
 rank-one shifts S_j = -eta g~_j u~_j^T are summed (Mitchell et al. 2022) instead of solved for: the aggregation
-`sum` of editor/aggregation.py, without the regulariser lambda. Nothing else differs.
+`sum` of editor/aggregation.py, without the regulariser lambda (so editor.lambda_rel does nothing here).
+The code differs in nothing else; config/editor/mend.yaml also caches every token (token: all), as the authors' MEND row.
 """
 from editor.malmen import MALMEN
 
