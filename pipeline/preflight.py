@@ -136,6 +136,12 @@ def check_editor(cfg: DictConfig) -> None:
         raise ValueError(f"editor.stats_source must be train or wikitext, got {e.stats_source!r}")
     if e.name in META_TRAINED and e.aggregation not in ("normal_equation", "sum"):
         raise ValueError(f"editor.aggregation must be normal_equation or sum, got {e.aggregation!r}")
+    if e.name in META_TRAINED and e.get("lambda_rel") is not None and (
+            e.name == "mend" or e.aggregation == "sum" or not e.regularize):
+        raise ValueError(f"editor.lambda_rel={e.lambda_rel} sets lambda, which {cfg.editor.name} with "
+                         f"aggregation={e.aggregation} and regularize={str(e.regularize).lower()} does not have "
+                         "(the sum of shifts and the no-regularisation ablation solve nothing): add editor.lambda_rel=null "
+                         "(a config/tuned/ file, such as the default experiment's, may have set it)")
     if e.get("checkpoint"):
         check_checkpoint(e.checkpoint)
 

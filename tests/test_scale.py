@@ -98,3 +98,12 @@ def test_the_learning_curve_is_recorded_and_resumed(tmp_path):
     other = subprocess.run([*base, "max_train_steps=8", "editor.resume=true", "editor.eta_param=plain",
                             f"hydra.run.dir={run}"], cwd=ROOT, capture_output=True, text=True)
     assert other.returncode != 0 and "editor.eta_param: checkpoint 'log', this run 'plain'" in other.stderr
+
+
+@pytest.mark.parametrize("overrides", [("editor=mend",), ("ablation=sum",), ("ablation=no_reg",)])
+def test_lambda_rel_is_refused_where_there_is_no_lambda(overrides):
+    """MEND's sum and the no-regularisation ablation have no lambda: editor.lambda_rel would do nothing."""
+    from pipeline.preflight import check_editor
+    with pytest.raises(ValueError, match="editor.lambda_rel=0.1 sets lambda, which .* does not have"):
+        check_editor(make_cfg("model=tiny-gpt2", *overrides, "editor.lambda_rel=0.1"))
+    check_editor(make_cfg("model=tiny-gpt2", "editor=malmen", "editor.lambda_rel=0.1"))  # MALMEN solves with lambda
