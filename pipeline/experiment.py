@@ -6,11 +6,13 @@ transformers and the editors; run, run_edit and build_editor check them again fo
 here directly. Writes results.json and results.md (and checkpoint.pt for editors that learn) in the
 run directory.
 """
+import inspect
 import itertools
 import time
 from pathlib import Path
 
 import torch
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
@@ -21,11 +23,6 @@ from data.people import PeopleConfig, write_people
 from data.records import EditRecord, file_sha256, load_records
 from data.synthetic import WorldConfig, write_world
 from editor.base import Editor, apply_shifts
-from editor.emmet import EMMET
-from editor.ft import FT
-from editor.locft_bf import LocFTBF
-from editor.malmen import MALMEN
-from editor.memit import MEMIT
 from editor.mend import MEND
 from editor.stats import context_length, model_fingerprint, wikitext_texts
 from model.gguf_cache import ensure_gguf_model
@@ -39,6 +36,7 @@ from pipeline.meta_train import read_curve, train
 from pipeline.edit_facts import base_model, edit_and_save, reload_overrides
 from pipeline.pre_edit import PreEditCache, pre_edit_key
 from pipeline.preflight import check_config, check_edit, check_editor
+from pipeline.registry import META_TRAINED
 from pipeline.report import METRICS, edit_markdown, results_markdown
 from util import (Logger, atomic_write, peak_memory_mb, run_environment, save_json, started_from,
                   seed_everything, set_threads)
@@ -66,52 +64,38 @@ def stats_texts(cfg: DictConfig) -> list[str]:
     raise ValueError(f"editor.stats_source must be train or wikitext, got {source!r}")
 
 
-def build_located(cfg: DictConfig, model: torch.nn.Module, tokenizer) -> Editor:
-    """MEMIT, EMMET or LocFT-BF: editors without meta-training that edit located modules."""
-    e, family = cfg.editor, cfg.model.family
-    if e.name == "locft_bf":
-        return LocFTBF(model, family, e.module, lr=e.lr, batch_size=e.batch_size, n_epochs=e.n_epochs,
-                       loss_threshold=e.loss_threshold, eos_id=tokenizer.eos_token_id, seed=cfg.seed,
-                       device=cfg.model_device)
-    kwargs = dict(layers=list(e.layers), module=e.module, lam=e.lam, n_steps=e.n_steps, lr=e.lr,
-                  kl_coef=e.kl_coef, norm_coef=e.norm_coef, clamp_factor=e.clamp_factor, stop_loss=e.stop_loss,
-                  n_prefixes=e.n_prefixes, prefix_starts=list(e.prefix_starts), prefix_tokens=e.prefix_tokens,
-                  prefix_top_k=e.prefix_top_k, batch_size=e.batch_size,
-                  stats_texts=stats_texts(cfg), stats_source=e.stats_source, n_samples=e.n_samples,
-                  stats_max_len=e.stats_max_len or context_length(model), stats_batch_size=e.stats_batch_size,
-                  cache_dir=cfg.cache_dir, model_id=cfg.model.name_or_path, device=cfg.model_device,
-                  cache_targets=e.cache_targets,
-                  stats_file=cfg.data.train_path if e.stats_source == "train" else None)
-    if e.name == "emmet":
-        return EMMET(model, family, tokenizer, lam_e=e.lam_e, **kwargs)
-    return MEMIT(model, family, tokenizer, **kwargs)
-
-
 def build_editor(cfg: DictConfig, model: torch.nn.Module, dtype: torch.dtype = torch.float32,
                  tokenizer=None) -> Editor:
-    """The editor named by cfg.editor, on the modules it edits (hyper-network in `dtype`)."""
+    """The editor named by cfg.editor: its class (`_target_`, pipeline/registry.py) built from the editor config's
+    keys that its constructor names, and what the run supplies (the modules themselves, the device, the
+    hyper-network's `dtype`, MEMIT/EMMET's statistics text); a trained editor's checkpoint loaded."""
     check_editor(cfg)  # a known editor that suits the model, with its settings and a readable checkpoint
-    e, family = cfg.editor, cfg.model.family
-    if e.name in ("memit", "emmet", "locft_bf"):
-        return build_located(cfg, model, tokenizer)
-    modules = resolve_modules(model, list(e.modules), "editor.modules (default: the model config's "
-                              + ("ft_modules)" if e.name == "ft" else "edit_modules)"))
-    if e.name == "ft":
-        return FT(model, family, modules, lr=e.lr, weight_decay=e.weight_decay, n_epochs=e.n_epochs,
-                  device=cfg.model_device)
-    # "Sum of parameter shifts" (Table 1) is exactly the paper's MEND re-implementation.
-    cls = MEND if e.aggregation == "sum" else MALMEN
-    label = {"label": "malmen (ablation=sum)"} if cls is MEND and e.name == "malmen" else {}  # for messages
-    editor = cls(model, family, modules, rank=e.rank, n_blocks=e.n_blocks, lr_init=e.lr_init,
-                 lambda_init=e.lambda_init, meta_lr=e.meta_lr, loc_coef=e.loc_coef,
-                 max_grad_norm=e.max_grad_norm, token=e.token, batch_size=e.batch_size,
-                 loss_reduction=e.loss_reduction,
-                 regularize=e.regularize, device=cfg.editor_device, cache_device=e.cache_device,
-                 dtype=dtype, eta_param=e.get("eta_param", "plain"), scale_lr=e.get("scale_lr"),
-                 eta_search=e.get("eta_search", False), lambda_rel=e.get("lambda_rel"), **label)
-    if e.checkpoint:  # refused, saying what differs, if trained for another model or module layout
+    e = cfg.editor
+    cls, label = get_class(e._target_), {}
+    if e.name == "malmen" and e.aggregation == "sum":  # "Sum of parameter shifts" (Table 1) is exactly the
+        cls, label = MEND, {"label": "malmen (ablation=sum)"}  # paper's MEND re-implementation; for messages
+    args = {**OmegaConf.to_container(e, resolve=True), **label,  # then what the run supplies:
+            "device": cfg.editor_device if e.name in META_TRAINED else cfg.model_device, "dtype": dtype,
+            "tokenizer": tokenizer, "eos_id": getattr(tokenizer, "eos_token_id", None), "seed": cfg.seed,
+            "cache_dir": cfg.cache_dir, "model_id": cfg.model.name_or_path}
+    takes = init_parameters(cls)
+    if "modules" in takes:  # their names -> the modules of this model
+        args["modules"] = resolve_modules(model, list(e.modules), "editor.modules (default: the model config's "
+                                          + ("ft_modules)" if e.name == "ft" else "edit_modules)"))
+    if "stats_texts" in takes:  # MEMIT, EMMET: the text of the key statistics C
+        args.update(stats_texts=stats_texts(cfg), stats_max_len=e.stats_max_len or context_length(model),
+                    stats_file=cfg.data.train_path if e.stats_source == "train" else None)
+    editor = cls(model, cfg.model.family, **{k: v for k, v in args.items() if k in takes})
+    if e.get("checkpoint"):  # refused, saying what differs, if trained for another model or module layout
         load_editor_checkpoint(e.checkpoint, editor, OmegaConf.to_container(cfg, resolve=True))
     return editor
+
+
+def init_parameters(cls: type) -> set[str]:
+    """The arguments `cls` takes by name: its constructor's, and its bases' (which `**kwargs` passes on). The
+    editor config's other keys are run options, or keys of other editors (a sweep's ++editor.n_steps=10)."""
+    return {p for c in cls.__mro__ if c is not object and "__init__" in vars(c)
+            for p in inspect.signature(c.__init__).parameters} - {"self", "args", "kwargs", "model", "family"}
 
 
 def evaluate(model, group, family: str, device, prefix: PrefixCache | None = None, score_reduction: str = "sum",
@@ -262,7 +246,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     editor.prefix = prefix_cache(cfg, model, editor)
     config = OmegaConf.to_container(cfg, resolve=True)
     logger = Logger(cfg.logger, cfg.wandb.project, cfg.wandb.mode, config, run_dir)
-    # editor.resume: continue the meta-training whose checkpoint is in this run directory
+    # editor.resume (main.py sets it for an interrupted run): continue the meta-training of run_dir/checkpoint.pt
     done = resume(run_dir / "checkpoint.pt", editor, config) if cfg.editor.get("resume") else []
     training = editor.trainable and cfg.n_epochs > 0 and cfg.max_train_steps != 0
     validating = cfg.max_valid_steps != 0  # 0: meta-training only
@@ -310,7 +294,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
 def run_edit(cfg: DictConfig, run_dir: Path, facts: list[EditRecord] | None = None) -> dict:
     """mode=edit: edit the model with every fact of cfg.edit.facts at once; save it with provenance.json.
-    `facts`: as preflight.check_run read and checked them (main.py), or None to do that here."""
+    `facts`: as preflight.check_inputs read and checked them (main.py), or None to do that here."""
     start, e = time.time(), cfg.editor
     if facts is None:
         check_config(cfg)

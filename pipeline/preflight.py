@@ -2,9 +2,10 @@
 wrong is refused in seconds, with one message, before torch, transformers and the editors are imported
 (8 s on a busy 2-core machine) and before a model is loaded or the toy LM pretrained.
 
-main.py calls `check_run` first; experiment.run, run_edit and build_editor call these checks too, for
-the tests and scripts that call them directly. This module imports only the standard library,
-OmegaConf and data.facts/data.records (no torch): keep it so.
+main.py calls `check_config`, then (pipeline/rerun.py) looks at what the run directory holds, then calls
+`check_inputs`; experiment.run, run_edit and build_editor call these checks too, for the tests and scripts
+that call them directly. This module imports only the standard library, OmegaConf, data.facts/data.records
+and the editor registry (no torch): keep it so.
 """
 from __future__ import annotations
 
@@ -15,11 +16,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from data.facts import read_facts, require_subjects
 from data.records import DataError, EditRecord, load_records, require_file
+from pipeline.registry import EDITORS, LOCATED, META_TRAINED
 
 MODES = ("train", "edit")
-EDITORS = ("malmen", "mend", "ft", "memit", "emmet", "locft_bf")
-META_TRAINED = ("malmen", "mend")  # editors with a hyper-network; the others edit without meta-training
-LOCATED = {"locft_bf": "locft_module", "memit": "memit", "emmet": "memit.emmet"}  # editor: its model.<key>
 # Ranges of numeric settings, checked for the keys the run's editor has (a value of the wrong kind:
 # pipeline/cli.py).
 AT_LEAST_ONE = ("n_steps", "batch_size", "n_epochs", "rank", "n_blocks", "stats_batch_size", "n_samples",
@@ -28,10 +27,9 @@ NON_NEGATIVE = ("n_prefixes", "lr", "meta_lr", "kl_coef", "norm_coef", "weight_d
 POSITIVE = ("clamp_factor", "max_grad_norm", "lambda_init", "scale_lr", "lambda_rel")  # None: not set
 
 
-def check_run(cfg: DictConfig, run_dir: Path) -> list[EditRecord] | None:
-    """Refuse a run whose config or files are wrong (ValueError, FileNotFoundError); mode=edit: its facts.
+def check_inputs(cfg: DictConfig, run_dir: Path) -> list[EditRecord] | None:
+    """Refuse a run whose files are wrong (ValueError, FileNotFoundError); mode=edit: its facts, read and checked.
     The user's own facts are checked before the data files (which say how to download them)."""
-    check_config(cfg)
     facts = check_edit(cfg, run_dir) if cfg.mode == "edit" else None
     for path, why in data_files(cfg):
         require_file(path, why)
@@ -136,6 +134,9 @@ def check_editor(cfg: DictConfig) -> None:
         raise ValueError(f"editor.stats_source must be train or wikitext, got {e.stats_source!r}")
     if e.name in META_TRAINED and e.aggregation not in ("normal_equation", "sum"):
         raise ValueError(f"editor.aggregation must be normal_equation or sum, got {e.aggregation!r}")
+    if e.name == "mend" and e.aggregation != "sum":
+        raise ValueError(f"editor=mend sums the shifts (editor.aggregation=sum); editor.aggregation={e.aggregation} "
+                         "is MALMEN's: use editor=malmen")
     if e.name in META_TRAINED and e.get("lambda_rel") is not None and (
             e.name == "mend" or e.aggregation == "sum" or not e.regularize):
         raise ValueError(f"editor.lambda_rel={e.lambda_rel} sets lambda, which {cfg.editor.name} with "

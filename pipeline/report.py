@@ -37,22 +37,26 @@ def trained_label(results: dict) -> str | None:
     return f"trained at m = {trained['m']}" if trained and trained["m"] != results["config"]["data"]["n_edits"] else None
 
 
+def markdown_table(head: list, rows: list[list], right: bool = False) -> list[str]:
+    """The one Markdown table writer (results.md, the aggregate and README tables, both benchmarks): the header,
+    the rule (`right`: numbers right-aligned after the first column) and a line per row, cells as str."""
+    line = lambda cells: "|" + "|".join(f" {c} " if str(c) else " " for c in cells) + "|"  # noqa: E731
+    rule = ["---"] + ["---:" if right else "---"] * (len(head) - 1)
+    return [line(head), "|" + "|".join(rule) + "|", *map(line, rows)]
+
+
 def _table(rows: dict[str, dict]) -> list[str]:
     """Markdown rows of ES/GS/LS (and CounterFact's scores when present), one per named state ('-' for a
     metric that does not apply)."""
     names = [k for k in METRICS if k in ("ES", "GS", "LS") or any(k in (v or {}) for v in rows.values())]
-    lines = ["| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for name, values in rows.items():
-        lines.append(f"| {name} | " + " | ".join("-" if values.get(k) is None else f"{values[k]:.3f}"
-                                               for k in names) + " |")
-    return lines
+    return markdown_table(["", *names], [[name, *("-" if values.get(k) is None else f"{values[k]:.3f}" for k in names)]
+                                         for name, values in rows.items()])
 
 
 def _generated_table(rows: dict[str, dict]) -> list[str]:
     """Markdown rows of the generated scores (ES, GS, LS, unchanged), one per named state."""
     names = ("ES", "GS", "LS", "unchanged")
-    lines = ["| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    return lines + [f"| {name} | " + " | ".join(f"{v[k]:.3f}" for k in names) + " |" for name, v in rows.items()]
+    return markdown_table(["", *names], [[name, *(f"{v[k]:.3f}" for k in names)] for name, v in rows.items()])
 
 
 def no_gain_warning(pre: dict | None, post: dict | None, editor: str) -> str | None:

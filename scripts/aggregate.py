@@ -4,13 +4,14 @@ python scripts/aggregate.py SWEEP_DIR [--out DIR]     (DIR defaults to SWEEP_DIR
 
 Runs are grouped by (paper_result, model, data, editor, variant, m, the m a hyper-network evaluated at another m
 was trained at); seeds are the repeats. Such rows are labelled "(trained at m = X)". Writes
-- summary.csv: n, seeds, mean and std (over seeds, numpy's ddof=0) of ES, GS, LS, residual, time_s
-  and peak_memory_mb per group, and the mean ES, GS, LS before editing (pre_*), rounded to 4 decimals;
+- summary.csv: scripts/runs.summarize's rows: n, seeds, mean and std (numpy's ddof=0; over seeds, or for
+  massive_counterfact over validation groups: the `spread` column says which) of ES, GS, LS, residual, time_s
+  and peak_memory_mb per group, and the level before editing (pre_*: runs.levels_before), rounded to 4 decimals;
 - <result>.png per scaling curve (ES, GS, LS against m on a log2 axis, mean line, std shaded, the
   level before editing dashed); a result with a single m is a table, <result>.md, instead;
   <result>_residual.png when the runs recorded the Fig. 8 residual; fig8_residual.png for Fig. 8;
 - table1.md and table2.md in the layout of the paper's Tables 1 and 2 (mean (std), in %), and
-  toy_table.md in Table 1's layout for the toy (experiment=toy_table, scripts/toy_table.sh);
+  toy_table.md in Table 1's layout for the toy (experiment=toy_table, scripts/sweep.sh toy_table);
 - real_lm_zsre.md in that layout, one column group per m (a row per editor, "Before editing" first), beside
   its curve real_lm_zsre.png (scripts/real_lm.sh);
 - massive_counterfact.md: a row per (m, editor) with ES/GS/LS, CounterFact's efficacy, paraphrase and
@@ -31,6 +32,7 @@ from scripts.runs import AggregateError, find_runs, summarize, write_csv  # noqa
 
 TABLES = ("table1", "table2", "toy_table", "real_lm_zsre", "massive_counterfact")  # paper_result values written as Markdown tables ...
 PLOTTED_TABLES = ("real_lm_zsre", "massive_counterfact")  # ... and, for these, as a curve over m as well
+SPREAD = {"massive_counterfact": "groups"}  # the std over validation groups (one group per seed at m = 1024); else seeds
 TITLES = {"fig4_bert_fever": "Fig. 4: BERT-base on FEVER", "fig5_gpt2_zsre": "Fig. 5: GPT-2 on zsRE",
           "fig6_t5xl_zsre": "Fig. 6: T5-XL on zsRE", "fig7_gptj_zsre": "Fig. 7: GPT-J on zsRE",
           "fig8_residual": "Fig. 8: cancellation effect", "table1": "Table 1: ablation study",
@@ -41,7 +43,9 @@ TITLES = {"fig4_bert_fever": "Fig. 4: BERT-base on FEVER", "fig5_gpt2_zsre": "Fi
 
 def aggregate(sweep_dir: Path, out_dir: Path) -> list[Path]:
     """Read every run under sweep_dir and write the CSV, plots and tables to out_dir; returns the files."""
-    rows = summarize(find_runs(sweep_dir))
+    runs = find_runs(sweep_dir)
+    rows = [row for result in sorted({r.result for r in runs})  # the spread each result's tables show
+            for row in summarize([r for r in runs if r.result == result], SPREAD.get(result, "seeds"))]
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [out_dir / "summary.csv"]
     write_csv(rows, written[0])
@@ -62,7 +66,7 @@ def aggregate(sweep_dir: Path, out_dir: Path) -> list[Path]:
             continue
         if result != "fig8_residual":
             written.append(out_dir / f"{result}.png")
-            plot_scaling(part, title, written[-1], "groups" if result == "massive_counterfact" else "seeds")
+            plot_scaling(part, title, written[-1])
         if has_residual:
             written.append(out_dir / ("fig8_residual.png" if result == "fig8_residual" else f"{result}_residual.png"))
             plot_residual(part, title, written[-1])

@@ -105,6 +105,7 @@ from editor.base import apply_shifts  # noqa: E402
 from model.load import load_model  # noqa: E402
 from model.prefix import PrefixCache  # noqa: E402
 from pipeline import experiment  # noqa: E402
+from pipeline.report import markdown_table  # noqa: E402
 from util import atomic_write, peak_memory_mb, seed_everything  # noqa: E402
 
 
@@ -288,19 +289,16 @@ def table(results: list[dict], args, env: str, gflops: float) -> str:
     phases_ = list(results[0]["phases"])
     weights = "random weights" if args.model in ("gpt2", "gpt-j") or args.model.startswith("tiny-") else "its weights"
     name = {"off": "cache off", "on": "cache on", "cold": "first run (store cold)", "warm": "later run (store warm)"}
-    lines = [f"**{args.editor.upper()}, model {args.model} ({weights}), device {args.device}, LM batch {args.batch_size}**",
-             "", "| phase | " + " | ".join(f"m = {r['m']}, {name[r['mode']]}: wall s | CPU s" for r in results) + " |",
-             "|---|" + "---:|---:|" * len(results)]
-    for p in phases_:
-        lines.append(f"| {p} | " + " | ".join(f"{r['phases'][p][0]:.2f} | {r['phases'][p][1]:.2f}"
-                                              for r in results) + " |")
-    lines.append("| peak memory (GiB) | " + " | ".join(f"{r['peak_mb'] / 1024:.2f} | " for r in results) + " |")
-    lines.append("| LM tokens edit / equiv / unrel (padding incl.) | " + " | ".join(
-        f"{r['lm_tokens']['edit']} / {r['lm_tokens']['equiv']} / {r['lm_tokens']['unrel']} | " for r in results)
-        + " |")
+    head = ["phase", *(h for r in results for h in (f"m = {r['m']}, {name[r['mode']]}: wall s", "CPU s"))]
+    body = [[p, *(f"{v:.2f}" for r in results for v in r["phases"][p])] for p in phases_]
+    body.append(["peak memory (GiB)", *(c for r in results for c in (f"{r['peak_mb'] / 1024:.2f}", ""))])
+    body.append(["LM tokens edit / equiv / unrel (padding incl.)", *(c for r in results for c in (
+        f"{r['lm_tokens']['edit']} / {r['lm_tokens']['equiv']} / {r['lm_tokens']['unrel']}", ""))])
     if all(r["floor"] for r in results):
-        lines.append(f"| meta-step floor: the top blocks' and head's FLOPs at {gflops:.0f} GFLOP/s (s) | " + " | ".join(
-            f"{r['floor']['flops'] / 1e9 / gflops:.2f} | " for r in results) + " |")
+        body.append([f"meta-step floor: the top blocks' and head's FLOPs at {gflops:.0f} GFLOP/s (s)",
+                     *(c for r in results for c in (f"{r['floor']['flops'] / 1e9 / gflops:.2f}", ""))])
+    lines = [f"**{args.editor.upper()}, model {args.model} ({weights}), device {args.device}, LM batch {args.batch_size}**",
+             "", *markdown_table(head, body, right=True)]
     notes = ("cache on: the meta-step is the last of --steps on one group, its lower blocks cached by the steps before. "
              "first run / later run: the first run's meta-step computes every tuple and fills the disk store; the later "
              "run's (a new cache, memory empty) reads it, as every cell, seed and editor of a grid after the first does. "

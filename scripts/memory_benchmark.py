@@ -9,9 +9,10 @@ back-propagates once through both, so it keeps every LM batch's graph at once. M
 RSS of the process on CPU (model and editor included) and `torch.cuda.max_memory_allocated` on a
 GPU. `--model gpt2` is the GPT-2 (124M) architecture with random weights (nothing is downloaded);
 a model with a `tiny` config (tiny-gpt2) is built as in the tests. The editor is config/editor/malmen
-(A.6: rank 1920) on the model's edit_modules. Edit tuples are random token ids with the lengths of
-an average zsRE tuple under GPT-2's tokenizer (prompt 11, answer 3 tokens, measured on
-zsre_mend_train-1k.json), so the cached tokens and LM activations scale as on zsRE.
+(A.6: rank 1920) on the model's edit_modules, built as a run builds it (experiment.build_editor). Edit
+tuples are random token ids with the lengths of an average zsRE tuple under GPT-2's tokenizer (prompt 11,
+answer 3 tokens, measured on zsre_mend_train-1k.json), so the cached tokens and LM activations scale as on
+zsRE.
 Writes memory.csv, memory.md and memory.png (Fig. 9) to --out.
 """
 import argparse
@@ -33,7 +34,9 @@ from tqdm import tqdm  # noqa: E402
 from data.groups import EditGroup  # noqa: E402
 from data.records import EditRecord  # noqa: E402
 from editor.malmen import MALMEN  # noqa: E402
-from model.load import load_model, resolve_modules  # noqa: E402
+from model.load import load_model  # noqa: E402
+from pipeline.experiment import build_editor  # noqa: E402
+from pipeline.report import markdown_table  # noqa: E402
 from util import atomic_write, peak_memory_mb, seed_everything  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,10 +46,12 @@ OUT_OF_MEMORY = 4  # worker exit code: the device ran out of memory (torch.OutOf
 
 
 def build(model_name: str, device: str, rank: int | None) -> tuple[torch.nn.Module, MALMEN]:
-    """The model (random weights) and a MALMEN editor with config/editor/malmen.yaml's settings."""
+    """The model (random weights) and a MALMEN editor with config/editor/malmen.yaml's settings, on `device`."""
+    overrides = [f"model={model_name}", "editor=malmen", f"model_device={device}"]
+    overrides += [f"editor.rank={rank}"] if rank else []
     with initialize_config_dir(config_dir=str(ROOT / "config"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"model={model_name}", "editor=malmen"])
-    mc, e = cfg.model, cfg.editor
+        cfg = compose(config_name="config", overrides=overrides)
+    mc = cfg.model
     if mc.tiny is not None:
         model, _ = load_model(arch=mc.arch, family=mc.family, name_or_path=None, tokenizer=None, dtype=mc.dtype,
                               tiny=OmegaConf.to_container(mc.tiny), device=device)
@@ -56,11 +61,7 @@ def build(model_name: str, device: str, rank: int | None) -> tuple[torch.nn.Modu
         model.requires_grad_(False)
     else:
         raise ValueError(f"the benchmark builds GPT-2 (model=gpt2) or a tiny model; got model={model_name}")
-    editor = MALMEN(model, mc.family, resolve_modules(model, list(e.modules)), rank=rank or e.rank,
-                    n_blocks=e.n_blocks, lr_init=e.lr_init, lambda_init=e.lambda_init, meta_lr=e.meta_lr,
-                    loc_coef=e.loc_coef, max_grad_norm=e.max_grad_norm, token=e.token, batch_size=e.batch_size,
-                    loss_reduction=e.loss_reduction, regularize=e.regularize, device=device, cache_device=device)
-    return model, editor
+    return model, build_editor(cfg, model)
 
 
 def random_group(m: int, vocab: int, batch_size: int, prompt_len: int, answer_len: int) -> EditGroup:
@@ -148,13 +149,13 @@ def write_outputs(rows: list[dict], out: Path, title: str, device_gib: float | N
         if r is None:
             return "–"
         return r.get("status", "–") if r["peak_mb"] is None else f"{r['peak_mb'] / 1024:.2f}"
-    lines = [f"**{title}**", "", "| m | two-stage (GiB) | end-to-end (GiB) | end-to-end / two-stage |",
-             "|---:|---:|---:|---:|"]
+    body = []
     for m in ms:
         a, b = by.get((m, "two_stage")), by.get((m, "end_to_end"))
         ok = a and b and a["peak_mb"] and b["peak_mb"]
-        lines.append(f"| {m} | {cell(a)} | {cell(b)} | {b['peak_mb'] / a['peak_mb']:.2f} |" if ok
-                     else f"| {m} | {cell(a)} | {cell(b)} | – |")
+        body.append([m, cell(a), cell(b), f"{b['peak_mb'] / a['peak_mb']:.2f}" if ok else "–"])
+    lines = [f"**{title}**", "", *markdown_table(["m", "two-stage (GiB)", "end-to-end (GiB)", "end-to-end / two-stage"],
+                                                 body, right=True)]
     table = "\n".join(lines) + "\n"
     atomic_write(out / "memory.md", table)
 

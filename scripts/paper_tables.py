@@ -4,8 +4,7 @@ single_m_table: a result with one m, where a curve would be one dot (rows x befo
 ablation_table: the layout of Tables 1 and 2 (variants x (setting, ES/GS/LS in %[, time in h])).
 massive_table: the massive-editing experiment, a row per (m, editor) with CounterFact's scores and the time.
 """
-import numpy as np
-
+from pipeline.report import markdown_table
 from scripts.runs import COUNTERFACT, GENERATED, METRICS, label, mean_std, row_order, seeds_title
 
 
@@ -15,15 +14,13 @@ def single_m_table(rows: list[dict], title: str) -> str:
     several = len({(r["model"], r["data"]) for r in rows}) > 1
     scores = METRICS + tuple(s for s in GENERATED if all(r[f"{s}_mean"] is not None for r in rows))
     stats = scores + (("residual",) if any(r["residual_mean"] is not None for r in rows) else ())
-    lines = [f"**{seeds_title(rows, title)}**, m = {rows[0]['m']}", "", "| | seeds | " + " | ".join(stats) + " |",
-             "|---|---|" + "---|" * len(stats)]
-    pre = [r for r in rows if r["pre_ES_mean"] is not None]
-    if pre:
-        lines.append("| before editing | | " + " | ".join(f"{np.mean([r[f'pre_{s}_mean'] for r in pre]):.3f}"
-                                                      for s in scores) + " |" + " |" * (len(stats) - len(scores)))
-    for r in rows:
-        lines.append(f"| {label(r, several)} | {r['n']} | " + " | ".join(
-            "–" if r[f"{s}_mean"] is None else mean_std(r[f"{s}_mean"], r[f"{s}_std"], 3) for s in stats) + " |")
+    pre = rows[0]  # the level before editing (runs.levels_before): the same in every row of one m
+    before = [["before editing", "", *(f"{pre[f'pre_{s}_mean']:.3f}" for s in scores),
+               *([""] * (len(stats) - len(scores)))]] if all(pre[f"pre_{s}_mean"] is not None for s in scores) else []
+    body = [[label(r, several), r["n"], *("–" if r[f"{s}_mean"] is None else mean_std(r[f"{s}_mean"], r[f"{s}_std"], 3)
+                                          for s in stats)] for r in rows]
+    lines = [f"**{seeds_title(rows, title)}**, m = {rows[0]['m']}", "",
+             *markdown_table(["", "seeds", *stats], before + body)]
     return "\n".join(lines) + "\n"
 
 
@@ -39,20 +36,18 @@ def ablation_table(rows: list[dict], title: str, with_time: bool) -> str:
     variants = sorted({(r["editor"], r["variant"]) for r in rows}, key=lambda ev: row_order(*ev))
     by_key = {(r["editor"], r["variant"], r["data"], r["model"], r["m"]): r for r in rows}
     stats = METRICS + (("time_s",) if with_time else ())
-    head, rule = ["Variant"], ["---"]
+    head = ["Variant"]
     for data, model, m in settings:
         for stat in stats:
             name = "Time (h) ↓" if stat == "time_s" else f"{stat} (%) ↑"
             head.append(f"{data}, m = {m}: {model} {name}" if stat == "ES" else name)
-            rule.append("---:")
-    lines = [f"**{title}** (mean (std) over seeds)", "", "| " + " | ".join(head) + " |",
-             "| " + " | ".join(rule) + " |"]
     before = ["Before editing"]  # the unedited model's level, per setting (time: –)
     for data, model, m in settings:
-        pre = [r for r in rows if (r["data"], r["model"], r["m"]) == (data, model, m) and r["pre_ES_mean"] is not None]
+        pre = next(r for r in rows if (r["data"], r["model"], r["m"]) == (data, model, m))
         for stat in stats:
-            before.append("–" if stat == "time_s" or not pre else f"{100 * np.mean([r[f'pre_{stat}_mean'] for r in pre]):.1f}")
-    lines.append("| " + " | ".join(before) + " |")
+            before.append("–" if stat == "time_s" or pre[f"pre_{stat}_mean"] is None
+                          else f"{100 * pre[f'pre_{stat}_mean']:.1f}")
+    body = [before]
     counts = set()
     for editor, variant in variants:
         cells = [label({"editor": editor, "variant": variant})]
@@ -64,9 +59,10 @@ def ablation_table(rows: list[dict], title: str, with_time: bool) -> str:
                     cells.append("–" if row is None else f"{row['time_s_mean'] / 3600:.3g}")
                 else:
                     cells.append(_cell(row, stat))
-        lines.append("| " + " | ".join(cells) + " |")
+        body.append(cells)
     n = sorted(c for c in counts if c is not None)
-    lines += ["", f"Seeds per cell: {', '.join(map(str, sorted(set(n))))}. – : no run finished."]
+    lines = [f"**{title}** (mean (std) over seeds)", "", *markdown_table(head, body, right=True),
+             "", f"Seeds per cell: {', '.join(map(str, sorted(set(n))))}. – : no run finished."]
     return "\n".join(lines) + "\n"
 
 
@@ -77,19 +73,17 @@ def massive_table(rows: list[dict], title: str) -> str:
     stats = METRICS + COUNTERFACT + tuple(s for s in GENERATED if any(r[f"{s}_mean"] is not None for r in rows))
     head = ["m", "editor", *stats, "groups x seeds", "wall s", "CPU s"]
     seeds = sorted({r["n"] for r in rows})
-    lines = [f"**{title} (mean (std over validation groups x {'/'.join(map(str, seeds))} seed"
-             f"{'s' if seeds != [1] else ''}))**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    body = []
     for m in sorted({r["m"] for r in rows}):
         at_m = sorted((r for r in rows if r["m"] == m), key=lambda r: row_order(r["editor"], r["variant"]))
-        pre = [np.mean([r[f"pre_{s}_mean"] for r in at_m if r[f"pre_{s}_mean"] is not None] or [np.nan]) for s in stats]
-        lines.append(f"| {m} | before editing | " + " | ".join("-" if np.isnan(v) else f"{v:.3f}" for v in pre)
-                     + " | | | |")
+        body.append([m, "before editing", *("-" if at_m[0][f"pre_{s}_mean"] is None else f"{at_m[0][f'pre_{s}_mean']:.3f}"
+                                            for s in stats), "", "", ""])  # the same in every row of one m
         for r in at_m:
-            spread = (r.get("n_groups") or 0) > 1
+            spread = (r.get("n_groups") or 0) > 1  # summarize(spread="groups"): the std over validation groups
             cells = ["-" if r[f"{s}_mean"] is None else
-                     mean_std(r[f"{s}_mean"], r[f"{s}_group_std"] if spread else None, 3) for s in stats]
+                     mean_std(r[f"{s}_mean"], r[f"{s}_std"] if spread else None, 3) for s in stats]
             groups = "-" if r["valid_groups_mean"] is None else f"{r['valid_groups_mean']:.0f} x {r['n']}"
             cpu = "-" if r["cpu_time_s_mean"] is None else f"{r['cpu_time_s_mean']:.0f}"
-            lines.append(f"| {m} | {label(r)} | " + " | ".join(cells)
-                         + f" | {groups} | {r['time_s_mean']:.0f} | {cpu} |")
-    return "\n".join(lines) + "\n"
+            body.append([m, label(r), *cells, groups, f"{r['time_s_mean']:.0f}", cpu])
+    return "\n".join([f"**{title} (mean (std over validation groups x {'/'.join(map(str, seeds))} seed"
+                      f"{'s' if seeds != [1] else ''}))**", "", *markdown_table(head, body)]) + "\n"

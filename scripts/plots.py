@@ -18,9 +18,9 @@ from scripts.runs import COUNTERFACT, METRICS, label, seeds_title  # noqa: E402
 UNITS = {"ES": "edit success", "GS": "generalisation success", "LS": "locality success"}
 
 
-def _lines(rows: list[dict], stat: str, spread: str = "std") -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """label -> (m, mean, std) sorted by m, for the rows that have `stat`; `spread`: the std over seeds ("std")
-    or over every validation group ("group_std", 0 where a row lacks it)."""
+def _lines(rows: list[dict], stat: str) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """label -> (m, mean, std) sorted by m, for the rows that have `stat`; the std is the rows' own spread
+    (summarize's `spread`: over seeds or over validation groups; 0 where a row lacks one)."""
     several = len({(r["model"], r["data"]) for r in rows}) > 1
     lines: dict[str, list[dict]] = {}
     for r in rows:
@@ -30,7 +30,7 @@ def _lines(rows: list[dict], stat: str, spread: str = "std") -> dict[str, tuple[
     for name, rs in lines.items():
         rs = sorted(rs, key=lambda r: r["m"])
         out[name] = tuple(np.array([r.get(k) or 0.0 for r in rs], dtype=float)
-                          for k in ("m", f"{stat}_mean", f"{stat}_{spread}"))
+                          for k in ("m", f"{stat}_mean", f"{stat}_std"))
     return out
 
 
@@ -54,29 +54,25 @@ def _legend_outside(fig, axes) -> None:
     fig.tight_layout(rect=(0, 0.1, 1, 1))
 
 
-def plot_scaling(rows: list[dict], title: str, path: Path, spread: str = "seeds") -> None:
+def plot_scaling(rows: list[dict], title: str, path: Path) -> None:
     """ES, GS, LS (and CounterFact's scores, where the runs have them) against m (log2), one line per
-    editor/variant, mean +- std shaded (`spread`: std over seeds, or over every validation group of every seed,
-    "groups"); before editing dashed."""
+    editor/variant, mean +- std shaded (the rows' spread: over seeds, or over every validation group of every
+    seed); before editing dashed (runs.levels_before)."""
     stats = METRICS + tuple(s for s in COUNTERFACT if any(r[f"{s}_mean"] is not None for r in rows))
     fig, axes = plt.subplots(len(stats) // 3, 3, figsize=(13, 4.2 * (len(stats) // 3)), sharex=True, squeeze=False)
     axes = axes.ravel()
     for ax, stat in zip(axes, stats):
-        for name, (m, mean, std) in _lines(rows, stat, "group_std" if spread == "groups" else "std").items():
+        for name, (m, mean, std) in _lines(rows, stat).items():
             ax.plot(m, mean, marker="o", ms=3, label=name)
             ax.fill_between(m, mean - std, mean + std, alpha=0.2)
-        pre = sorted({(r["m"], r[f"pre_{stat}_mean"]) for r in rows if r[f"pre_{stat}_mean"] is not None})
-        if pre:  # the edited model's own level, the reference every editor starts from
-            by_m: dict[int, list[float]] = {}
-            for m, v in pre:
-                by_m.setdefault(m, []).append(v)
-            ms = sorted(by_m)
-            ax.plot(ms, [np.mean(by_m[m]) for m in ms], "k--", lw=1, label="before editing")
+        pre = dict(sorted((r["m"], r[f"pre_{stat}_mean"]) for r in rows if r[f"pre_{stat}_mean"] is not None))
+        if pre:  # the edited model's own level, the reference every editor starts from (one per m)
+            ax.plot(list(pre), list(pre.values()), "k--", lw=1, label="before editing")
         _axis(ax, stat)
         ax.set_title(stat)
         ax.set_ylim(0, 1.02)
     n = "/".join(map(str, sorted({r["n"] for r in rows})))
-    fig.suptitle(seeds_title(rows, title) if spread == "seeds" else
+    fig.suptitle(seeds_title(rows, title) if rows[0]["spread"] == "seeds" else
                  f"{title} (mean over {n} seed{'s' if n != '1' else ''}, shaded ± std over validation groups)")
     _legend_outside(fig, axes)
     fig.savefig(path, dpi=120)

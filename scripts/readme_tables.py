@@ -1,55 +1,51 @@
-"""The README's tables of results, from results.json files; and the check that a rerun matches one.
+"""The README's result tables as data: results.json trees -> results/<name>/ -> the README's marked blocks.
 
-usage: python scripts/readme_tables.py table DIR [DIR ...] [--by KEY ...] [--csv PATH] [--readme README.md --name NAME]
-                                             [--made-by CMD] [--times] [--combined] [--spread seeds|groups]
-       python scripts/readme_tables.py check DIR [DIR ...] [--readme README.md] [--name default]
-                                             [--tol 0.03 | --tol-std K]
+usage: python scripts/readme_tables.py table DIR [DIR ...] [--by KEY ...] [--spread seeds|groups] [--times]
+                                             [--made-by CMD] [--save NAME [--readme README.md]]
+       python scripts/readme_tables.py readme [NAME ...] [--readme README.md] [--check]
+       python scripts/readme_tables.py check DIR [DIR ...] --name NAME [--tol 0.03 | --tol-std K]
 
-`table` reads every results.json under the DIRs (run or sweep directories, searched recursively) and
-prints one Markdown table per (model, data, m): a "before editing" row (the runs' pre_edit, one value per
-seed, since the editors of one seed edit the same groups; runs of a seed that disagree are refused), then one
-row per editor and ablation variant (and per value of each `--by` config key, e.g. `--by n_epochs`),
-with ES, GS and LS as mean (std over seeds, numpy's ddof=0; the mean alone for one seed; `--spread groups`:
-over every validation group of every seed, results.json "valid"). Under each
-table goes one provenance line: the command of each row (rebuilt from the runs' .hydra/overrides.yaml),
-the commit(s), the machine, the load and the dates (from results.json "environment"). The commands run
-on any machine: a path inside the repository is written relative to its root, one outside it under DIR,
-the deepest folder holding the runs and those paths (`--made-by CMD` names the command that writes it,
-e.g. 'OUT=DIR scripts/real_lm.sh'); cache_dir is left out at the default cache, else CACHE. A NaN or
-infinite value is printed as "n/a (why)", never as a number. `--csv` writes the same rows as CSV;
-`--readme F --name NAME` replaces what lies between `<!-- table:NAME -->` and `<!-- /table:NAME -->` in F.
+`table` reads every results.json under the DIRs (scripts/runs.py) and prints one Markdown table per model and
+data set: per m, a "before editing" row (runs.levels_before), then a row per editor and ablation variant (and
+per value of each `--by` config key), each score as mean (std) from runs.summarize, whose spread is over seeds or
+(`--spread groups`) over every validation group of every seed. `--save NAME` writes the table as data to
+results/NAME/: summary.csv (a row per table row: m, row, count, each score's mean and std, wall and CPU seconds,
+and the row's own command) and about.yaml (the setting, the spread, the one command that makes the table, and
+one provenance line: commit range, dates, machine, load). The commands run on any machine: a path inside the
+repository is written relative to its root, one outside it under DIR (the deepest folder holding the runs and
+what their overrides name; `--made-by CMD` names the command that writes DIR), cache_dir as CACHE.
+`--readme F` (with --save) then renders that block of F.
 
-`check` builds the same table from the DIRs and compares it, row by row (the rows both have), with the
-first Markdown table between the markers NAME in the README. Each README cell's first number is its
-value ("0.488 (0.015)" reads 0.488), columns are found by their header (ES, GS, LS), rows by their first
-cell ("MALMEN", "before editing"). `--tol-std K` allows K times each README cell's std (the number in
-parentheses) instead of a fixed ±tol. Exit status 0: every compared value within the tolerance; 1: one differs
-(or is n/a); 2: bad input (no runs, a missing marker, column or row). The runs are read by scripts/runs.py,
-the README's marked blocks by scripts/readme_blocks.py.
+`readme` renders results/NAME/ (by default every NAME whose markers the file has: README.md, or a docs page) between `<!-- table:NAME -->` and `<!-- /table:NAME -->`
+in the README: the table, its one command, its provenance line and a link to the data. The README shows only
+what results/ holds; `--check` changes nothing and exits 1 if a block differs from its data.
+
+`check` compares a rerun's means with results/NAME/summary.csv, row by row (the rows both have, at the rerun's
+m): within ±tol, or `--tol-std K` times each row's std (plus 0.0005 for the rounding to 3 decimals). Exit
+status 0: all within; 1: one differs (or is not finite); 2: bad input.
 """
 import argparse
+import csv
 import math
 import os
-import re
-import shlex
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from scripts.readme_blocks import read_block, replace_block  # noqa: E402
+from pipeline.report import markdown_table  # noqa: E402
+from scripts.provenance import command, one_command, out_dir, provenance  # noqa: E402
 from scripts.runs import (COUNTERFACT, GENERATED, METRICS, AggregateError, Run, find_runs, label, mean_std,  # noqa: E402
-                          row_order, summarize, write_csv)
+                          row_order, summarize)
+from util import atomic_write  # noqa: E402
 
 BEFORE = "before editing"
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CACHE = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())["cache_dir"]  # relative to ROOT
+RESULTS = ROOT / "results"  # the tables' data (--results)
 
 
-# ----- runs -> tables ------------------------------------------------------------------------------
 def _get(config: dict, dotted: str):
     """config[a][b]... for 'a.b' (None where absent)."""
     for part in dotted.split("."):
@@ -58,129 +54,21 @@ def _get(config: dict, dotted: str):
 
 
 def read_runs(dirs: list[Path], by: list[str]) -> list[Run]:
-    """Every run under dirs (each once), its `result` replaced by the values of the `by` keys.
-
-    The paper_result is dropped from the grouping, so that a run of `python main.py` and the same
-    setting in a sweep fall in one row."""
+    """Every run under dirs (each once), its `result` replaced by the values of the `by` keys, so that a run of
+    `python main.py` and the same setting in a sweep fall in one row."""
+    from dataclasses import replace
     paths = {}
     for d in dirs:
         for run in find_runs(d):
             paths.setdefault(run.path.resolve(), run)
-    return [replace(run, result=", ".join(f"{k}={_get(run.config, k)}" for k in by))
-            for run in paths.values()]
+    return [replace(run, result=", ".join(f"{k}={_get(run.config, k)}" for k in by)) for run in paths.values()]
 
 
-def _overrides(run: Run) -> list[str] | None:
-    """The run's command-line overrides (Hydra's .hydra/overrides.yaml), None if not recorded."""
-    path = run.path.parent / ".hydra" / "overrides.yaml"
-    return list(yaml.safe_load(path.read_text()) or []) if path.is_file() else None
-
-
-def _outside(override: str) -> Path | None:
-    """The absolute path outside the repository that a key=value override names (cache_dir aside), else None."""
-    key, _, value = override.partition("=")
-    path = Path(value).resolve() if value.startswith("/") else None
-    return None if path is None or path.is_relative_to(ROOT) or key.lstrip("+~") == "cache_dir" else path
-
-
-def out_dir(runs: list[Run]) -> Path | None:
-    """DIR: the deepest folder holding the runs and the paths outside the repository that their overrides
-    name (real_lm.sh's OUT: DIR/split, DIR/results/...); None where they name none."""
-    named = [p for r in runs for p in map(_outside, _overrides(r) or []) if p]
-    if not named:
-        return None
-    out = Path(os.path.commonpath([*named, *(r.path.parent.resolve() for r in runs)]))
-    if out == Path(out.anchor):  # DIR = / would print the machine's paths under another name
-        raise AggregateError(runs[0].path, None, f"these runs and the files their commands name ({named[0]}, ...) share "
-                             "no folder but the root, so their commands cannot be written without this machine's paths: "
-                             "keep the runs and their files under one folder (real_lm.sh's OUT does)")
-    return out
-
-
-def portable(override: str, out: Path | None) -> str | None:
-    """The override as any machine can run it: a path inside the repository relative to its root, one
-    outside under DIR (`out`), cache_dir's as CACHE; None for cache_dir at the default cache."""
-    key, _, value = override.partition("=")
-    if not value.startswith("/"):
-        return override
-    path, cache = Path(value).resolve(), key.lstrip("+~") == "cache_dir"
-    if path.is_relative_to(ROOT):
-        value = path.relative_to(ROOT).as_posix()
-        return None if cache and value == DEFAULT_CACHE else f"{key}={value}"
-    return f"{key}={'CACHE' if cache else (Path('DIR') / path.relative_to(out)).as_posix()}"
-
-
-def command(runs: list[Run], out: Path | None = None) -> str:
-    """One `python main.py [-m] ...` that reruns these runs (values of a key merged: seed=0,1,2), its paths
-    as `portable` writes them, under DIR = `out` (default: out_dir(runs))."""
-    out = out or out_dir(runs)
-    overrides = [_overrides(r) for r in runs]
-    if any(o is None for o in overrides):
-        return "command not recorded"
-    overrides = [[p for p in (portable(o, out) for o in ovs) if p is not None] for ovs in overrides]
-    keys = [[o.split("=", 1)[0] for o in ovs] for ovs in overrides]
-    if any(k != keys[0] for k in keys):  # not one sweep: one command per distinct override list
-        return "; ".join(dict.fromkeys(command([r], out) for r in runs))
-    merged = [(k, list(dict.fromkeys(ovs[i].split("=", 1)[1] for ovs in overrides if "=" in ovs[i])))
-              for i, k in enumerate(keys[0])]
-    sweep = any(len(values) > 1 for _, values in merged)
-    return " ".join(["python main.py", *(["-m"] if sweep else []),
-                     *(shlex.quote(f"{k}={','.join(v)}" if v else k) for k, v in merged)])
-
-
-def provenance(runs: list[Run]) -> str:
-    """Commit(s), machine(s), load range and date range of the runs' recorded environment."""
-    envs = [r.environment for r in runs if r.environment]
-    if not envs:
-        return "Environment not recorded."
-    commits = sorted({(e.get("commit") or "unknown (not a git checkout)")
-                      + (" (uncommitted changes)" if e.get("dirty") else "")
-                      + (f" (checkout moved to {e['checkout_changed']['commit']}"
-                         + (" with uncommitted changes" if e["checkout_changed"].get("dirty") else "") + " during the run)"
-                         if e.get("checkout_changed") else "") for e in envs})
-    machines = sorted({f"{e.get('cpu')}, {e.get('cpu_count')} cores, torch threads {e.get('threads')}, "
-                       f"{'GPU ' + e['gpu'] if e.get('gpu') else 'no GPU'}; torch {e.get('torch')}, "
-                       f"transformers {e.get('transformers')}" for e in envs})
-    loads = [e["load_1min"] for e in envs if isinstance(e.get("load_1min"), (int, float))]
-    dates = sorted(str(e.get("date"))[:10] for e in envs)
-    parts = [f"Commit {', '.join(commits)}", f"machine: {' / '.join(machines)}",
-             f"load (1 min, at the end) {min(loads):.2f}" + (f"–{max(loads):.2f}" if max(loads) > min(loads) else "")
-             if loads else "load not recorded",
-             f"date {dates[0]}" + (f" to {dates[-1]}" if dates[-1] != dates[0] else "")]
-    missing = len(runs) - len(envs)
-    return "; ".join(parts) + (f"; environment not recorded for {missing} of {len(runs)} runs." if missing else ".")
-
-
+# ----- runs -> table rows ------------------------------------------------------------------------------------
 def columns(runs: list[Run]) -> tuple[str, ...]:
     """ES, GS, LS; CounterFact's three scores and the generated scores when every run has them."""
     have = lambda names: all(k in r.stats for r in runs for k in names)  # noqa: E731
     return METRICS + (COUNTERFACT if have(COUNTERFACT) else ()) + (GENERATED if have(GENERATED) else ())
-
-
-def _row(name: str, runs: list[Run], values: list[list[float]], seeds: str = "",
-         pooled: list[list[float]] | None = None) -> dict:
-    """A table row from per-run values of the table's columns: means (full precision) and printed cells. The std
-    is over the runs (seeds), or over `pooled`, the columns' values in every validation group of every run."""
-    arr = np.array(values, dtype=float)  # (n_runs, columns)
-    spread = arr if pooled is None else np.array(pooled, dtype=float)  # (n_runs or n_groups, columns)
-    with np.errstate(invalid="ignore"):  # inf - inf: shown as n/a below
-        means, stds = arr.mean(axis=0).tolist(), spread.std(axis=0).tolist()
-    cells = [mean_std(means[j], stds[j] if len(spread) > 1 else None, 3,
-                      why=f"non-finite in {int((~np.isfinite(arr[:, j])).sum())} of {len(arr)} runs")
-             for j in range(arr.shape[1])]
-    per_run = [r.n_groups for r in runs]
-    count = str(len(runs)) if pooled is None else f"{per_run[0]} x {len(runs)}" if len(set(per_run)) == 1 \
-        else "+".join(map(str, per_run))  # groups x seeds
-    return {"name": name, "n": len(runs), "count": count, "seeds": seeds, "means": means, "cells": cells,
-            "runs": runs}
-
-
-def _pooled(runs: list[Run], names: tuple[str, ...]) -> list[list[float]]:
-    """The columns' values in every validation group of every run; AggregateError naming a run without them."""
-    for r in runs:
-        if not r.groups or any(k not in r.groups for k in names):
-            raise AggregateError(r.path, "valid", "no per-group values (the spread over groups needs them)")
-    return [[r.groups[k][i] for k in names] for r in runs for i in range(r.n_groups)]
 
 
 def _sortable(value) -> tuple:
@@ -188,149 +76,161 @@ def _sortable(value) -> tuple:
     return (0, value, "") if isinstance(value, (int, float)) and not isinstance(value, bool) else (1, 0, str(value))
 
 
-def _level_before(runs: list[Run], seed: int, names: tuple[str, ...], tol: float = 1e-6) -> list[float]:
-    """The `names` metrics before editing of the runs of `seed`, which must agree (the same validation groups);
-    AggregateError naming two runs that do not."""
-    mine = [r for r in runs if r.seed == seed]
-    for r in mine[1:]:
-        for k in names:
-            if not abs(r.pre_edit[k] - mine[0].pre_edit[k]) <= tol:
-                raise AggregateError(r.path, "pre_edit", f"{k} {r.pre_edit[k]:.6g} before editing, but "
-                                     f"{mine[0].pre_edit[k]:.6g} in {mine[0].path} (seed {seed}, same m): the runs "
-                                     "edited other validation groups (another max_valid_steps or validation file) "
-                                     "or measured them otherwise; put them in separate tables")
-    return [mine[0].pre_edit[k] for k in names]
-
-
-def build_tables(runs: list[Run], by: list[str], spread: str = "seeds") -> list[dict]:
-    """One table per (model, data, m): {title, rows, runs}; the first row is before editing. `spread`: the std
-    over seeds, or over the validation groups of every seed ("groups"; the before-editing row: over seeds)."""
-    with np.errstate(invalid="ignore"):  # an infinite value: n/a in the table
-        summarize(runs)  # aggregate's checks: one run per seed and setting, the same stats in every run
-    settings: dict[tuple, dict[tuple, list[Run]]] = {}  # (model, data, m) -> row key -> runs
-    for run in sorted(runs, key=lambda r: r.seed):
-        row_key = (row_order(run.editor, run.variant), run.trained_m or 0,
-                   tuple(_sortable(_get(run.config, b)) for b in by))
-        settings.setdefault((run.model, run.data, run.m), {}).setdefault(row_key, []).append(run)
-    tables = []
-    for (model, data, m), groups in sorted(settings.items()):
-        names = columns([r for rs in groups.values() for r in rs])
-        rows = [_row(label({"editor": rs[0].editor, "variant": rs[0].variant, "trained_m": rs[0].trained_m})
-                     + (f", {rs[0].result}" * bool(by)),
-                     rs, [[r.stats[k] for k in names] for r in rs], " ".join(str(r.seed) for r in rs),
-                     _pooled(rs, names) if spread == "groups" else None)
-                for _, rs in sorted(groups.items())]
-        every = [r for row in rows for r in row["runs"]]
-        lacking = next((r for r in every if r.pre_edit is None), None)
-        if lacking:
-            raise AggregateError(lacking.path, "pre_edit", "missing")
-        seeds = sorted({r.seed for r in every})  # the editors of one seed edit the same groups: one value per seed
-        before = {**_row(BEFORE, every, [_level_before(every, s, names) for s in seeds], " ".join(map(str, seeds))),
-                  "n": len(seeds), "count": str(len(seeds)) if spread == "seeds" else rows[0]["count"]}  # same groups
-        tables.append({"title": f"m = {m} ({model}, {data})", "rows": [before, *rows], "runs": every,
-                       "columns": names, "m": m, "setting": f"{model}, {data}", "spread": spread})
-    return tables
-
-
-def placeholders(commands: str, runs: list[Run], out: Path | None, made_by: str | None) -> str:
-    """What DIR (`out`) and CACHE stand for, where the commands use them."""
-    notes = ""
-    if re.search(r"=DIR\b", commands):
-        held = Path("DIR", Path(os.path.commonpath([r.path.parent.resolve() for r in runs])).relative_to(out))
-        notes += (f"DIR: the folder that `{made_by}` writes. " if made_by else
-                  f"DIR: the folder that holds these runs ({held.as_posix()}) and the files their commands name. ")
-    if "=CACHE" in commands:
-        notes += "CACHE: a cache folder of their own, not the default `cache`. "
-    return notes
-
-
-def _seconds(runs: list[Run], stat: str) -> str:
-    """Mean seconds per run of `stat` (time_s, cpu_time_s), '-' when a run lacks it."""
-    values = [r.stats.get(stat) for r in runs]
-    return "-" if None in values else f"{np.mean(values):.0f}"
-
-
-def _spent(row: dict, first: bool, times: bool) -> list[str]:
-    """The row's wall and CPU seconds per run (`times`; blank on the "before editing" row)."""
-    if not times:
-        return []
-    return [" ", " "] if first else [_seconds(row["runs"], "time_s"), _seconds(row["runs"], "cpu_time_s")]
-
-
-def markdown(tables: list[dict], made_by: str | None = None, times: bool = False, combined: bool = False) -> str:
-    """The tables in Markdown, each followed by its provenance line (DIR: the folder `made_by` writes);
-    `times`: wall and CPU seconds per run as two more columns; `combined`: one table with an m column for
-    all of them (one model and data; the provenance of every run under it)."""
-    extra = ["wall s", "CPU s"] if times else []
-    if combined:
-        if len({(t["setting"], t["columns"]) for t in tables}) > 1:
-            raise ValueError("--combined puts one model and data set in one table: these runs have several")
-        groups = tables[0]["spread"] == "groups"
-        head = ["m", "editor", "groups x seeds" if groups else "seeds", *tables[0]["columns"], *extra]
-        lines = [f"{tables[0]['setting']}" + (", mean (std over the validation groups of every seed; before editing: "
-                                              "over seeds)" if groups else "") + ":",
-                 "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        lines += [f"| {t['m']} | {r['name']} | {r['count']} | " + " | ".join(r["cells"] + _spent(r, i == 0, times))
-                  + " |" for t in tables for i, r in enumerate(t["rows"])]
-        every = [r for t in tables for r in t["runs"]]
-        where = out_dir(every)
-        commands = "; ".join(f"m = {t['m']}, {r['name']}: `{command(r['runs'], where)}`"
-                             for t in tables for r in t["rows"][1:])
-        return "\n".join(lines + ["", f"Commands: {commands}. {placeholders(commands, every, where, made_by)}"
-                                      f"{provenance(every)}"]) + "\n"
-    out = []
-    for t in tables:
-        head = ["groups x seeds" if t["spread"] == "groups" else "seeds", *t["columns"], *extra]
-        lines = [f"| {t['title']} | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
-        lines += [f"| {r['name']} | {r['count']} | " + " | ".join(r["cells"] + _spent(r, i == 0, times)) + " |"
-                  for i, r in enumerate(t["rows"])]
-        where = out_dir(t["runs"])
-        commands = "; ".join(f"{r['name']}: `{command(r['runs'], where)}`" for r in t["rows"][1:])
-        out.append("\n".join(lines + ["", f"Commands: {commands}. {placeholders(commands, t['runs'], where, made_by)}"
-                                           f"{provenance(t['runs'])}"]))
-    return "\n\n".join(out) + "\n"
-
-
-def csv_rows(tables: list[dict]) -> list[dict]:
-    """The tables' rows for write_csv; non-finite cells stay 'n/a (why)'."""
-    return [{"table": t["title"], "row": r["name"], "n": r["n"], "seeds": r["seeds"], **dict(zip(t["columns"], r["cells"])),
-             "command": command(r["runs"], out_dir(t["runs"])) if r["name"] != BEFORE else ""}
-            for t in tables for r in t["rows"]]
-
-
-# ----- a rerun against a README table (read by scripts/readme_blocks.read_block) -------------------------------
-def check(tables: list[dict], expected: dict[str, dict[str, float]], tol: float, source: str,
-          spread: dict[str, dict[str, float]] | None = None, k: float | None = None) -> int:
-    """Print README and measured rows and their differences; 0 if all within the tolerance, else 1. The tolerance
-    is ±tol, or with `spread` (the README cells' std in parentheses) ±(k std + 0.0005) of each cell: the measured
-    spread, and the README's rounding to 3 decimals."""
-    if len(tables) != 1:
-        raise ValueError(f"the runs make {len(tables)} tables ({', '.join(t['title'] for t in tables)}); check one")
-    at = [tables[0]["columns"].index(k) for k in METRICS]  # the README table's columns, of the runs' wider ones
-    measured = {r["name"]: [r["means"][j] for j in at] for r in tables[0]["rows"]}
-    common = [name for name in expected if name in measured]
-    if not [n for n in common if n != BEFORE]:
-        raise ValueError(f"{source}: no row of the runs' table ({', '.join(measured)}) is in the README table "
-                         f"({', '.join(expected)})")
-    w = max(map(len, common))
-    if spread is not None:
-        missing = [f"{n} {m}" for n in common for m in METRICS if not math.isfinite(spread[n][m])]
+def build_rows(runs: list[Run], by: list[str], spread: str = "seeds") -> tuple[list[dict], dict]:
+    """The table's rows, per m "before editing" first, from runs.summarize, and what the table is: {setting,
+    spread, columns}. A row: m, row, count (seeds, or groups x seeds), seeds, {col: (mean, std or None, why)},
+    wall and CPU seconds, command."""
+    if len({(r.model, r.data) for r in runs}) > 1:
+        raise ValueError("one table is one model and data set: these runs have several (pass their folders apart)")
+    names = columns(runs)
+    by_key: dict[tuple, list[Run]] = {}
+    for r in runs:
+        by_key.setdefault(r.key, []).append(r)
+    with np.errstate(invalid="ignore"):  # inf - inf in a std: shown as n/a
+        summary = summarize(runs, spread)
+    where = out_dir(runs)
+    rows = []
+    for m in sorted({r["m"] for r in summary}):
+        at_m = sorted((s for s in summary if s["m"] == m), key=lambda s: (
+            row_order(s["editor"], s["variant"]), s["trained_m"] or 0,
+            tuple(_sortable(_get(by_key[_key(s)][0].config, b)) for b in by)))
+        mine = [r for s in at_m for r in by_key[_key(s)]]
+        missing = next((r for r in mine if r.pre_edit is None or any(k not in r.pre_edit for k in names)), None)
         if missing:
-            raise ValueError(f"{source}: no spread in parentheses for {', '.join(missing)}: the tolerance is k std")
-    rule = f"±{k:g} std of the README's seeds" if spread is not None else f"±{tol:.3f}"
-    print(f"{source}, tolerance {rule}\n{'':{w + 12}}" + "".join(f"{m:>9}" for m in METRICS))
+            raise AggregateError(missing.path, "pre_edit", "missing")
+        seeds = sorted({r.seed for r in mine})
+        groups = lambda s: sum(r.n_groups for r in by_key[_key(s)])  # noqa: E731
+        count = lambda s, n: str(n) if spread == "seeds" else (  # noqa: E731
+            f"{groups(s) // n} x {n}" if groups(s) % n == 0 else str(groups(s)))
+        first = at_m[0]
+        rows.append({"m": m, "row": BEFORE, "count": count(first, len(by_key[_key(first)])) if spread == "groups"
+                     else str(len(seeds)), "seeds": " ".join(map(str, seeds)),
+                     "cells": {k: (first[f"pre_{k}_mean"], first[f"pre_{k}_std"] if len(seeds) > 1 else None, "")
+                               for k in names}, "wall_s": None, "cpu_s": None, "command": ""})
+        for s in at_m:
+            rs = by_key[_key(s)]
+            several = s["n"] > 1 if spread == "seeds" else groups(s) > 1
+            rows.append({"m": m, "row": label(s) + (f", {s['result']}" if by else ""), "count": count(s, s["n"]),
+                         "seeds": s["seeds"],
+                         "cells": {k: (s[f"{k}_mean"], s[f"{k}_std"] if several else None,
+                                       f"non-finite in {sum(not math.isfinite(r.stats[k]) for r in rs)} of {len(rs)} runs")
+                                   for k in names},
+                         "wall_s": s["time_s_mean"], "cpu_s": s["cpu_time_s_mean"], "command": command(rs, where)})
+    return rows, {"setting": f"{runs[0].model}, {runs[0].data}", "spread": spread, "columns": list(names)}
+
+
+def _key(s: dict) -> tuple:
+    return tuple(s[k] for k in ("result", "model", "data", "editor", "variant", "m", "trained_m"))
+
+
+def render(rows: list[dict], about: dict, times: bool, link: str | None = None) -> str:
+    """The table in Markdown (an m column, a row per table row) with its command and provenance lines."""
+    head = ["m", "editor", "groups x seeds" if about["spread"] == "groups" else "seeds", *about["columns"]]
+    head += ["wall s", "CPU s"] if times else []
+    secs = lambda v: "" if v is None else f"{v:.0f}"  # noqa: E731
+    body = [[r["m"], r["row"], r["count"], *(mean_std(*r["cells"][k][:2], 3, why=r["cells"][k][2] or "non-finite")
+                                             for k in about["columns"]),
+             *([secs(r["wall_s"]), secs(r["cpu_s"])] if times else [])] for r in rows]
+    spread = "over seeds" if about["spread"] == "seeds" else "over the validation groups of every seed"
+    lines = [f"{about['setting']}, mean (std {spread}; before editing: over seeds):", "", *markdown_table(head, body),
+             "", f"Command: `{about['command']}`" + (f", per row: {about['per_row']} (summary.csv: command)"
+                                                    if about.get("per_row") else "")
+             + (f" ({about['placeholders']})" if about.get("placeholders") else "") + ".", f"Provenance: {about['provenance']}." + (f" Data and each row's command: [{link}]({link})." if link
+                                                            else "")]
+    return "\n".join(lines) + "\n"
+
+
+# ----- results/<name>/ ---------------------------------------------------------------------------------------
+def save(name: str, rows: list[dict], about: dict) -> Path:
+    """results/NAME/summary.csv and about.yaml."""
+    folder = RESULTS / name
+    folder.mkdir(parents=True, exist_ok=True)
+    fields = ["m", "row", "count", "seeds"] + [f"{k}{s}" for k in about["columns"] for s in ("", "_std")]
+    fields += ["wall_s", "cpu_s", "command"]
+    num = lambda v, d=4: "" if v is None else ("nan" if not math.isfinite(v) else round(v, d))  # noqa: E731
+    with open(folder / "summary.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, lineterminator="\n")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({"m": r["m"], "row": r["row"], "count": r["count"], "seeds": r["seeds"],
+                             **{f"{k}{s}": num(r["cells"][k][i]) for k in about["columns"]
+                                for i, s in ((0, ""), (1, "_std"))},
+                             "wall_s": num(r["wall_s"], 0), "cpu_s": num(r["cpu_s"], 0), "command": r["command"]})
+    atomic_write(folder / "about.yaml", yaml.safe_dump(about, sort_keys=False, allow_unicode=True, width=1000))
+    return folder
+
+
+def load(name: str) -> tuple[list[dict], dict]:
+    """results/NAME as (rows, about); ValueError naming the file and the field of a bad one."""
+    folder = RESULTS / name
+    about = yaml.safe_load((folder / "about.yaml").read_text())
+    rows = []
+    for i, rec in enumerate(csv.DictReader(open(folder / "summary.csv"))):
+        value = lambda k: None if rec.get(k, "") == "" else float(rec[k])  # noqa: E731
+        try:
+            rows.append({"m": int(rec["m"]), "row": rec["row"], "count": rec["count"], "seeds": rec["seeds"],
+                         "cells": {k: (value(k), value(f"{k}_std"), "") for k in about["columns"]},
+                         "wall_s": value("wall_s"), "cpu_s": value("cpu_s"), "command": rec["command"]})
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{folder / 'summary.csv'}: row {i + 1}: {err!r}") from err
+    return rows, about
+
+
+def _markers(name: str) -> tuple[str, str]:
+    return f"<!-- table:{name} -->", f"<!-- /table:{name} -->"
+
+
+def readme_block(readme: Path, name: str, body: str | None = None) -> str:
+    """The text between the markers of NAME in readme; with `body`, replace it (atomically, keeping the mode)."""
+    text = readme.read_text()
+    for marker in _markers(name):
+        if text.count(marker) != 1:
+            raise ValueError(f"{readme}: marker '{marker}' " + ("not found" if marker not in text else "appears twice"))
+    i, j = text.index(_markers(name)[0]) + len(_markers(name)[0]), text.index(_markers(name)[1])
+    if j < i:
+        raise ValueError(f"{readme}: marker '{_markers(name)[1]}' comes before '{_markers(name)[0]}'")
+    if body is not None:
+        mode = readme.stat().st_mode
+        atomic_write(readme, text[:i] + "\n" + body.strip("\n") + "\n" + text[j:])
+        os.chmod(readme, mode)
+    return text[i:j]
+
+
+def view(name: str, page: Path) -> str:
+    """What a page (the README, a docs page) shows of results/NAME, linking to it."""
+    rows, about = load(name)
+    return render(rows, about, about.get("times", False),
+                  Path(os.path.relpath(RESULTS / name, page.resolve().parent)).as_posix() + "/")
+
+
+# ----- a rerun against the data ------------------------------------------------------------------------------
+def check(rows: list[dict], expected: list[dict], tol: float, source: str, k: float | None = None) -> int:
+    """Print the data's and the rerun's means and their differences; 0 if all within the tolerance, else 1."""
+    ms = {r["m"] for r in rows}
+    want = {r["row"]: r["cells"] for r in expected if r["m"] in ms}
+    got = {r["row"]: r["cells"] for r in rows}
+    common = [n for n in want if n in got]
+    if not [n for n in common if n != BEFORE]:
+        raise ValueError(f"{source}: no row of the runs ({', '.join(got)}) is in the data ({', '.join(want)}) at m = "
+                         f"{', '.join(map(str, sorted(ms)))}")
+    if k is not None:
+        missing = [f"{n} {c}" for n in common for c in METRICS if want[n][c][1] is None]
+        if missing:
+            raise ValueError(f"{source}: no std for {', '.join(missing)}: the tolerance is k std")
+    w = max(map(len, common))
+    print(f"{source}, tolerance {f'±{k:g} std' if k is not None else f'±{tol:.3f}'}\n{'':{w + 12}}"
+          + "".join(f"{c:>9}" for c in METRICS))
     differ = []
-    for name in common:
-        diff = [v - expected[name][m] for m, v in zip(METRICS, measured[name])]
-        # K std, plus the README's rounding to 3 decimals (a spread of 0.000 still allows ±0.0005)
-        allowed = [k * spread[name][m] + 0.0005 if spread is not None else tol for m in METRICS]
-        for what, values, fmt in (("README", expected[name].values(), "9.3f"), ("run", measured[name], "9.3f"),
-                                  ("difference", diff, "+9.3f"), ("tolerance", allowed, "9.4f")):
-            print(f"{name:{w}}  {what:10}" + "".join(f"{v:{fmt}}" if math.isfinite(v) else f"{'n/a':>9}"
-                                                        for v in values))
-        differ += [f"{name} {m}" for m, d, a in zip(METRICS, diff, allowed) if not abs(d) <= a + 1e-9]  # NaN differs
-    for name in expected.keys() - measured.keys():
-        print(f"not measured by these runs: {name}")
+    for n in common:
+        diff = [got[n][c][0] - want[n][c][0] for c in METRICS]
+        allowed = [k * want[n][c][1] + 0.0005 if k is not None else tol for c in METRICS]
+        for what, values, fmt in (("data", [want[n][c][0] for c in METRICS], "9.3f"),
+                                  ("run", [got[n][c][0] for c in METRICS], "9.3f"), ("difference", diff, "+9.3f"),
+                                  ("tolerance", allowed, "9.4f")):
+            print(f"{n:{w}}  {what:10}" + "".join(f"{v:{fmt}}" if math.isfinite(v) else f"{'n/a':>9}" for v in values))
+        differ += [f"{n} {c}" for c, d, a in zip(METRICS, diff, allowed) if not abs(d) <= a + 1e-9]  # NaN differs
+    for n in want.keys() - got.keys():
+        print(f"not measured by these runs: {n}")
     print(f"differ beyond the tolerance: {', '.join(differ)}" if differ else "all within the tolerance")
     return 1 if differ else 0
 
@@ -338,42 +238,65 @@ def check(tables: list[dict], expected: dict[str, dict[str, float]], tol: float,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("table", help="print the tables of the runs under DIR (with --readme and --name, also put "
-                                     "them in that README block)")
-    c = sub.add_parser("check", help="compare the runs under DIR with a README table; exit 1 beyond --tol")
+    t = sub.add_parser("table", help="print the table of the runs under DIR; --save NAME: write it to results/NAME")
+    r = sub.add_parser("readme", help="render results/NAME into the README's block NAME (all by default)")
+    c = sub.add_parser("check", help="compare the runs under DIR with results/NAME; exit 1 beyond the tolerance")
     for p in (t, c):
         p.add_argument("dirs", type=Path, nargs="+", metavar="DIR", help="searched recursively for results.json")
         p.add_argument("--by", action="append", default=[], metavar="KEY",
                        help="also split rows by this config key (dotted, e.g. n_epochs or editor.rank)")
-    t.add_argument("--readme", type=Path, help="README whose block NAME gets the tables")
-    t.add_argument("--name", help="the block: between <!-- table:NAME --> and <!-- /table:NAME -->")
-    t.add_argument("--csv", type=Path, help="also write the rows as CSV here")
-    t.add_argument("--made-by", metavar="CMD", help="the command that writes DIR, e.g. 'OUT=DIR scripts/real_lm.sh'")
-    t.add_argument("--times", action="store_true", help="add each row's wall and CPU seconds per run")
-    t.add_argument("--combined", action="store_true", help="one table with an m column instead of one per m")
     t.add_argument("--spread", choices=("seeds", "groups"), default="seeds",
                    help="the std in parentheses: over seeds (default), or over every validation group of every seed")
-    c.add_argument("--readme", type=Path, default=ROOT / "README.md")
-    c.add_argument("--name", default="default")
-    c.add_argument("--tol", type=float, default=0.03, help="largest allowed |run - README| (default 0.03)")
-    c.add_argument("--tol-std", type=float, metavar="K", help="instead: allow K times each README cell's std "
-                                                              "(the number in parentheses: the measured spread)")
+    t.add_argument("--times", action="store_true", help="add each row's wall and CPU seconds per run")
+    t.add_argument("--made-by", metavar="CMD", help="the command that writes DIR, e.g. 'OUT=DIR scripts/real_lm.sh'")
+    t.add_argument("--save", metavar="NAME", help="write the table to results/NAME (summary.csv, about.yaml)")
+    r.add_argument("names", nargs="*", metavar="NAME", help="default: every results/NAME whose block the file has")
+    for p in (t, r):
+        p.add_argument("--readme", type=Path, help="the README whose block NAME shows results/NAME")
+    r.add_argument("--check", action="store_true", help="change nothing; exit 1 if a block differs from its data")
+    for p in (t, r, c):
+        p.add_argument("--results", type=Path, metavar="DIR",
+                       help="the folder of the tables' data (default: the repository's results/)")
+    c.add_argument("--name", required=True, help="results/NAME to compare with")
+    c.add_argument("--tol", type=float, default=0.03, help="largest allowed |run - data| (default 0.03)")
+    c.add_argument("--tol-std", type=float, metavar="K", help="instead: allow K times each row's std")
     args = parser.parse_args(argv)
-    if args.cmd == "table" and (args.readme is None) != (args.name is None):
-        parser.error("--readme and --name go together")
+    if args.results is not None:
+        globals()["RESULTS"] = args.results
+    if args.cmd == "table" and args.readme and not args.save:
+        parser.error("--readme renders the saved data: give --save NAME")
     try:
-        tables = build_tables(read_runs(args.dirs, args.by), args.by, getattr(args, "spread", "seeds"))
+        if args.cmd == "readme":
+            readme = args.readme or ROOT / "README.md"
+            names = args.names or sorted(p.name for p in RESULTS.iterdir() if (p / "about.yaml").is_file()
+                                         and all(m in readme.read_text() for m in _markers(p.name)))  # its blocks
+            stale = [n for n in names if readme_block(readme, n).strip("\n") != view(n, readme).strip("\n")]
+            if args.check:
+                print("\n".join(f"{readme}: block {n} differs from results/{n}/" for n in stale) or "every block "
+                      "shows its data")
+                return 1 if stale else 0
+            for n in stale:
+                readme_block(readme, n, view(n, readme))
+                print(f"{readme}: block {n} rendered from results/{n}/", file=sys.stderr)
+            return 0
+        runs = read_runs(args.dirs, args.by)
         if args.cmd == "check":
-            spread = read_block(args.readme, args.name, which=1) if args.tol_std is not None else None
-            return check(tables, read_block(args.readme, args.name), args.tol, f"{args.readme}, table {args.name}",
-                         spread, args.tol_std)
-        text = markdown(tables, args.made_by, args.times, args.combined)
-        print(text, end="")
-        if args.csv:
-            write_csv(csv_rows(tables), args.csv)
-        if args.readme:
-            replace_block(args.readme, args.name, text)
-            print(f"{args.readme}: table {args.name} replaced", file=sys.stderr)
+            rows = build_rows(runs, args.by)[0]
+            return check(rows, load(args.name)[0], args.tol, f"results/{args.name}", args.tol_std)
+        rows, about = build_rows(runs, args.by, args.spread)
+        commands = [r["command"] for r in rows if r["command"]]
+        about["command"], about["per_row"] = (args.made_by, "") if args.made_by else one_command(commands)
+        text = " ".join(commands + [about["command"]])
+        about["placeholders"] = "; ".join(
+            ([f"DIR: the folder that `{args.made_by}` writes" if args.made_by else
+              "DIR: the folder holding the runs and the files their commands name"] if "=DIR" in text else [])
+            + (["CACHE: a cache folder of their own"] if "=CACHE" in text else []))
+        about["provenance"], about["times"] = provenance(runs), args.times
+        print(render(rows, about, args.times), end="")
+        if args.save:
+            print(f"{save(args.save, rows, about)}: written", file=sys.stderr)
+            if args.readme:
+                readme_block(args.readme, args.save, view(args.save, args.readme))
     except (OSError, ValueError) as err:  # AggregateError is a ValueError
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,10 +1,11 @@
 """The runs of a sweep: every results.json under a directory read into a Run, grouped over seeds into summary rows.
 
-The data model that scripts/aggregate.py (the paper's CSV, plots and tables) and scripts/readme_tables.py (the
-README's tables) share: the metric names, Run and its reading (read_run, find_runs; AggregateError names the file
-and the field a results.json lacks), summarize (one row per setting: n, seeds, mean and std over seeds, and the
-std over every validation group), write_csv, and how a row is named (label, row_order) and printed (mean_std,
-seeds_title).
+The one results pipeline that scripts/aggregate.py (the paper's CSV, plots and tables) and scripts/readme_tables.py
+(the results/ data and the README's tables) share: the metric names; Run and its reading (read_run, find_runs;
+AggregateError names the file and the field a results.json lacks); the long table, run x group x metric
+(long_table); the one rule for the level before editing (levels_before); the one summary, whose spread is over
+seeds or over validation groups as it says (summarize); write_csv; and how a row is named (label, row_order) and
+printed (mean_std, seeds_title). Markdown tables are written by pipeline/report.markdown_table.
 """
 import csv
 import json
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from pipeline.registry import DISPLAY_NAMES
 
 METRICS = ("ES", "GS", "LS")
 COUNTERFACT = ("efficacy", "paraphrase", "neighborhood")  # data=counterfact runs only (model/lm.counterfact_scores)
@@ -23,8 +26,7 @@ OPTIONAL = COUNTERFACT + GENERATED + ("residual", "cpu_time_s", "valid_groups", 
 STATS = SCORES + ("residual", "time_s", "cpu_time_s", "peak_memory_mb", "valid_groups", "generate_time_s")
 VARIANTS = {"sum": "Sum param. shifts", "no_reg": "No regularization", "first_ffn": "Edit first FC in FFN",
             "all_tokens": "Cache all tokens", "none": "MALMEN"}  # Table 1 row order, MALMEN last
-EDITORS = {"malmen": "MALMEN", "mend": "MEND", "ft": "FT", "memit": "MEMIT", "emmet": "EMMET",
-           "locft_bf": "LocFT-BF"}
+EDITORS = DISPLAY_NAMES  # editor -> its name in tables (config/editor/*.yaml, pipeline/registry.py)
 
 
 class AggregateError(ValueError):
@@ -142,36 +144,88 @@ def find_runs(sweep_dir: Path) -> list[Run]:
     return [read_run(p) for p in paths]
 
 
-def summarize(runs: list[Run]) -> list[dict]:
-    """One row per (result, model, data, editor, variant, m): n, seeds, mean and std of each stat."""
-    groups: dict[tuple, list[Run]] = {}
+def long_table(runs: list[Run]) -> list[dict]:
+    """The runs as one long table, run x group x metric: a record {run, group, phase, metric, value} per number.
+    `group` is the validation group's index, or None for the run's own figure (results.json `final` and
+    `pre_edit`, and the run-level stats: residual, times, memory); `phase` is "after" editing or "before"."""
+    records = [{"run": r, "group": None, "phase": "after", "metric": k, "value": v} for r in runs
+               for k, v in r.stats.items()]
+    records += [{"run": r, "group": i, "phase": "after", "metric": k, "value": v} for r in runs
+                for k, values in (r.groups or {}).items() for i, v in enumerate(values)]
+    records += [{"run": r, "group": None, "phase": "before", "metric": k, "value": v} for r in runs
+                for k, v in (r.pre_edit or {}).items()]
+    return records
+
+
+def levels_before(records: list[dict], tol: float = 1e-6) -> dict[tuple, dict[str, tuple[float, float, int]]]:
+    """The one rule for "before editing": per setting (result, model, data, m), each metric's level as (mean, std
+    over seeds, seeds). The runs of one seed edit the same validation groups, so their levels must agree (within
+    `tol`): runs that disagree are refused (AggregateError naming both); a setting's level is the mean over its
+    seeds. A metric some run of the setting lacks has no level."""
+    per_seed: dict[tuple, dict[str, dict[int, tuple[float, Run]]]] = {}
+    runs: dict[tuple, set] = {}  # setting -> its runs' paths
+    having: dict[tuple, set] = {}  # (setting, metric) -> the paths of the runs with a level of it
+    for rec in records:
+        r = rec["run"]
+        setting = (r.result, r.model, r.data, r.m)
+        runs.setdefault(setting, set()).add(r.path)
+        if rec["phase"] != "before":
+            continue
+        having.setdefault((setting, rec["metric"]), set()).add(r.path)
+        seen = per_seed.setdefault(setting, {}).setdefault(rec["metric"], {})
+        if r.seed in seen and not abs(rec["value"] - seen[r.seed][0]) <= tol:
+            value, other = seen[r.seed]
+            raise AggregateError(r.path, "pre_edit", f"{rec['metric']} {rec['value']:.6g} before editing, but "
+                                 f"{value:.6g} in {other.path} (seed {r.seed}, same m): the runs edited other validation "
+                                 "groups (another max_valid_steps or validation file) or measured them otherwise; put "
+                                 "them in separate tables")
+        seen.setdefault(r.seed, (rec["value"], r))
+    return {setting: {k: (float(np.mean([v for v, _ in s.values()])), float(np.std([v for v, _ in s.values()])), len(s))
+                      for k, s in metrics.items() if having[setting, k] == runs[setting]}  # every run has it
+            for setting, metrics in per_seed.items()}
+
+
+def summarize(runs: list[Run], spread: str = "seeds") -> list[dict]:
+    """The one summary: a row per (result, model, data, editor, variant, m, trained_m) from the long table, with
+    n, seeds, and per stat its mean over seeds and `{stat}_std`, its spread, which the row names (`spread`):
+    "seeds", the std over the seeds' means, or "groups", the std over every validation group of every seed
+    (pooled; scores only; the run-level stats keep the std over seeds). numpy's ddof=0. The level before editing
+    (`pre_{stat}_mean`, `pre_{stat}_std` over seeds) is levels_before's, the same for every row of a setting."""
+    if spread not in ("seeds", "groups"):
+        raise ValueError(f"spread must be seeds or groups, got {spread!r}")
+    records = long_table(runs)
+    before = levels_before(records)
+    settings: dict[tuple, list[Run]] = {}
     for run in runs:
-        groups.setdefault(run.key, []).append(run)
+        settings.setdefault(run.key, []).append(run)
+    by_run: dict[tuple, list[dict]] = {}  # setting -> its records
+    for rec in records:
+        by_run.setdefault(rec["run"].key, []).append(rec)
     rows = []
-    for key in sorted(groups, key=lambda k: (*k[:-1], k[-1] or 0)):  # trained_m: None or an int
-        group = sorted(groups[key], key=lambda r: r.seed)
+    for key in sorted(settings, key=lambda k: (*k[:-1], k[-1] or 0)):  # trained_m: None or an int
+        group = sorted(settings[key], key=lambda r: r.seed)
         for a, b in zip(group, group[1:]):
             if a.seed == b.seed:  # a re-run in the same tree would be counted twice
                 raise AggregateError(b.path, "config.seed", f"seed {b.seed} of the same setting also in {a.path} (a "
                                      "training run and its evaluation from the checkpoint, say): pass one of the two")
+        mine = [rec for rec in by_run[key] if rec["phase"] == "after"]
         row = dict(zip(("result", "model", "data", "editor", "variant", "m", "trained_m"), key))
-        row.update(n=len(group), seeds=" ".join(str(r.seed) for r in group))
+        row.update(n=len(group), seeds=" ".join(str(r.seed) for r in group), spread=spread)
         for stat in STATS:
-            have = [r for r in group if stat in r.stats]
-            if have and len(have) < len(group):
+            values = [rec for rec in mine if rec["metric"] == stat and rec["group"] is None]
+            if values and len(values) < len(group):
                 lacking = next(r for r in group if stat not in r.stats)
-                raise AggregateError(lacking.path, stat, f"missing, but present in {have[0].path}")
-            values = np.array([r.stats[stat] for r in have])
-            row[f"{stat}_mean"] = float(values.mean()) if have else None
-            row[f"{stat}_std"] = float(values.std()) if have else None
-        for stat in SCORES:  # the spread over every validation group of every seed (pooled, ddof=0)
-            pooled = [v for r in group for v in (r.groups or {}).get(stat, ())]
+                raise AggregateError(lacking.path, stat, f"missing, but present in {values[0]['run'].path}")
+            means = np.array([rec["value"] for rec in values])
+            pooled = [rec["value"] for rec in mine if rec["metric"] == stat and rec["group"] is not None]
             every = all(r.groups and stat in r.groups for r in group)
-            row[f"{stat}_group_std"] = float(np.std(pooled)) if every and pooled else None
+            row[f"{stat}_mean"] = float(means.mean()) if values else None
+            row[f"{stat}_std"] = (float(means.std()) if values else None) if spread == "seeds" or stat not in SCORES \
+                else (float(np.std(pooled)) if every and pooled else None)
         row["n_groups"] = sum(r.n_groups for r in group) if all(r.groups for r in group) else None
-        for stat in SCORES:  # before editing (None for results.json files without pre_edit)
-            pre = [r.pre_edit[stat] for r in group if r.pre_edit is not None and stat in r.pre_edit]
-            row[f"pre_{stat}_mean"] = float(np.mean(pre)) if len(pre) == len(group) else None
+        level = before.get(key[:3] + (key[5],), {})
+        for stat in SCORES:
+            row[f"pre_{stat}_mean"], row[f"pre_{stat}_std"] = level.get(stat, (None, None, 0))[:2]
         rows.append(row)
     return rows
 

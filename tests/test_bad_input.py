@@ -22,10 +22,8 @@ from model.tiny import byte_tokenizer
 from model.toy import word_tokenizer
 from pipeline.checkpoint import load_editor_checkpoint
 from pipeline.experiment import run, run_edit
-from tests.conftest import ROOT, SHARED, build_model, make_cfg, one_group, qa_records, varied_records, write_records
-from tests.test_edit import FACTS, FT, edit_cfg
-from tests.test_facts import write
-from tests.test_main import cli, smoke_cfg
+from tests.helpers import (FT, MAYOR_FACTS, ROOT, SHARED, build_model, cli, edit_cfg, make_cfg, one_group, qa_records,
+                           smoke_cfg, varied_records, write_facts, write_records)
 
 # ../shared/cases/fp16-nonfinite/facts.jsonl (first two facts) and ../shared/cases/trailing-space/
 FREEDONIA = [{"prompt": "The capital of Freedonia is", "answer": "Fredville",
@@ -155,8 +153,10 @@ def test_trailing_space_facts_give_the_same_batches(tmp_path, fmt):
     padded = [{"prompt": f["prompt"] + " ", "answer": "  " + f["answer"] + " ",
                "rephrases": [r + " \t" for r in f["rephrases"]], "subject": f["subject"]} for f in FREEDONIA]
     for name, tok in tokenizers().items():
-        clean = fact_group(read_facts(write(tmp_path / f"a.{fmt}", FREEDONIA, fmt)), 4, Collator(tok, "causal"), "a")
-        spaced = fact_group(read_facts(write(tmp_path / f"b.{fmt}", padded, fmt)), 4, Collator(tok, "causal"), "b")
+        clean = fact_group(read_facts(write_facts(tmp_path / f"a.{fmt}", FREEDONIA, fmt)), 4, Collator(tok, "causal"),
+                           "a")
+        spaced = fact_group(read_facts(write_facts(tmp_path / f"b.{fmt}", padded, fmt)), 4, Collator(tok, "causal"),
+                            "b")
         for kind in ("edit", "equiv"):
             for x, y in zip(getattr(clean, kind), getattr(spaced, kind)):
                 assert all(torch.equal(x[k], y[k]) for k in x), (name, kind)
@@ -251,14 +251,14 @@ def test_unknown_words_are_named_by_field(tmp_path, toy_dir):
     collator = Collator(tok, "causal")
     with pytest.raises(DataError, match="record 0: field 'prompt': prompt has 2 word\\(s\\) outside the model's "
                                         "word-level vocabulary: 'Lina', 'Varga'") as err:
-        fact_group(read_facts(write(tmp_path / "f.json", UNKNOWN, "json")), 2, collator, "f.json")
+        fact_group(read_facts(write_facts(tmp_path / "f.json", UNKNOWN, "json")), 2, collator, "f.json")
     assert "only knows the synthetic world's vocabulary" in str(err.value) and "zero tokens" not in str(err.value)
     known_prompt = [{"prompt": "The mother tongue of Ada Lind is", "answer": "Portuguese"}]
     with pytest.raises(DataError, match="record 0: field 'answer': answer has 1 word\\(s\\) .*: 'Portuguese'"):
-        fact_group(read_facts(write(tmp_path / "g.json", known_prompt, "json")), 2, collator, "g.json")
+        fact_group(read_facts(write_facts(tmp_path / "g.json", known_prompt, "json")), 2, collator, "g.json")
     rephrased = [{"prompt": "The mother tongue of Ada Lind is", "answer": "French", "rephrases": ["Ada speaks"]}]
     with pytest.raises(DataError, match="record 0: field 'rephrases\\[0\\]': prompt has 1 word\\(s\\) .*'speaks'"):
-        fact_group(read_facts(write(tmp_path / "h.json", rephrased, "json")), 2, collator, "h.json")
+        fact_group(read_facts(write_facts(tmp_path / "h.json", rephrased, "json")), 2, collator, "h.json")
     with pytest.raises(ValueError, match="prompt tokenises only to special tokens \\['<unk>'\\]"):
         collator(["<unk>"], ["French"])
 
@@ -312,7 +312,7 @@ def test_edited_model_is_edited_again_with_the_base_models_checkpoint(tmp_path):
         (tmp_path / name).mkdir()
         run(make_cfg("model=tiny-gpt2", "data=zsre", "editor=malmen", "editor.rank=32", f"data.train_path={train}",
                      f"data.valid_path={valid}", "data.n_edits=4", "max_train_steps=1", *extra), tmp_path / name)
-    facts = facts_file(tmp_path / "facts.jsonl", FACTS)
+    facts = facts_file(tmp_path / "facts.jsonl", MAYOR_FACTS)
     first = run_edit(edit_cfg(tmp_path, "tiny-gpt2", facts, *FT), tmp_path)
     base = {"arch": "gpt2", "name_or_path": None, "tiny": dict(make_cfg("model=tiny-gpt2").model.tiny)}
     assert first["base_model"] == base
@@ -333,7 +333,7 @@ def test_edited_model_is_edited_again_with_the_base_models_checkpoint(tmp_path):
 
 # ----- 8. messages say what a file is ------------------------------------------------------------------------
 def test_checkpoint_that_is_a_directory_or_json_or_text_is_named_so(tmp_path):
-    facts = facts_file(tmp_path / "facts.jsonl", FACTS)
+    facts = facts_file(tmp_path / "facts.jsonl", MAYOR_FACTS)
     (tmp_path / "ckpt").mkdir()
     code, err = cli(tmp_path, "mode=edit", "model=tiny-gpt2", "data=zsre", "editor=malmen", "editor.rank=32",
                     f"editor.checkpoint={tmp_path / 'ckpt'}", f"edit.facts={facts}")

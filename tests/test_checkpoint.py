@@ -13,17 +13,8 @@ import torch
 
 from editor.malmen import SolveError
 from pipeline.experiment import build_editor, run
-from tests.conftest import ROOT, build_model, make_cfg, qa_records, write_records
+from tests.helpers import ROOT, build_model, make_cfg, train_cfg
 from util import load_checkpoint, save_checkpoint
-
-
-def train_cfg(tmp_path, *extra):
-    """tiny-gpt2 MALMEN on 8 training records, m = 4: two meta-steps per epoch."""
-    train = write_records(tmp_path / "train.json", qa_records(8), "zsre")
-    valid = write_records(tmp_path / "valid.json", qa_records(4, start=100), "zsre")
-    return make_cfg("model=tiny-gpt2", "data=zsre", "editor=malmen", "editor.rank=32", "editor.lr_init=1e-3",
-                    f"data.train_path={train}", f"data.valid_path={valid}", "data.n_edits=4", "data.batch_size=3",
-                    *extra)
 
 
 class Payload:
@@ -128,7 +119,7 @@ def test_ctrl_c_during_a_checkpoint_write_finishes_the_file_then_interrupts(tmp_
 
 
 def test_killed_cli_run_resumes_to_the_same_numbers(tmp_path):
-    """A real interruption: SIGINT once the first checkpoint is written, then editor.resume=true."""
+    """A real interruption: SIGINT once the first checkpoint is written, then the same command again."""
     reference = run(train_cfg(tmp_path, "n_epochs=3"), tmp_path)  # 6 meta-steps
     cfg = train_cfg(tmp_path, "n_epochs=3")
     args = [sys.executable, "main.py", "model=tiny-gpt2", "data=zsre", "editor=malmen", "editor.rank=32",
@@ -145,8 +136,9 @@ def test_killed_cli_run_resumes_to_the_same_numbers(tmp_path):
     steps = load_checkpoint(ckpt)["step"]
     assert proc.returncode in (0, 130), err  # 0 only if the run ended before the signal arrived
     if proc.returncode == 130:
-        assert "editor.resume=true" in err and "Traceback" not in err
-    done = subprocess.run(args + ["editor.resume=true"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert f"the same command with hydra.run.dir={tmp_path / 'cli'} continues from it" in err
+        assert "Traceback" not in err
+    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     resumed = load_checkpoint(ckpt)
     assert resumed["train_log"] == reference["train"] and 1 <= steps <= 6

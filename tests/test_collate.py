@@ -5,7 +5,7 @@ import torch
 from data.collate import Collator
 from model.lm import logits, nll
 from pipeline.experiment import build_editor
-from tests.conftest import build_model, make_cfg, one_group, qa_records
+from tests.helpers import build_model, make_cfg, one_group, qa_records
 
 
 def test_causal_input_stops_before_the_last_answer_token():

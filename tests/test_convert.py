@@ -7,38 +7,14 @@ from collections import Counter
 import pytest
 
 from data.convert import convert_fever, convert_zsre, dumps_records, fever2_pool, fever_claims, nq_pairs
-from data.records import NQ_PREFIX, NQ_RULE, DataError, load_records, read_objects
+from data.records import NQ_PREFIX, NQ_RULE, DataError, load_records
 from scripts import download_data
-from tests.conftest import ROOT
-
-ZSRE, FEVER, NQ = "zsre/zsre_mend_train-1k.json", "fever/fever_shared_task_dev.json", "nq/nq_open_test.jsonl"
-
-
-def _read(shared_data, name):
-    path = str(shared_data / name)
-    return read_objects(path), path
-
-
-def _fever2(n: int, start: int = 0) -> list[dict]:
-    """Synthetic FEVER 2.0 rows (fever2-fixers-dev.jsonl's form): new claims, a third NOT ENOUGH INFO."""
-    labels = ("SUPPORTS", "REFUTES", "NOT ENOUGH INFO")
-    return [{"id": 500000 + i, "label": labels[i % 3], "claim": f"Adversarial claim {i}: lake {i} is saline.",
-             "evidence": [[[None, None, f"Lake_{i}", 0]]], "attack": "synthetic"} for i in range(start, start + n)]
-
-
-def _jsonl(path, rows) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
-def _kilt(row: dict, **extra) -> dict:
-    """A shared-dev FEVER row in KILT's form: the label as an answer, provenance as a separate output."""
-    return {"id": str(row["id"]), "input": row["claim"],
-            "output": [{"answer": row["label"]}, {"provenance": [{"title": t} for t in row["evidence_pages"]]}],
-            **extra}
+from tests.helpers import (FEVER_DEV, NQ_OPEN, ROOT, ZSRE_1K, fever2_rows, kilt_row, read_shared, release_dir,
+                           write_jsonl)
 
 
 def test_zsre_sample_passes_through_every_record(shared_data, tmp_path):
-    rows, path = _read(shared_data, ZSRE)
+    rows, path = read_shared(shared_data, ZSRE_1K)
     out, stats = convert_zsre(rows, path)
     assert len(rows) == 1000 and out == rows  # same records, same order: none lost, none duplicated
     assert stats["records"] == stats["written"] == 1000
@@ -52,7 +28,7 @@ def test_zsre_sample_passes_through_every_record(shared_data, tmp_path):
 
 
 def test_nq_open_pairs(shared_data):
-    rows, path = _read(shared_data, NQ)
+    rows, path = read_shared(shared_data, NQ_OPEN)
     pairs = nq_pairs(rows, path)
     assert len(pairs) == len(rows) == 3610
     assert pairs == [(r["extra_info"]["question"], r["extra_info"]["answer"][0]) for r in rows]
@@ -63,8 +39,8 @@ def test_nq_open_pairs(shared_data):
 
 
 def test_zsre_locality_pairs_drawn_from_nq(shared_data, tmp_path):
-    rows, path = _read(shared_data, ZSRE)
-    nq = nq_pairs(*_read(shared_data, NQ))
+    rows, path = read_shared(shared_data, ZSRE_1K)
+    nq = nq_pairs(*read_shared(shared_data, NQ_OPEN))
     out, stats = convert_zsre(rows, path, nq=nq, seed=3)
     assert stats["loc_from"] == "nq" and len(out) == 1000
     questions = {NQ_PREFIX + q: a for q, a in nq}
@@ -80,7 +56,7 @@ def test_zsre_locality_pairs_drawn_from_nq(shared_data, tmp_path):
 
 
 def test_fever_shared_dev_claims(shared_data, tmp_path):
-    rows, path = _read(shared_data, FEVER)
+    rows, path = read_shared(shared_data, FEVER_DEV)
     gold = {r["id"]: r["label"] for r in rows}
     claims, n_nei = fever_claims(rows, path)
     assert n_nei == 6666 and len(claims) == 13332  # NOT ENOUGH INFO has no binary label
@@ -106,10 +82,10 @@ def test_fever_shared_dev_claims(shared_data, tmp_path):
 
 
 def test_fever_kilt_with_and_without_rephrasings(shared_data):
-    rows, _ = _read(shared_data, FEVER)
+    rows, _ = read_shared(shared_data, FEVER_DEV)
     binary = [r for r in rows if r["label"] != "NOT ENOUGH INFO"][:40]
-    kilt = [_kilt(r, filtered_rephrases=[f"Reportedly, {r['claim']}", f"It is said that {r['claim']}"])
-            if i % 2 else _kilt(r) for i, r in enumerate(binary)]
+    kilt = [kilt_row(r, filtered_rephrases=[f"Reportedly, {r['claim']}", f"It is said that {r['claim']}"])
+            if i % 2 else kilt_row(r) for i, r in enumerate(binary)]
     claims, n_nei = fever_claims(kilt, "fever-dev-kilt.jsonl")
     assert n_nei == 0 and [c.text for c in claims] == [r["claim"] for r in binary]
     assert [c.label for c in claims] == [r["label"] == "SUPPORTS" for r in binary]
@@ -127,8 +103,8 @@ def test_fever_kilt_with_and_without_rephrasings(shared_data):
 
 
 def test_fever_bad_records_name_file_record_field(shared_data):
-    rows, _ = _read(shared_data, FEVER)
-    good = [_kilt(r) for r in rows[2:5]]
+    rows, _ = read_shared(shared_data, FEVER_DEV)
+    good = [kilt_row(r) for r in rows[2:5]]
     cases = [
         (good + [{"id": "x", "output": [{"answer": "SUPPORTS"}]}], "record 3: field 'claim'"),
         (good + [{"id": "x", "input": "A claim.", "output": [{"answer": "MAYBE"}]}], r"record 3: field 'output\[0\].answer'"),
@@ -144,7 +120,7 @@ def test_fever_bad_records_name_file_record_field(shared_data):
 
 
 def test_zsre_bad_record_names_field(shared_data):
-    rows, path = _read(shared_data, ZSRE)
+    rows, path = read_shared(shared_data, ZSRE_1K)
     bad = [dict(r) for r in rows[:10]]
     bad[7]["answers"] = [""]
     with pytest.raises(DataError, match=r"record 7: field 'answers\[0\]': empty"):
@@ -153,21 +129,8 @@ def test_zsre_bad_record_names_field(shared_data):
         nq_pairs([{"extra_info": {"question": "q", "answer": ["a"]}}] * 2 + [{"extra_info": {"question": "q"}}], "nq")
 
 
-def _release_dir(shared_data, folder):
-    """The release files, named as released: the shared samples (zsRE 1k; dev claims as KILT), synthetic FEVER 2.0."""
-    folder.mkdir()
-    z, _ = _read(shared_data, ZSRE)
-    (folder / "zsre_mend_train.json").write_text(json.dumps(z[:800]))
-    (folder / "zsre_mend_eval.json").write_text(json.dumps(z[800:]))
-    f, _ = _read(shared_data, FEVER)
-    (folder / "fever-train-kilt.jsonl").write_text("".join(json.dumps(_kilt(r)) + "\n" for r in f[:3000]))
-    (folder / "fever-dev-kilt.jsonl").write_text("".join(json.dumps(_kilt(r)) + "\n" for r in f[3000:4500]))
-    _jsonl(folder / "fever2-fixers-dev.jsonl", _fever2(60))
-    return z, f
-
-
 def test_download_script_from_dir(shared_data, tmp_path, capsys):
-    z, f = _release_dir(shared_data, tmp_path / "release")
+    z, f = release_dir(shared_data, tmp_path / "release")
     out = tmp_path / "datasets"
     argv = ["--from-dir", str(tmp_path / "release"), "--out", str(out)]
     assert download_data.main(argv) == 0
@@ -179,7 +142,7 @@ def test_download_script_from_dir(shared_data, tmp_path, capsys):
     assert len(dev) == sum(r["label"] != "NOT ENOUGH INFO" for r in f[3000:4500])
     assert len(train) == sum(r["label"] != "NOT ENOUGH INFO" for r in f[:3000])
     # unrelated claims of both splits: FEVER 2.0 claims with their gold labels, never a training claim
-    fever2 = {r["id"]: r for r in _fever2(60) if r["label"] != "NOT ENOUGH INFO"}
+    fever2 = {r["id"]: r for r in fever2_rows(60) if r["label"] != "NOT ENOUGH INFO"}
     dev_rows = json.loads((out / "fever" / "fever_dev.json").read_text())
     for r in train + dev_rows:
         assert (r["unrel_prompt"], r["unrel_ans"]) == (fever2[r["unrel_id"]]["claim"], fever2[r["unrel_id"]]["label"])
@@ -213,7 +176,7 @@ def test_download_script_from_dir(shared_data, tmp_path, capsys):
 
 
 def test_unrel_source_train_flag_warns(shared_data, tmp_path, capsys):
-    _release_dir(shared_data, tmp_path / "release")
+    release_dir(shared_data, tmp_path / "release")
     (tmp_path / "release" / "fever2-fixers-dev.jsonl").unlink()  # not needed when drawing from train
     out = tmp_path / "datasets"
     argv = ["fever", "--from-dir", str(tmp_path / "release"), "--out", str(out), "--unrel-source", "train"]
@@ -232,7 +195,7 @@ def test_unrel_source_train_flag_warns(shared_data, tmp_path, capsys):
 
 
 def test_fever2_pool_and_bad_records(tmp_path, capsys):
-    rows = _fever2(9)
+    rows = fever2_rows(9)
     edit = [fever_claims([{"id": "e", "claim": rows[1]["claim"], "label": "REFUTES"}], "train")[0][0]]
     pool, stats = fever2_pool(rows, "f2.jsonl", edit)  # a FEVER 2.0 claim that is also an edit claim: left out
     assert [c.text for c in pool] == [r["claim"] for r in rows if r["label"] != "NOT ENOUGH INFO" and r != rows[1]]
@@ -253,11 +216,12 @@ def test_fever2_pool_and_bad_records(tmp_path, capsys):
     # through the script: exit 2 and the message names file, record and field
     release = tmp_path / "release"
     release.mkdir()
-    _jsonl(release / "fever-train-kilt.jsonl", [{"id": "t", "input": "A claim.", "output": [{"answer": "SUPPORTS"}]}])
-    _jsonl(release / "fever-dev-kilt.jsonl", [{"id": "d", "input": "B claim.", "output": [{"answer": "REFUTES"}]}])
+    write_jsonl(release / "fever-train-kilt.jsonl",
+                [{"id": "t", "input": "A claim.", "output": [{"answer": "SUPPORTS"}]}])
+    write_jsonl(release / "fever-dev-kilt.jsonl", [{"id": "d", "input": "B claim.", "output": [{"answer": "REFUTES"}]}])
     bad = [dict(r) for r in rows]
     bad[4].pop("claim")
-    _jsonl(release / "fever2-fixers-dev.jsonl", bad)
+    write_jsonl(release / "fever2-fixers-dev.jsonl", bad)
     assert download_data.main(["fever", "--from-dir", str(release), "--out", str(tmp_path / "out")]) == 2
     assert f"{release / 'fever2-fixers-dev.jsonl'}: record 4: field 'claim'" in capsys.readouterr().err
 

@@ -1,5 +1,6 @@
 """CounterFact: both file forms, the subject-disjoint split, the download's split, the
 efficacy/paraphrase/neighborhood scores against a plain forward pass, and a whole run to its tables."""
+import csv
 import json
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from data.groups import edit_groups
 from data.records import DataError, load_records
 from model.lm import INPUTS, counterfact_scores
 from scripts.split_records import split
-from tests.conftest import ROOT, build_model, make_cfg, script_env
+from tests.helpers import ROOT, build_model, make_cfg, script_env
 
 CF = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact" / "counterfact-train.json"
 PY = sys.executable
@@ -211,11 +212,11 @@ def test_run_reports_the_scores_and_the_tables(tmp_path):
                           f"hydra.run.dir={ft_dir}", f"cache_dir={tmp_path / 'cache'}"], cwd=ROOT, capture_output=True,
                          text=True)
     assert out.returncode == 0, out.stderr
-    readme = subprocess.run([PY, "scripts/readme_tables.py", "table", str(tmp_path / "results"), "--times", "--combined"],
-                            cwd=ROOT, capture_output=True, text=True)
+    readme = subprocess.run([PY, "scripts/readme_tables.py", "table", str(tmp_path / "results"), "--times", "--save",
+                             "cf", "--results", str(tmp_path / "data")], cwd=ROOT, capture_output=True, text=True)
     assert readme.returncode == 0, readme.stderr
     lines = readme.stdout.splitlines()
-    assert lines[0] == "tiny-gpt2, counterfact:" and lines[2] == ("| m | editor | seeds | ES | GS | LS | efficacy | "
+    assert lines[0].startswith("tiny-gpt2, counterfact, mean (std over seeds") and lines[2] == ("| m | editor | seeds | ES | GS | LS | efficacy | "
                                                                  "paraphrase | neighborhood | ES_gen | GS_gen | LS_gen | "
                                                                  "unchanged | wall s | CPU s |")
     ft = json.loads((ft_dir / "results.json").read_text())
@@ -223,9 +224,12 @@ def test_run_reports_the_scores_and_the_tables(tmp_path):
     assert lines[5].startswith(f"| 4 | FT | 1 | {ft['final']['ES']:.3f} |") and lines[5].endswith(
         f" | {ft['time_s']:.0f} | {ft['cpu_time_s']:.0f} |")
     assert lines[7].startswith(f"| 8 | MALMEN | 1 | {res['final']['ES']:.3f} |")
-    assert "m = 4, FT: `python main.py" in lines[9] and "m = 8, MALMEN: `python main.py" in lines[9]
-    by_groups = subprocess.run([PY, "scripts/readme_tables.py", "table", str(tmp_path / "results"), "--combined",
-                                "--spread", "groups"], cwd=ROOT, capture_output=True, text=True)
+    assert lines[9].startswith("Command: `python main.py")  # the table's one command; each row's in its data:
+    commands = {(r["m"], r["row"]): r["command"] for r in csv.DictReader(open(tmp_path / "data" / "cf" / "summary.csv"))}
+    assert commands["4", "FT"].startswith("python main.py") and "editor=ft" in commands["4", "FT"]
+    assert commands["8", "MALMEN"].startswith("python main.py")
+    by_groups = subprocess.run([PY, "scripts/readme_tables.py", "table", str(tmp_path / "results"), "--spread", "groups"],
+                               cwd=ROOT, capture_output=True, text=True)
     assert by_groups.returncode == 0, by_groups.stderr
     lines = by_groups.stdout.splitlines()
     assert lines[0].startswith("tiny-gpt2, counterfact, mean (std over the validation groups of every seed")
@@ -256,7 +260,7 @@ def test_massive_script_end_to_end_and_resumable(tmp_path):
     src, out, readme = write(tmp_path / "cf.json", rome_rows(40, subjects=30)), tmp_path / "run", tmp_path / "README.md"
     readme.write_text("# t\n<!-- table:massive_counterfact -->\n<!-- /table:massive_counterfact -->\n")
     env = script_env(DATA=src, N_TRAIN="24", N_VALID="8", M="2 4", LOCATED_M="2", EDITORS="malmen ft locft_bf",
-                     STEPS="2", VALID_STEPS="1", OUT=str(out), README=str(readme))
+                     STEPS="2", VALID_STEPS="1", OUT=str(out), README=str(readme), RESULTS=str(tmp_path / "data"))
     cmd = ["bash", "scripts/massive_counterfact.sh", "model=tiny-llama", f"cache_dir={tmp_path / 'cache'}"]
     first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -268,7 +272,8 @@ def test_massive_script_end_to_end_and_resumable(tmp_path):
             "| unchanged | wall s | CPU s |"
             in table)
     assert table.count("| before editing | 1 x 1 |") == 2 and "| 4 | MALMEN | 1 x 1 |" in table
-    assert (out / "results" / "massive_counterfact.md").is_file() and (out / "results" / "readme_table.csv").is_file()
+    assert (out / "results" / "massive_counterfact.md").is_file()
+    assert (tmp_path / "data" / "massive_counterfact" / "summary.csv").is_file()  # README=: the table as data (RESULTS)
     # as if the session had ended during MALMEN's validation at m = 4: its checkpoint is there, its results not
     done = json.loads((out / "results" / "malmen_m4_s0" / "results.json").read_text())
     (out / "results" / "malmen_m4_s0" / "results.json").unlink()

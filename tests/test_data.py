@@ -10,7 +10,7 @@ import torch
 from data.collate import Collator
 from data.groups import edit_groups, n_groups
 from data.records import DataError, EditRecord, load_records
-from tests.test_records import SHARED, _fever_raw, _need, _write, zsre_records  # noqa: F401 (zsre_records is a fixture)
+from tests.helpers import SHARED, fever_dev_rows, need_shared, write_json
 
 GPT2 = SHARED / "gpt2-tokenizer"
 
@@ -18,7 +18,7 @@ GPT2 = SHARED / "gpt2-tokenizer"
 @pytest.fixture(scope="module")
 def gpt2():
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(str(_need(GPT2)))
+    tok = AutoTokenizer.from_pretrained(str(need_shared(GPT2)))
     tok.pad_token = tok.eos_token  # as the model code does for GPT-2
     return tok
 
@@ -115,7 +115,7 @@ def test_seq2seq_batch(t5_like, zsre_records):
 
 
 def test_classifier_batch(bert_like, tmp_path):
-    recs = load_records(_write(tmp_path / "f.json", _fever_raw(30)), "fever")
+    recs = load_records(write_json(tmp_path / "f.json", fever_dev_rows(30)), "fever")
     b = Collator(bert_like, "classifier")([r.prompt for r in recs], [r.answer for r in recs])
     assert b["labels"].dtype == torch.float32 and b["labels"].shape == (30,)
     assert b["labels"].tolist() == [1.0 if r.answer else 0.0 for r in recs]

@@ -6,14 +6,7 @@ import subprocess
 import sys
 
 from pipeline.experiment import run
-from tests.conftest import make_cfg
-
-# Few facts, a 1-layer 64-wide toy LM, a few hundred meta-steps. The hyper-network's initial eta and
-# rank are scaled to this model (the paper's 1e-6 and 1920 are sized for GPT-2 and larger).
-TINY_WORLD = ["experiment=toy", "data.world.n_train_subjects=16", "data.world.n_valid_subjects=4", "data.world.n_objects=10",
-              "model.pretrain.n_layer=1", "model.pretrain.n_embd=64",
-              "model.pretrain.n_head=2", "model.pretrain.epochs=60", "model.edit_modules=[transformer.h.0.mlp.c_proj]",
-              "data.n_edits=16", "data.batch_size=16", "editor.lr_init=0.1", "editor.meta_lr=1e-4", "editor.rank=64"]
+from tests.helpers import TINY_WORLD, make_cfg
 
 
 def test_default_config_is_smollm2_on_invented_people_at_the_models_scale():

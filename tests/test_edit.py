@@ -10,38 +10,13 @@ from data.facts import fact_group, read_facts
 from data.records import DataError
 from model.lm import success
 from pipeline.experiment import load, run, run_edit
-from tests.conftest import make_cfg, qa_records, write_records
-from tests.test_main import cli
+from tests.helpers import (FT, FT_MODULES, MAYOR_FACTS, cli, edit_cfg, ft, make_cfg, qa_records, reloaded,
+                           write_records)
 from util import seed_everything
-
-FACTS = [{"prompt": f"The mayor of town {i} is", "answer": f"Mayor {chr(65 + i)}{i}",
-          "rephrases": [f"Town {i} is run by mayor"]} for i in range(5)]
-# The tiny models are random: their last FFN cannot tell the facts apart. FT of attention and FFN in
-# every block, with a large step, reaches ES = 1, so the reloaded model can show the edited answers.
-FT = ["editor=ft", "editor.lr=1e-2", "editor.n_epochs=20"]
-MODULES = {"tiny-gpt2": [f"transformer.h.{i}.{m}" for i in range(4) for m in ("attn.c_attn", "mlp.c_fc")],
-           "tiny-bert": [f"bert.encoder.layer.{i}.{m}" for i in range(4)
-                         for m in ("attention.self.query", "attention.self.value", "intermediate.dense")]}
-
-
-def ft(model: str) -> list[str]:
-    return FT + [f"editor.modules=[{','.join(MODULES[model])}]"]
-
-
-def edit_cfg(tmp_path, model, facts, *extra):
-    return make_cfg("mode=edit", f"model={model}", "data=zsre", f"edit.facts={facts}",
-                    f"edit.out_dir={tmp_path / 'edited'}", f"cache_dir={tmp_path / 'cache'}", "data.batch_size=2", *extra)
-
-
-def reloaded(cfg, out_dir):
-    """Model and tokenizer saved in `out_dir`, loaded as `python main.py model=... <reload overrides>` would."""
-    provenance = json.loads((out_dir / "provenance.json").read_text())
-    cfg = make_cfg(*provenance["reload"])  # they name the model config too
-    return load(cfg)
 
 
 def test_edit_save_reload_gives_the_edited_answers(tmp_path):
-    (tmp_path / "facts.json").write_text(json.dumps(FACTS))
+    (tmp_path / "facts.json").write_text(json.dumps(MAYOR_FACTS))
     cfg = edit_cfg(tmp_path, "tiny-gpt2", tmp_path / "facts.json", *ft("tiny-gpt2"))
     record = run_edit(cfg, tmp_path)
     out = tmp_path / "edited"
@@ -50,7 +25,7 @@ def test_edit_save_reload_gives_the_edited_answers(tmp_path):
     assert saved["facts"]["sha256"] == hashlib.sha256((tmp_path / "facts.json").read_bytes()).hexdigest()
     assert saved["n_facts"] == 5 and saved["n_rephrases"] == 5 and saved["editor"]["checkpoint"] is None
     assert saved["after"] == record["after"] and saved["config"]["edit"]["facts"] == str(tmp_path / "facts.json")
-    assert saved["edited_parameters"] == sorted(f"{m}.{p}" for m in MODULES["tiny-gpt2"] for p in ("bias", "weight"))
+    assert saved["edited_parameters"] == sorted(f"{m}.{p}" for m in FT_MODULES["tiny-gpt2"] for p in ("bias", "weight"))
 
     model, tok = reloaded(cfg, out)
     group = fact_group(read_facts(str(tmp_path / "facts.json")), 2, Collator(tok, "causal"), "facts.json")
@@ -82,7 +57,7 @@ def test_malmen_edits_with_its_checkpoint(tmp_path):
                  f"data.valid_path={valid}", "data.n_edits=4", "max_train_steps=1"), tmp_path / "run")
     ckpt = tmp_path / "run" / "checkpoint.pt"
     (tmp_path / "facts.csv").write_text("prompt,answer,rephrases\n" + "".join(
-        f"{f['prompt']},{f['answer']},{f['rephrases'][0]}\n" for f in FACTS))
+        f"{f['prompt']},{f['answer']},{f['rephrases'][0]}\n" for f in MAYOR_FACTS))
     with pytest.raises(ValueError, match="editor malmen edits with a trained hyper-network: set editor.checkpoint"):
         run_edit(edit_cfg(tmp_path, "tiny-gpt2", tmp_path / "facts.csv", "editor=malmen", "editor.rank=32"), tmp_path)
     record = run_edit(edit_cfg(tmp_path, "tiny-gpt2", tmp_path / "facts.csv", "editor=malmen", "editor.rank=32",
@@ -95,7 +70,7 @@ def test_malmen_edits_with_its_checkpoint(tmp_path):
 
 
 def test_existing_out_dir_and_missing_subject_are_refused_before_any_work(tmp_path):
-    (tmp_path / "facts.json").write_text(json.dumps(FACTS))
+    (tmp_path / "facts.json").write_text(json.dumps(MAYOR_FACTS))
     (tmp_path / "edited").mkdir()
     (tmp_path / "edited" / "model.safetensors").write_text("an earlier edit")
     with pytest.raises(ValueError, match="edited already exists and is not empty"):
@@ -107,11 +82,11 @@ def test_existing_out_dir_and_missing_subject_are_refused_before_any_work(tmp_pa
 
 
 def test_cli_edit_and_bad_facts(tmp_path):
-    (tmp_path / "facts.jsonl").write_text("\n".join(json.dumps(f) for f in FACTS) + "\n")
+    (tmp_path / "facts.jsonl").write_text("\n".join(json.dumps(f) for f in MAYOR_FACTS) + "\n")
     code, err = cli(tmp_path, "mode=edit", "model=tiny-gpt2", "data=zsre", *FT, f"edit.facts={tmp_path / 'facts.jsonl'}")
     assert code == 0, err
     assert (tmp_path / "run" / "edited" / "provenance.json").is_file()  # default: <run dir>/edited
-    (tmp_path / "bad.jsonl").write_text(json.dumps(FACTS[0]) + "\n" + json.dumps({"prompt": "p"}) + "\n")
+    (tmp_path / "bad.jsonl").write_text(json.dumps(MAYOR_FACTS[0]) + "\n" + json.dumps({"prompt": "p"}) + "\n")
     code, err = cli(tmp_path / "b", "mode=edit", "model=tiny-gpt2", "data=zsre", *FT, f"edit.facts={tmp_path / 'bad.jsonl'}")
     assert code == 2 and "Traceback" not in err
     assert err.strip().splitlines()[-1] == f"error: {tmp_path / 'bad.jsonl'}: record 1: field 'answer': missing"

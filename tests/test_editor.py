@@ -7,7 +7,7 @@ import torch
 from editor.base import apply_shifts
 from model.trace import weight_shape
 from pipeline.experiment import build_editor
-from tests.conftest import build_model, make_cfg, one_group, qa_records
+from tests.helpers import build_model, make_cfg, one_group, qa_records
 
 
 def float64_editor():

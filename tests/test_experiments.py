@@ -19,7 +19,7 @@ from editor.mend import MEND
 from pipeline.experiment import build_editor, run
 from scripts.aggregate import main as aggregate_main
 from scripts.runs import AggregateError, read_run, summarize
-from tests.conftest import ROOT, build_model, make_cfg, one_group, qa_records, write_records
+from tests.helpers import ROOT, build_model, make_cfg, one_group, qa_records, write_records
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "config" / "experiment").glob("*.yaml"))
 CAUSAL = {"ft", "mend", "malmen", "memit", "emmet", "locft_bf"}  # MEMIT/EMMET need a causal LM
@@ -201,8 +201,8 @@ def test_aggregate_writes_csv_plots_and_tables(sweep, tmp_path, capsys):
     es = [r["final"]["ES"] for r in matching(runs, paper_result="table1", model="gpt2", variant="no_reg")]
     assert cells[4] == f"{100 * statistics.fmean(es):.1f} ({100 * statistics.pstdev(es):.1f})"
 
-    toy = (out / "toy_table.md").read_text().splitlines()  # scripts/toy_table.sh: MEND beside MALMEN's ablations
-    assert [line.split(" | ")[0].strip("| ") for line in toy if line.startswith("| ")][2:] == [
+    toy = (out / "toy_table.md").read_text().splitlines()  # scripts/sweep.sh toy_table: MEND beside MALMEN's ablations
+    assert [line.split(" | ")[0].strip("| ") for line in toy if line.startswith("| ")][1:] == [
         "Before editing", "MEND", "Sum param. shifts", "No regularization", "MALMEN"]
     assert "synthetic, m = 256: toy-gpt2 ES (%) ↑" in toy[2] and not (out / "toy_table.png").exists()
 
@@ -246,9 +246,11 @@ def test_validation_groups_are_read_and_a_bad_one_is_named(tmp_path):
            "valid": [{"ES": 0.25, "GS": 0.5, "LS": 1.0}, {"ES": 0.75, "GS": 0.0, "LS": 1.0}]}
     path = tmp_path / "results.json"
     path.write_text(json.dumps(res))
-    (row,) = summarize([read_run(path)])
+    (row,) = summarize([read_run(path)], spread="groups")  # the std the row states: over the validation groups
     assert read_run(path).groups == {"ES": (0.25, 0.75), "GS": (0.5, 0.0), "LS": (1.0, 1.0)}
-    assert (row["n_groups"], row["ES_group_std"], row["GS_group_std"], row["LS_group_std"]) == (2, 0.25, 0.25, 0.0)
+    assert (row["spread"], row["n_groups"], row["ES_std"], row["GS_std"], row["LS_std"]) == ("groups", 2, 0.25, 0.25, 0.0)
+    (row,) = summarize([read_run(path)])  # over seeds: one seed, no spread
+    assert (row["spread"], row["ES_std"], row["GS_std"]) == ("seeds", 0.0, 0.0)
     del res["valid"][1]["LS"]
     path.write_text(json.dumps(res))
     with pytest.raises(AggregateError, match=r"results.json: field 'valid\[1\].LS': expected a number, got None"):
@@ -297,12 +299,12 @@ def test_multirun_sweep_then_aggregate(tmp_path):
                     f"cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep_dir}"],
                    cwd=ROOT, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     runs = sorted(p.parent.name for p in sweep_dir.rglob("results.json"))
-    assert runs == ["0_tiny-gpt2_zsre_malmen_none_m4_s0", "1_tiny-gpt2_zsre_malmen_none_m4_s1",
-                    "2_tiny-gpt2_zsre_ft_none_m4_s0", "3_tiny-gpt2_zsre_ft_none_m4_s1"]
-    results = json.loads((sweep_dir / runs[0] / "results.json").read_text())
+    assert runs == ["tiny-gpt2_zsre_ft_none_m4_s0", "tiny-gpt2_zsre_ft_none_m4_s1",
+                    "tiny-gpt2_zsre_malmen_none_m4_s0", "tiny-gpt2_zsre_malmen_none_m4_s1"]
+    results = json.loads((sweep_dir / runs[2] / "results.json").read_text())
     assert results["config"]["variant"] == "none" and results["config"]["paper_result"] == "mini_sweep"
     assert results["residual"] > 0 and "residual" in results["valid"][0]
-    assert "residual" not in json.loads((sweep_dir / runs[2] / "results.json").read_text())
+    assert "residual" not in json.loads((sweep_dir / runs[0] / "results.json").read_text())
     assert aggregate_main([str(sweep_dir)]) == 0
     rows = list(csv.DictReader(open(sweep_dir / "summary.csv")))
     assert [(r["editor"], r["n"]) for r in rows] == [("ft", "2"), ("malmen", "2")]

@@ -8,35 +8,13 @@ from data.collate import Collator
 from data.facts import fact_group, read_facts, require_subjects
 from data.records import DataError
 from model.tiny import byte_tokenizer
-
-FACTS = [
-    {"prompt": "The capital of Freedonia is", "answer": "Fredville", "rephrases": ["Freedonia's capital is",
-                                                                                     "Freedonia is governed from"],
-     "subject": "Freedonia"},
-    {"prompt": "The CEO of Acme is", "answer": "Wile E. Coyote"},
-    {"prompt": "Mount Zog is located in", "answer": "Atlantis", "rephrases": ["Where is Mount Zog? In"]},
-]
-
-
-def write(path, rows, fmt):
-    """Write `rows` (dicts) as fmt json, jsonl or csv (rephrases joined by |) and return the path."""
-    if fmt == "json":
-        path.write_text(json.dumps(rows))
-    elif fmt == "jsonl":
-        path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    else:
-        lines = ["prompt,answer,rephrases,subject"] + [
-            ",".join(json.dumps(v) if "," in v else v for v in
-                     (r["prompt"], r["answer"], "|".join(r.get("rephrases", [])), r.get("subject", "")))
-            for r in rows]
-        path.write_text("\n".join(lines) + "\n")
-    return str(path)
+from tests.helpers import MIXED_FACTS, write_facts
 
 
 @pytest.mark.parametrize("fmt", ["json", "jsonl", "csv"])
 def test_every_format_gives_the_same_facts(tmp_path, fmt):
-    facts = read_facts(write(tmp_path / f"facts.{fmt}", FACTS, fmt))
-    assert [f.prompt for f in facts] == [r["prompt"] for r in FACTS]
+    facts = read_facts(write_facts(tmp_path / f"facts.{fmt}", MIXED_FACTS, fmt))
+    assert [f.prompt for f in facts] == [r["prompt"] for r in MIXED_FACTS]
     assert [f.answer for f in facts] == ["Fredville", "Wile E. Coyote", "Atlantis"]
     assert [f.equiv_prompts for f in facts] == [("Freedonia's capital is", "Freedonia is governed from"), (),
                                                 ("Where is Mount Zog? In",)]
@@ -47,7 +25,7 @@ def test_every_format_gives_the_same_facts(tmp_path, fmt):
 def test_group_has_every_fact_and_every_rephrasing(tmp_path):
     tok = byte_tokenizer("gpt2", 512)
     tok.pad_token = tok.eos_token
-    facts = read_facts(write(tmp_path / "f.json", FACTS, "json"))
+    facts = read_facts(write_facts(tmp_path / "f.json", MIXED_FACTS, "json"))
     group = fact_group(facts, 2, Collator(tok, "causal"), "f.json")
     assert [len(b["input_ids"]) for b in group.edit] == [2, 1]  # 3 facts in batches of 2
     assert [len(b["input_ids"]) for b in group.equiv] == [2, 1]  # 3 rephrasings in all
@@ -55,7 +33,7 @@ def test_group_has_every_fact_and_every_rephrasing(tmp_path):
 
 
 def bad(tmp_path, rows, fmt="json"):
-    return write(tmp_path / f"bad.{fmt}", rows, fmt)
+    return write_facts(tmp_path / f"bad.{fmt}", rows, fmt)
 
 
 @pytest.mark.parametrize("row,match", [
@@ -69,7 +47,7 @@ def bad(tmp_path, rows, fmt="json"):
     ("just text", "record 1: not a JSON object"),
 ])
 def test_bad_fact_names_file_record_and_field(tmp_path, row, match):
-    path = bad(tmp_path, [FACTS[0], row])
+    path = bad(tmp_path, [MIXED_FACTS[0], row])
     with pytest.raises(DataError, match=match) as err:
         read_facts(path)
     assert err.value.path == path
@@ -87,13 +65,14 @@ def test_missing_unreadable_empty_and_unknown_files(tmp_path):
     (tmp_path / "facts.txt").write_text("p,a\n")
     with pytest.raises(DataError, match="unknown facts format '.txt'"):
         read_facts(str(tmp_path / "facts.txt"))
-    (tmp_path / "one.json").write_text(json.dumps(FACTS[0], indent=2))
+    (tmp_path / "one.json").write_text(json.dumps(MIXED_FACTS[0], indent=2))
     with pytest.raises(DataError, match="one.json: holds one JSON object; expected a list"):
         read_facts(str(tmp_path / "one.json"))
 
 
 def test_malformed_jsonl_line_is_named(tmp_path):
-    lines = [json.dumps(FACTS[0]), json.dumps(FACTS[1]), '{"prompt": "p", "answer": ', json.dumps(FACTS[2])]
+    lines = [json.dumps(MIXED_FACTS[0]), json.dumps(MIXED_FACTS[1]), '{"prompt": "p", "answer": ',
+             json.dumps(MIXED_FACTS[2])]
     (tmp_path / "f.jsonl").write_text("\n".join(lines))
     with pytest.raises(DataError, match="f.jsonl: line 3: invalid JSON"):
         read_facts(str(tmp_path / "f.jsonl"))
@@ -116,7 +95,8 @@ def test_bad_csv(tmp_path):
 
 
 def test_duplicates_are_kept_with_a_warning(tmp_path, caplog):
-    rows = [FACTS[0], FACTS[1], {"prompt": FACTS[0]["prompt"] + " ", "answer": FACTS[0]["answer"]}]
+    rows = [MIXED_FACTS[0], MIXED_FACTS[1],
+            {"prompt": MIXED_FACTS[0]["prompt"] + " ", "answer": MIXED_FACTS[0]["answer"]}]
     with caplog.at_level(logging.WARNING, logger="data.facts"):
         facts = read_facts(bad(tmp_path, rows))
     assert len(facts) == 3
@@ -124,7 +104,7 @@ def test_duplicates_are_kept_with_a_warning(tmp_path, caplog):
 
 
 def test_conflicting_answers_are_refused_naming_both_records(tmp_path):
-    rows = [FACTS[0], FACTS[1], {"prompt": FACTS[1]["prompt"], "answer": "Road Runner"}]
+    rows = [MIXED_FACTS[0], MIXED_FACTS[1], {"prompt": MIXED_FACTS[1]["prompt"], "answer": "Road Runner"}]
     with pytest.raises(DataError, match="record 2: field 'answer': conflicts with record 1") as err:
         read_facts(bad(tmp_path, rows))
     assert "'Wile E. Coyote' there and 'Road Runner' here" in str(err.value)
@@ -147,7 +127,7 @@ def test_classifier_answers_are_labels(tmp_path):
 def test_too_long_is_refused_not_truncated(tmp_path):
     tok = byte_tokenizer("gpt2", 64)
     tok.pad_token = tok.eos_token
-    rows = [FACTS[1], {"prompt": "p", "answer": "a", "rephrases": ["ok", "word " * 20]}]
+    rows = [MIXED_FACTS[1], {"prompt": "p", "answer": "a", "rephrases": ["ok", "word " * 20]}]
     facts = read_facts(bad(tmp_path, rows))
     with pytest.raises(DataError, match="record 1: field 'rephrases\\[1\\]': .*longer than the tokenizer limit 64"
                                         ".*refused, never truncated"):
@@ -155,6 +135,6 @@ def test_too_long_is_refused_not_truncated(tmp_path):
 
 
 def test_memit_needs_subjects(tmp_path):
-    facts = read_facts(bad(tmp_path, FACTS))
+    facts = read_facts(bad(tmp_path, MIXED_FACTS))
     with pytest.raises(DataError, match="record 1: field 'subject': missing: editor memit edits at the last token"):
         require_subjects(facts, "bad.json", "memit")

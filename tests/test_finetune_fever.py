@@ -17,7 +17,7 @@ from data.records import DataError, load_records, read_objects
 from model.lm import logits
 from pipeline.experiment import run as run_main
 from scripts.finetune_fever import CHECKPOINT, run
-from tests.conftest import ROOT, SHARED, build_model, make_cfg
+from tests.helpers import ROOT, SHARED, build_model, make_cfg
 
 FEVER = SHARED / "fever" / "fever_shared_task_dev.json"
 

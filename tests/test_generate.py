@@ -3,12 +3,11 @@
 import pytest
 import torch
 
-from data.collate import Collator
 from data.records import EditRecord
 from editor.base import apply_shifts
 from model.generate import greedy, unchanged
 from pipeline.experiment import evaluate
-from tests.conftest import build_model, fever_records, make_cfg, one_group, varied_records
+from tests.helpers import build_model, fever_records, make_cfg, one_group, varied_records
 
 SCALE = 10.0  # the logit of a designed next token; every other token's is 0: the argmax is never a tie
 

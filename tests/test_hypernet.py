@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 from editor.hypernet import INPUT_VERSION, HyperNet, RunningNorm
 from pipeline.checkpoint import load_editor_checkpoint
 from pipeline.experiment import build_editor
-from tests.conftest import build_model, make_cfg, one_group, records_for
+from tests.helpers import build_model, make_cfg, one_group, records_for
 from util import save_checkpoint
 
 

@@ -15,9 +15,8 @@ from model import gguf_cache
 from model.load import check_resident, resolve_modules
 from model.lm import success
 from pipeline.experiment import build_editor, load, materialize, run, run_edit
-from tests.conftest import make_cfg, one_group, varied_records, write_records
-from tests.test_edit import FACTS, edit_cfg, reloaded
-from tests.test_main import SMOKE, smoke_cfg
+from tests.helpers import (MAYOR_FACTS, SMOKE, edit_cfg, make_cfg, one_group, reloaded, smoke_cfg, varied_records,
+                           write_records)
 from util import seed_everything
 
 EDITORS = ["malmen", "mend", "ft", "memit", "emmet", "locft_bf"]
@@ -58,9 +57,9 @@ def test_every_editor_trains_and_validates(tmp_path, editor):
 @pytest.mark.parametrize("editor", EDITORS)
 def test_edit_mode_saves_a_model_that_reloads_with_the_edits(tmp_path, editor):
     facts = tmp_path / "facts.json"
-    facts.write_text(json.dumps([{**f, "subject": f"town {i}"} for i, f in enumerate(FACTS)]))  # MEMIT: subjects
+    facts.write_text(json.dumps([{**f, "subject": f"town {i}"} for i, f in enumerate(MAYOR_FACTS)]))  # MEMIT: subjects
     extra = list(SMOKE[editor])
-    if editor in ("memit", "emmet"):  # their key statistics read data.train_path: varied text (tests/conftest.py)
+    if editor in ("memit", "emmet"):  # their key statistics read data.train_path: varied text (tests/helpers.py)
         extra.append(f"data.train_path={write_records(tmp_path / 'stats.json', varied_records(16), 'zsre')}")
     if editor in ("malmen", "mend"):  # a trained hyper-network: one meta-step
         (tmp_path / "run").mkdir()

@@ -10,8 +10,7 @@ from data.collate import Collator
 from data.groups import edit_groups
 from model.lm import INPUTS, accuracy, kl, logits, nll
 from pipeline.experiment import run
-from tests.conftest import build_model, make_cfg, qa_records
-from tests.test_main import smoke_cfg
+from tests.helpers import build_model, make_cfg, qa_records, smoke_cfg
 
 LMS = ["tiny-gpt2", "tiny-gptj", "tiny-llama", "tiny-t5"]
 

@@ -1,24 +1,21 @@
 """MEMIT, EMMET and LocFT-BF on tiny-gpt2: edits succeed, the closed forms hold, key statistics are cached.
 
-The edits are "The home town of {subject}" -> city, read with a word-level tokenizer built here, so
-that the city is one token predicted at the last subject token. Why: a random tiny model attends
-almost uniformly and layer-normalises every position, so a change at the subject reaches a later
-position only diluted; with the byte-level tokenizer (answer " Paris" = 6 tokens after "?") even an
+The edits are "The home town of {subject}" -> city, read with a word-level tokenizer (the `world` fixture,
+built by tests/helpers.py), so that the city is one token predicted at the last subject token. Why: a random
+tiny model attends almost uniformly and layer-normalises every position, so a change at the subject reaches a
+later position only diluted; with the byte-level tokenizer (answer " Paris" = 6 tokens after "?") even an
 unconstrained delta at the subject moved the answer's NLL by 0.05 nats, i.e. MEMIT had nothing to
 work with. Its hidden states are also small and carry no facts, so the target vectors need a larger
-clamp (4 |h|) and a weaker norm penalty than GPT-J's (TARGETS), and LocFT-BF, which gets 25 Adam steps
+clamp (4 |h|) and a weaker norm penalty than GPT-J's (WORLD_TARGETS), and LocFT-BF, which gets 25 Adam steps
 on one 128 x 32 module here (8 edits = one mini-batch), a larger learning rate.
 """
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 import editor.stats
-from data.records import DataError, EditRecord
+from data.records import DataError
 from editor.base import apply_shifts, from_param_layout
 from editor.emmet import EMMET
 from data.subjects import subject_end
@@ -27,59 +24,8 @@ from editor.memit import condition_number, memit_delta
 from editor.stats import key_second_moments
 from model.lm import nll, logits
 from pipeline.experiment import build_editor, evaluate, run
-from tests.conftest import build_model, make_cfg, one_group, write_records
-
-SUBJECTS = ["Alma", "Boris", "Cyra", "Dov", "Enzo", "Fay", "Gus", "Hana"]
-CITIES = ["Paris", "Rome", "Oslo", "Lima", "Cairo", "Quito", "Dakar", "Hanoi"]
-TARGETS = ["editor.n_prefixes=0", "editor.clamp_factor=4", "editor.norm_coef=0.01"]
-TINY = {"memit": TARGETS, "emmet": TARGETS, "locft_bf": ["editor.lr=5e-3"]}
-
-
-def edits() -> list[EditRecord]:
-    return [EditRecord(prompt=f"The home town of {s}", answer=CITIES[i], equiv_prompts=(f"{s} was born in",),
-                       unrel_prompt=f"The capital of country {i} is", unrel_answer=CITIES[(i + 1) % 8], subject=s,
-                       index=i) for i, s in enumerate(SUBJECTS)]
-
-
-def stats_records() -> list[EditRecord]:
-    """The training file, the offline text source of the key statistics: ~900 tokens, well above d_in = 128."""
-    templates = ["The home town of {}", "{} was born in the city of", "Where does {} live ?", "The employer of {} is"]
-    return [EditRecord(prompt=templates[j % 4].format(f"Person{j}"), answer=CITIES[j % 8], equiv_prompts=("x",),
-                       unrel_prompt=f"The capital of country {j} is", unrel_answer=CITIES[j % 5]) for j in range(120)]
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> dict:
-    return build_world(tmp_path_factory.mktemp("world"))
-
-
-def build_world(root: Path) -> dict:
-    """A word-level tokenizer over the world's words (saved for model.tokenizer) and the training file."""
-    texts = [t for r in edits() + stats_records() for t in (r.prompt, r.answer, r.unrel_prompt, *r.equiv_prompts)]
-    split = pre_tokenizers.Whitespace()
-    extra = ["is a", ". Therefore Because I You"]  # MEMIT's KL prompt, its prefixes' separator and starts
-    words = sorted({w for t in texts + extra for w, _ in split.pre_tokenize_str(t)})
-    vocab = {w: i for i, w in enumerate(words + ["<unk>", "<|endoftext|>"])}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = split
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|endoftext|>",
-                            model_max_length=512).save_pretrained(root / "tokenizer")
-    return {"tokenizer": str(root / "tokenizer"), "train": write_records(root / "train.json", stats_records(), "zsre")}
-
-
-def world_cfg(world, tmp_path, editor_name: str, *extra: str, model: str = "tiny-gpt2"):
-    return make_cfg(f"model={model}", f"model.tokenizer={world['tokenizer']}", f"editor={editor_name}",
-                    "data.n_edits=8", "data.batch_size=8", f"data.train_path={world['train']}",
-                    f"cache_dir={tmp_path / 'cache'}", *TINY[editor_name], *extra)
-
-
-def edited(cfg, seed: int = 0):
-    """(editor, group, model, shifts) after editing the 8 world edits on a fresh tiny-gpt2."""
-    torch.manual_seed(seed)
-    model, tokenizer = build_model(cfg)
-    group = one_group(cfg, tokenizer, edits())
-    editor = build_editor(cfg, model, tokenizer=tokenizer)
-    return editor, group, model, editor.edit_group(group)
+from tests.helpers import (build_model, edited, make_cfg, one_group, world_cfg, world_edits, world_stats_records,
+                           write_records)
 
 
 @pytest.mark.parametrize("editor_name", ["memit", "emmet", "locft_bf"])
@@ -169,7 +115,7 @@ def test_second_moment_matches_unpadded_tokens(world, tmp_path):
     cfg = world_cfg(world, tmp_path, "memit", "model.dtype=float64")
     torch.manual_seed(0)
     model, tokenizer = build_model(cfg)
-    texts = [r.prompt for r in stats_records()[:9]]
+    texts = [r.prompt for r in world_stats_records()[:9]]
     name = cfg.editor.module.format(1)
     module = model.get_submodule(name)
     covs, _, _ = key_second_moments(model, tokenizer, {name: module}, texts, source="test", n_samples=9,
@@ -186,7 +132,7 @@ def test_second_moment_matches_unpadded_tokens(world, tmp_path):
 
 @pytest.mark.parametrize("subject,msg", [(None, "missing"), ("Nobody", "does not occur in the prompt")])
 def test_unlocatable_subject_is_named(world, tmp_path, subject, msg):
-    rows = json.loads(open(write_records(tmp_path / "valid.json", edits(), "zsre")).read())
+    rows = json.loads(open(write_records(tmp_path / "valid.json", world_edits(), "zsre")).read())
     if subject is None:
         del rows[5]["subject"]
     else:
@@ -214,7 +160,7 @@ def test_locft_eos_target_and_stopping_rules(world, tmp_path):
     cfg = world_cfg(world, tmp_path, "locft_bf")
     torch.manual_seed(0)
     model, tokenizer = build_model(cfg)
-    batch = one_group(cfg, tokenizer, edits()).edit[0]
+    batch = one_group(cfg, tokenizer, world_edits()).edit[0]
     eos = tokenizer.eos_token_id
     extended = with_eos(batch, eos)
     lengths = batch["attention_mask"].sum(1)
@@ -240,7 +186,7 @@ def test_locft_eos_target_on_t5_decoder():
     """T5 labels carry no </s> (as the authors' runs): LocFT-BF adds it as the decoder's last target."""
     cfg = make_cfg("model=tiny-t5", "data.n_edits=4", "data.batch_size=4")
     model, tokenizer = build_model(cfg)
-    batch = one_group(cfg, tokenizer, edits()[:4]).edit[0]
+    batch = one_group(cfg, tokenizer, world_edits()[:4]).edit[0]
     eos = tokenizer.eos_token_id
     extended = with_eos(batch, eos, "seq2seq")
     rows, lengths = torch.arange(len(batch["labels"])), batch["decoder_attention_mask"].sum(1)  # batches by length

@@ -1,37 +1,15 @@
 """main.py end to end on tiny models: every model x data x editor, checkpoints, bad input."""
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from data.records import DataError
 from pipeline.experiment import run
-from tests.conftest import ROOT, fever_records, make_cfg, qa_records, varied_records, write_records
+from tests.helpers import cli, data_files, qa_records, smoke_cfg, write_records
 
 TINY = ["tiny-gpt2", "tiny-t5", "tiny-gptj", "tiny-bert"]
-SMOKE = {"malmen": ["editor.rank=32"], "mend": ["editor.rank=32"], "ft": [],  # small, fast settings per editor
-         "memit": ["editor.n_steps=3", "editor.n_prefixes=1"], "emmet": ["editor.n_steps=3", "editor.n_prefixes=1"],
-         "locft_bf": ["editor.n_epochs=3"]}
-
-
-def data_files(tmp_path, data: str, n_train: int = 8, n_valid: int = 6) -> list[str]:
-    make = fever_records if data == "fever" else qa_records
-    train = write_records(tmp_path / "train.json", make(n_train), data)
-    valid = write_records(tmp_path / "valid.json", make(n_valid, start=1000), data)
-    return [f"data.train_path={train}", f"data.valid_path={valid}"]
-
-
-def smoke_cfg(tmp_path, model, data, editor, *extra):
-    files = data_files(tmp_path, data)
-    if editor in ("memit", "emmet") and data == "zsre":  # their key statistics need varied text (IllPosedSolve)
-        files[0] = f"data.train_path={write_records(tmp_path / 'train.json', varied_records(16), data)}"
-    return make_cfg(f"model={model}", f"data={data}", f"editor={editor}", *files,
-                    "data.n_edits=4", "data.batch_size=3", "max_train_steps=1", "max_valid_steps=1",
-                    f"cache_dir={tmp_path / 'cache'}", *SMOKE[editor], *extra)
 
 
 @pytest.mark.parametrize("editor", ["malmen", "mend", "ft", "memit", "emmet", "locft_bf"])
@@ -87,14 +65,6 @@ def test_checkpoint_reloads_the_trained_editor(tmp_path):
                           f"editor.checkpoint={first / 'checkpoint.pt'}"), second)
     assert again["train"] == []
     assert again["valid"] == results["valid"]  # same hyper-network, same edits, same numbers
-
-
-def cli(tmp_path, *overrides):
-    """Run `python main.py` in a subprocess; (returncode, stderr)."""
-    proc = subprocess.run([sys.executable, "main.py", f"hydra.run.dir={tmp_path / 'run'}", *overrides],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # as conftest: one thread
-    return proc.returncode, proc.stderr
 
 
 def test_cli_writes_results(tmp_path):

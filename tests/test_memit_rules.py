@@ -2,10 +2,11 @@
 here from the model's plain forward pass (full logits, hooks, positions counted by hand), on tiny models
 in float64 where the rule is a closed form: EMMET's single layer, the solve's diagnostics, the statistics'
 source, LocFT-BF's loss. MEMIT's target vectors (contexts, keys, target loss, early stop) and its defaults:
-tests/test_memit_targets.py, which shares F64 and last_token_state from here.
+tests/test_memit_targets.py.
 
-The world is tests/test_located.py's: word-level tokens, so the subject of "The home town of {s}" is the
-LAST token of every context and the FIRST of "{s} is a", positions this file counts without the editor.
+The world is tests/test_located.py's (the `world` fixture, tests/helpers.py): word-level tokens, so the subject
+of "The home town of {s}" is the LAST token of every context and the FIRST of "{s} is a", positions this file
+counts without the editor.
 """
 import pytest
 import torch
@@ -17,21 +18,7 @@ from editor.base import apply_shifts, from_param_layout
 from editor.locft_bf import LocFTBF, concat, with_eos
 from pipeline.experiment import build_editor, stats_texts
 from pipeline.report import diagnostics_lines
-from tests.conftest import build_model, make_cfg, one_group
-from tests.test_located import edited, world, world_cfg  # noqa: F401 (world is a fixture)
-
-F64 = ["model.dtype=float64"]
-
-
-def last_token_state(model, module, tok, text: str, at: int = -1, output: bool = False) -> torch.Tensor:
-    """The input (or output) of `module` at token `at` of `text`, run alone (no padding)."""
-    got = []
-    handle = module.register_forward_hook(lambda m, i, o: got.append((o[0] if isinstance(o, tuple) else o)
-                                                                     if output else i[0]))
-    with torch.no_grad():
-        model(**tok(text, add_special_tokens=False, return_tensors="pt"))
-    handle.remove()
-    return got[0][0, at]
+from tests.helpers import F64, build_model, edited, last_token_state, make_cfg, one_group, world_cfg
 
 
 # ----- EMMET: its own single layer -------------------------------------------------------------------------------

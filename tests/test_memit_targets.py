@@ -3,8 +3,9 @@ the target loss (NLL, KL, norm term), its cached-prefix Suffixes, early stop and
 against a computation written here from the model's plain forward pass (full logits, hooks, positions counted by
 hand), on tiny models in float64. EMMET, the solve and LocFT-BF: tests/test_memit_rules.py.
 
-The world is tests/test_located.py's: word-level tokens, so the subject of "The home town of {s}" is the
-LAST token of every context and the FIRST of "{s} is a", positions this file counts without the editor.
+The world is tests/test_located.py's (the `world` fixture, tests/helpers.py): word-level tokens, so the subject
+of "The home town of {s}" is the LAST token of every context and the FIRST of "{s} is a", positions this file
+counts without the editor.
 """
 import pytest
 import torch
@@ -14,9 +15,7 @@ from data.records import EditRecord
 from data.subjects import requests
 from editor.locate import Suffixes, TargetLoss, context_prefixes, target_vectors
 from pipeline.experiment import build_editor
-from tests.conftest import build_model, make_cfg
-from tests.test_located import edited, world, world_cfg  # noqa: F401 (world is a fixture)
-from tests.test_memit_rules import F64, last_token_state
+from tests.helpers import F64, build_model, edited, last_token_state, make_cfg, world_cfg
 
 
 def full_logits(model, inject, ids: list[int], at: int | None = None, vec: torch.Tensor | None = None):

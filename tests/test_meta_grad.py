@@ -11,42 +11,10 @@ import torch
 
 from editor.malmen import REDUCTIONS
 from pipeline.experiment import build_editor
-from tests.conftest import build_model, make_cfg, one_group, records_for
+from tests.helpers import float64_setup, grads, max_rel_err
 
 CASES = [("tiny-gpt2", "zsre"), ("tiny-t5", "zsre"), ("tiny-bert", "fever"), ("tiny-llama", "zsre")]
 TOL = 1e-6
-
-
-def setup(model_name: str, data: str, editor: str, m: int, lm_batch: int, editor_batch: int,
-          reduction: str = "token_mean"):
-    """Float64 model, a perturbed float64 editor, and one group of m edits."""
-    cfg = make_cfg(f"model={model_name}", f"data={data}", f"editor={editor}", f"data.n_edits={m}",
-                   f"data.batch_size={lm_batch}", f"editor.batch_size={editor_batch}", "editor.rank=24",
-                   f"editor.loss_reduction={reduction}")
-    torch.manual_seed(0)
-    model, tokenizer = build_model(cfg)
-    model.double()
-    editor = build_editor(cfg, model, dtype=torch.float64)
-    with torch.no_grad():
-        for net in editor.net.values():
-            for name, p in net.named_parameters():
-                p.add_(0.3 * torch.randn_like(p))
-            net.lr.copy_(0.05 + 0.01 * torch.randn_like(net.lr))
-            net.log_lambda.copy_(math.log(0.5) + 0.1 * torch.randn_like(net.log_lambda))
-    group = one_group(cfg, tokenizer, records_for(cfg.model.family, m))
-    return cfg, model, editor, group
-
-
-def grads(editor) -> dict[str, torch.Tensor]:
-    return {n: p.grad.clone() for n, p in editor.net.named_parameters() if p.requires_grad}
-
-
-def max_rel_err(got: dict, ref: dict) -> float:
-    """max over parameter tensors of ||got - ref||_inf / ||ref||_inf."""
-    assert got.keys() == ref.keys()
-    for n, r in ref.items():
-        assert r.abs().max() > 0, f"reference gradient of {n} is zero: the check would be vacuous"
-    return max(float((got[n] - r).abs().max() / r.abs().max()) for n, r in ref.items())
 
 
 def two_stage_and_reference(editor, group, make_twin):
@@ -62,8 +30,8 @@ def two_stage_and_reference(editor, group, make_twin):
 @pytest.mark.parametrize("editor_name", ["malmen", "mend"])
 @pytest.mark.parametrize("model_name,data", CASES)
 def test_two_stage_equals_end_to_end(model_name, data, editor_name, reduction):
-    cfg, model, editor, group = setup(model_name, data, editor_name, m=6, lm_batch=4, editor_batch=5,
-                                      reduction=reduction)
+    cfg, model, editor, group = float64_setup(model_name, data, editor_name, m=6, lm_batch=4, editor_batch=5,
+                                              reduction=reduction)
     got, ref = two_stage_and_reference(editor, group, lambda: build_editor(cfg, model, dtype=torch.float64))
     if editor_name == "malmen":
         assert any(n.endswith("log_lambda") for n in ref), "d L_meta / d lambda must be checked"
@@ -76,12 +44,13 @@ def test_two_stage_equals_end_to_end(model_name, data, editor_name, reduction):
 @pytest.mark.parametrize("editor_name", ["malmen", "mend"])
 def test_gradient_does_not_depend_on_batch_sizes(editor_name, reduction):
     m = 7
-    cfg, model, editor, group = setup("tiny-gpt2", "zsre", editor_name, m, lm_batch=m, editor_batch=10_000,
-                                      reduction=reduction)
+    cfg, model, editor, group = float64_setup("tiny-gpt2", "zsre", editor_name, m, lm_batch=m,
+                                              editor_batch=10_000, reduction=reduction)
     _, ref = two_stage_and_reference(editor, group, lambda: build_editor(cfg, model, dtype=torch.float64))
     # (LM batch, hyper-network batch): one tuple at a time, sizes that do not divide m, one batch.
     for lm_batch, editor_batch in [(1, 1), (3, 4), (2, 5), (m, 10_000)]:
-        cfg2, model2, editor2, group2 = setup("tiny-gpt2", "zsre", editor_name, m, lm_batch, editor_batch, reduction)
+        cfg2, model2, editor2, group2 = float64_setup("tiny-gpt2", "zsre", editor_name, m, lm_batch, editor_batch,
+                                                      reduction)
         assert len(group2.equiv) == math.ceil(m / lm_batch)
         editor2.meta_grad(group2)
         err = max_rel_err(grads(editor2), ref)

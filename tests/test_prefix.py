@@ -6,26 +6,10 @@ import torch
 
 from model.prefix import PrefixCache
 from pipeline.experiment import build_editor, evaluate, load
-from tests.conftest import make_cfg, one_group, records_for
-from tests.test_meta_grad import grads, max_rel_err, setup
+from tests.helpers import make_cfg, max_rel_err, meta_grads, one_group, records_for, twins
 
 CASES = [("tiny-gpt2", "zsre"), ("tiny-gptj", "zsre"), ("tiny-llama", "zsre"), ("tiny-t5", "zsre")]
 TOL = 1e-10
-
-
-def twins(model_name: str, data: str, editor_name: str):
-    """Two float64 editors with the same perturbed hyper-network, one with the prefix cache, one without."""
-    cfg, model, editor, group = setup(model_name, data, editor_name, m=6, lm_batch=4, editor_batch=5)
-    cached = build_editor(cfg, model, dtype=torch.float64)
-    cached.load_state_dict(editor.state_dict())
-    cached.prefix = PrefixCache(model, cached.edited_modules())
-    return cfg, model, editor, cached, group
-
-
-def meta_grads(editor, group, end_to_end: bool) -> dict:
-    editor.opt.zero_grad(set_to_none=True)
-    (editor.meta_grad_end_to_end if end_to_end else editor.meta_grad)(group)
-    return grads(editor)
 
 
 @pytest.mark.parametrize("end_to_end", [False, True])

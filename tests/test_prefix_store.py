@@ -12,9 +12,7 @@ import torch
 
 from model.prefix import PrefixCache
 from pipeline.experiment import evaluate
-from tests.conftest import ROOT, build_model, one_group, qa_records, write_records
-from tests.test_meta_grad import max_rel_err, setup
-from tests.test_prefix import meta_grads, twins
+from tests.helpers import ROOT, build_model, max_rel_err, meta_grads, one_group, qa_records, twins, write_records
 
 TOL = 1e-10
 

@@ -6,7 +6,7 @@ import torch
 from data.records import DataError
 from pipeline.experiment import run
 from pipeline.preflight import check_config
-from tests.conftest import make_cfg, qa_records, write_records
+from tests.helpers import make_cfg, qa_records, write_records
 from util import load_checkpoint
 
 

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from scripts.split_records import main as split_main
-from tests.conftest import ROOT, make_cfg, qa_records, script_env, write_records
+from tests.helpers import ROOT, make_cfg, qa_records, script_env, write_records
 
 ZSRE = "zsre/zsre_mend_train-1k.json"  # the first 1,000 records of the MEND zsRE training file
 EDITORS = ("ft", "memit", "emmet", "locft_bf", "malmen", "mend")
@@ -57,7 +57,7 @@ def test_real_lm_script_end_to_end_on_tiny_llama(shared_data, tmp_path):
     out, readme = tmp_path / "run", tmp_path / "README.md"
     readme.write_text("# t\n<!-- table:real_lm -->\n<!-- /table:real_lm -->\nafter\n")
     env = script_env(MODEL="tiny-llama", DATA=str(shared_data / ZSRE), N_TRAIN="12", N_VALID="8", M="1 2",
-                     STEPS="2", VALID_STEPS="1", OUT=str(out), README=str(readme))
+                     STEPS="2", VALID_STEPS="1", OUT=str(out), README=str(readme), RESULTS=str(tmp_path / "data"))
     proc = subprocess.run(["bash", "scripts/real_lm.sh", f"cache_dir={tmp_path / 'cache'}", "data.batch_size=4"],
                           cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -66,7 +66,7 @@ def test_real_lm_script_end_to_end_on_tiny_llama(shared_data, tmp_path):
     assert split["source"] == str((shared_data / ZSRE).resolve())
     for editor in EDITORS:
         for m in (1, 2):
-            (path,) = (out / "results").rglob(f"*_tiny-llama_zsre_{editor}_none_m{m}_s0/results.json")
+            path = out / "results" / f"tiny-llama_zsre_{editor}_none_m{m}_s0" / "results.json"
             res = json.loads(path.read_text())
             assert res["config"]["data"]["valid_path"] == str(out / "split" / "valid.json") and "pre_edit" in res
             if editor in ("malmen", "mend"):  # one hyper-network per m: trained for STEPS meta-steps at this m
@@ -76,7 +76,7 @@ def test_real_lm_script_end_to_end_on_tiny_llama(shared_data, tmp_path):
     assert [ln.split(" | ")[0].strip("| ") for ln in table if ln.startswith("| ")][2:] == ROWS
     assert "zsre, m = 1: tiny-llama ES (%) ↑" in table[2] and "zsre, m = 2: tiny-llama ES (%) ↑" in table[2]
     assert (out / "results" / "real_lm_zsre.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (out / "results" / "summary.csv").is_file() and (out / "results" / "readme_table.csv").is_file()
-    text = readme.read_text()  # one table per m between the markers, each with its before-editing row
-    assert text.count("| before editing |") == 2 and "| m = 2 (tiny-llama, zsre) |" in text
+    assert (out / "results" / "summary.csv").is_file() and (tmp_path / "data" / "real_lm" / "summary.csv").is_file()
+    text = readme.read_text()  # the table between the markers, a before-editing row per m, a link to its data
+    assert text.count("| before editing |") == 2 and "| 2 | MALMEN | 1 |" in text and "/data/real_lm/)" in text
     assert text.startswith("# t\n<!-- table:real_lm -->\n") and text.endswith("<!-- /table:real_lm -->\nafter\n")

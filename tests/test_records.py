@@ -1,53 +1,20 @@
 """Tests for data/records.py: loading zsRE and FEVER record files, and the errors that name the record and field.
 
-Collation and edit grouping: tests/test_data.py (which reads the shared files through the helpers here).
+Collation and edit grouping: tests/test_data.py.
 """
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
-from data.records import NQ_PREFIX, DataError, EditRecord, load_records
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-ZSRE = SHARED / "zsre" / "zsre_mend_train-1k.json"
-FEVER_DEV = SHARED / "fever" / "fever_shared_task_dev.json"
-
-
-def _need(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"shared data not available: {path}")
-    return path
-
-
-@pytest.fixture(scope="module")
-def zsre_records() -> list[EditRecord]:
-    return load_records(str(_need(ZSRE)), "zsre")
+from data.records import NQ_PREFIX, DataError, load_records
+from tests.helpers import SHARED, ZSRE_1K, fever_dev_rows, need_shared, write_json
 
 
 @pytest.fixture(scope="module")
 def zsre_raw() -> list[dict]:
-    return json.loads(_need(ZSRE).read_text())
-
-
-def _write(path: Path, records: list) -> str:
-    path.write_text(json.dumps(records))
-    return str(path)
-
-
-def _fever_raw(n: int) -> list[dict]:
-    """FEVER-format records from real dev claims with a SUPPORTS/REFUTES label."""
-    claims = [c for c in json.loads(_need(FEVER_DEV).read_text()) if c["label"] != "NOT ENOUGH INFO"][: n + 1]
-    return [{
-        "prompt": c["claim"],
-        # stand-in: the real De Cao et al. rephrasings are not available offline, so the claim is its own rephrasing
-        "equiv_prompt": [c["claim"]],
-        "unrel_prompt": claims[i + 1]["claim"],
-        "alt": c["label"],
-        "unrel_ans": claims[i + 1]["label"],
-    } for i, c in enumerate(claims[:n])]
+    return json.loads(need_shared(SHARED / ZSRE_1K).read_text())
 
 
 # ---------------------------------------------------------------- records
@@ -69,8 +36,8 @@ def test_zsre_paper_and_mend_formats_agree(tmp_path, zsre_raw):
     # the paper's files hold the unrelated prompt in final form: no prefix, "?" already there
     paper = [{"src": r["src"], "rephrase": r["rephrase"], "ans": r["answers"][0],
               "loc": r["loc"][len(NQ_PREFIX):] + "?", "loc_ans": r["loc_ans"], "subject": r["subject"]} for r in mend]
-    a = load_records(_write(tmp_path / "mend.json", mend), "zsre")
-    b = load_records(_write(tmp_path / "paper.json", paper), "zsre")
+    a = load_records(write_json(tmp_path / "mend.json", mend), "zsre")
+    b = load_records(write_json(tmp_path / "paper.json", paper), "zsre")
     assert a == b and len(a) == 50
 
 
@@ -81,18 +48,18 @@ def test_zsre_nq_question_mark(tmp_path):
             "nq question: where is paris  ": "where is paris?",
             "who wrote hamlet": "who wrote hamlet",  # paper format: final form, kept as it is
             "Who wrote Hamlet?": "Who wrote Hamlet?"}
-    recs = load_records(_write(tmp_path / "z.json", [{**rec, "loc": loc} for loc in locs]), "zsre")
+    recs = load_records(write_json(tmp_path / "z.json", [{**rec, "loc": loc} for loc in locs]), "zsre")
     assert [r.unrel_prompt for r in recs] == list(locs.values())
 
 
 def test_jsonl_same_as_json(tmp_path, zsre_raw):
     (tmp_path / "r.jsonl").write_text("\n".join(json.dumps(r) for r in zsre_raw[:20]) + "\n")
-    assert load_records(str(tmp_path / "r.jsonl"), "zsre") == load_records(_write(tmp_path / "r.json", zsre_raw[:20]), "zsre")
+    assert load_records(str(tmp_path / "r.jsonl"), "zsre") == load_records(write_json(tmp_path / "r.json", zsre_raw[:20]), "zsre")
 
 
 def test_fever_real_claims(tmp_path):
-    raw = _fever_raw(200)
-    recs = load_records(_write(tmp_path / "fever.json", raw), "fever")
+    raw = fever_dev_rows(200)
+    recs = load_records(write_json(tmp_path / "fever.json", raw), "fever")
     assert len(recs) == 200
     assert [r.answer for r in recs] == [x["alt"] == "SUPPORTS" for x in raw]
     assert [r.unrel_answer for r in recs] == [x["unrel_ans"] == "SUPPORTS" for x in raw]
@@ -103,16 +70,16 @@ def test_fever_real_claims(tmp_path):
 @pytest.mark.parametrize("label,want", [(True, True), (False, False), (1, True), (0, False), ("supports", True),
                                         ("Refutes", False), ("TRUE", True), ("false", False), ("1", True), ("0", False)])
 def test_fever_label_forms(tmp_path, label, want):
-    raw = _fever_raw(1)
+    raw = fever_dev_rows(1)
     raw[0]["alt"] = label
-    assert load_records(_write(tmp_path / "f.json", raw), "fever")[0].answer is want
+    assert load_records(write_json(tmp_path / "f.json", raw), "fever")[0].answer is want
 
 
 @pytest.mark.parametrize("label", ["NOT ENOUGH INFO", 2, None, "yes", 1.5])
 def test_fever_bad_label(tmp_path, label):
-    raw = _fever_raw(5)
+    raw = fever_dev_rows(5)
     raw[3]["unrel_ans"] = label
-    path = _write(tmp_path / "f.json", raw)
+    path = write_json(tmp_path / "f.json", raw)
     with pytest.raises(DataError) as e:
         load_records(path, "fever")
     assert str(e.value).startswith(f"{path}: record 3: field 'unrel_ans': ")
@@ -135,7 +102,7 @@ def _mutate(raw: list[dict], index: int, how) -> list:
     (lambda r, i: r.__setitem__(i, ["not", "an", "object"]), None),
 ])
 def test_zsre_bad_record(tmp_path, zsre_raw, how, field):
-    path = _write(tmp_path / "bad.json", _mutate(zsre_raw[:30], 17, how))
+    path = write_json(tmp_path / "bad.json", _mutate(zsre_raw[:30], 17, how))
     with pytest.raises(DataError) as e:
         load_records(path, "zsre")
     assert (e.value.path, e.value.index, e.value.field) == (path, 17, field)
@@ -145,15 +112,15 @@ def test_zsre_bad_record(tmp_path, zsre_raw, how, field):
 
 def test_paper_format_empty_answer(tmp_path):
     rec = {"src": "Q?", "rephrase": "Q again?", "ans": "", "loc": "other q", "loc_ans": "x"}
-    path = _write(tmp_path / "p.json", [rec])
+    path = write_json(tmp_path / "p.json", [rec])
     with pytest.raises(DataError, match=r"record 0: field 'ans': empty string"):
         load_records(path, "zsre")
 
 
 def test_fever_empty_equiv_list(tmp_path):
-    raw = _fever_raw(3)
+    raw = fever_dev_rows(3)
     raw[2]["equiv_prompt"] = []
-    path = _write(tmp_path / "f.json", raw)
+    path = write_json(tmp_path / "f.json", raw)
     with pytest.raises(DataError, match=r"record 2: field 'equiv_prompt': empty list"):
         load_records(path, "fever")
 

@@ -9,7 +9,7 @@ import torch
 
 from model.trace import trace
 from pipeline.experiment import build_editor
-from tests.conftest import ROOT, build_model, make_cfg, one_group, qa_records, write_records
+from tests.helpers import ROOT, build_model, make_cfg, one_group, qa_records, write_records
 
 SCALED = ["editor.eta_param=log", "editor.scale_lr=0.05", "editor.eta_search=true", "editor.lambda_rel=0.1"]
 

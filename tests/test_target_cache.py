@@ -2,8 +2,7 @@
 request not in the cache is optimised, and gives the z an uncached run gives; another setting shares nothing."""
 import torch
 
-from tests.test_located import edited, world, world_cfg  # noqa: F401 (world is a fixture)
-from tests.test_memit_rules import F64
+from tests.helpers import F64, edited, world_cfg
 
 BASE = ["editor.n_prefixes=2", "editor.n_steps=3", *F64]
 

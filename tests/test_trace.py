@@ -11,7 +11,7 @@ from data.collate import Collator
 from data.groups import edit_groups
 from model.load import resolve_modules
 from model.trace import token_mask, trace
-from tests.conftest import build_model, make_cfg, records_for
+from tests.helpers import build_model, make_cfg, records_for
 
 FAMILIES = [("tiny-gpt2", "zsre"), ("tiny-gptj", "zsre"), ("tiny-llama", "zsre"), ("tiny-t5", "zsre"),
             ("tiny-bert", "fever")]

@@ -1,7 +1,7 @@
-"""A newcomer's first hour: results.md beside results.json, a warning when an edit did not
-raise ES, CSVs with a byte-order mark, no litter behind a refused or early-interrupted run, no resume
-hint without a checkpoint, shareable file modes, an absolute facts path, edit runs' own folder names, one
-message for a hub model that cannot be fetched (in seconds, without the hub), --from-dir that leaves the
+"""What a run leaves behind and what it tells its user: results.md beside results.json, a warning when an
+edit did not raise ES, CSVs with a byte-order mark, no litter behind a refused or early-interrupted run, no
+resume hint without a checkpoint, shareable file modes, an absolute facts path, edit runs' own folder names,
+one message for a hub model that cannot be fetched (in seconds, without the hub), --from-dir that leaves the
 user's folder alone, and missing data files that say how to get them."""
 import http.server
 import json
@@ -24,12 +24,8 @@ from model.load import hub_unreachable
 from pipeline.experiment import run, run_edit
 from pipeline.report import no_gain_warning
 from scripts import download_data
-from tests.conftest import ROOT, build_model, make_cfg, qa_records, write_records
-from tests.test_checkpoint import train_cfg
-from tests.test_convert import _release_dir
-from tests.test_edit import FACTS, edit_cfg, ft
-from tests.test_facts import FACTS as CSV_FACTS, write
-from tests.test_main import cli, smoke_cfg
+from tests.helpers import (MAYOR_FACTS, MIXED_FACTS, ROOT, build_model, cli, edit_cfg, ft, make_cfg, qa_records,
+                           release_dir, smoke_cfg, train_cfg, write_facts, write_records)
 
 FT_NOOP = ["editor=ft", "editor.lr=0", "editor.n_epochs=1"]  # AdamW with lr 0: every shift is zero
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -83,7 +79,7 @@ def test_training_run_whose_edits_do_nothing_says_so_in_results_md(tmp_path):
 
 
 def test_cli_edit_that_does_nothing_warns_and_writes_results_md(tmp_path):
-    (tmp_path / "facts.json").write_text(json.dumps(FACTS))
+    (tmp_path / "facts.json").write_text(json.dumps(MAYOR_FACTS))
     code, err = cli(tmp_path, "mode=edit", "model=tiny-gpt2", "data=zsre", *FT_NOOP,
                     f"edit.facts={tmp_path / 'facts.json'}")
     assert code == 0, err
@@ -99,7 +95,7 @@ def test_cli_edit_that_does_nothing_warns_and_writes_results_md(tmp_path):
 
 def test_cli_edit_run_has_its_own_folder_name_and_no_warning_when_es_rises(tmp_path):
     """Launched as a user would, from their own directory, with Hydra's default run directory."""
-    (tmp_path / "facts.json").write_text(json.dumps(FACTS))
+    (tmp_path / "facts.json").write_text(json.dumps(MAYOR_FACTS))
     proc = subprocess.run([sys.executable, str(ROOT / "main.py"), "mode=edit", "model=tiny-gpt2", "data=zsre",
                            *ft("tiny-gpt2"), "edit.facts=facts.json"],
                           cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
@@ -114,7 +110,7 @@ def test_cli_edit_run_has_its_own_folder_name_and_no_warning_when_es_rises(tmp_p
 
 def test_edited_model_is_shareable_and_names_its_facts_absolutely(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    Path("facts.json").write_text(json.dumps(FACTS))
+    Path("facts.json").write_text(json.dumps(MAYOR_FACTS))
     old = os.umask(0o022)
     try:
         run_edit(edit_cfg(tmp_path, "tiny-gpt2", "facts.json", *FT_NOOP), tmp_path)  # a relative path
@@ -129,7 +125,7 @@ def test_edited_model_is_shareable_and_names_its_facts_absolutely(tmp_path, monk
 
 
 def test_csv_with_a_byte_order_mark_gives_the_same_facts(tmp_path):
-    plain = write(tmp_path / "plain.csv", CSV_FACTS, "csv")
+    plain = write_facts(tmp_path / "plain.csv", MIXED_FACTS, "csv")
     bom = tmp_path / "bom.csv"  # what a spreadsheet's "CSV UTF-8" writes
     bom.write_bytes("\ufeff".encode() + Path(plain).read_bytes())
     assert bom.read_bytes()[:3] == b"\xef\xbb\xbf"
@@ -137,7 +133,7 @@ def test_csv_with_a_byte_order_mark_gives_the_same_facts(tmp_path):
 
 
 def test_refused_cli_run_leaves_no_run_directory(tmp_path):
-    (tmp_path / "bad.jsonl").write_text(json.dumps(FACTS[0]) + "\n" + json.dumps({"prompt": "p"}) + "\n")
+    (tmp_path / "bad.jsonl").write_text(json.dumps(MAYOR_FACTS[0]) + "\n" + json.dumps({"prompt": "p"}) + "\n")
     code, err = cli(tmp_path, "mode=edit", "model=tiny-gpt2", "data=zsre", *FT_NOOP,
                     f"edit.facts={tmp_path / 'bad.jsonl'}")
     assert code == 2 and "field 'answer': missing" in err, err
@@ -175,7 +171,7 @@ def test_ctrl_c_before_the_first_checkpoint_offers_no_resume(tmp_path):
 
 def test_hub_model_that_cannot_be_fetched_is_one_message(tmp_path):
     """No network (HF_HUB_OFFLINE: nothing is downloaded) and an empty hub cache: one line, and the fix."""
-    (tmp_path / "facts.json").write_text(json.dumps(FACTS))
+    (tmp_path / "facts.json").write_text(json.dumps(MAYOR_FACTS))
     proc = subprocess.run([sys.executable, "main.py", f"hydra.run.dir={tmp_path / 'run'}", "mode=edit", "model=gpt2",
                            "data=zsre", "editor=ft", f"edit.facts={tmp_path / 'facts.json'}"], cwd=ROOT,
                           env={**ENV, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")},
@@ -197,7 +193,7 @@ def test_hub_model_is_refused_in_seconds_when_the_hub_cannot_be_reached(tmp_path
     tried first and the hub probed once (at most HUB_PROBE_TIMEOUT s), so the one message comes at once."""
     if _hub_answers():
         pytest.skip("the Hugging Face hub is reachable from this machine; this test needs it not to be")
-    (tmp_path / "facts.json").write_text(json.dumps(FACTS))
+    (tmp_path / "facts.json").write_text(json.dumps(MAYOR_FACTS))
     env = {k: v for k, v in ENV.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     env["HF_HOME"] = str(tmp_path / "hf")
     start = time.time()
@@ -241,7 +237,7 @@ def test_hub_model_in_the_cache_loads_without_the_hub(tmp_path):
 def test_download_script_from_dir_leaves_the_users_folder_alone(shared_data, tmp_path, capsys):
     """--from-dir only reads DIR: the checksums go to OUT/raw/SHA256SUMS, and are verified from there."""
     release, out = tmp_path / "release", tmp_path / "datasets"
-    _release_dir(shared_data, release)
+    release_dir(shared_data, release)
     before = {f.name: f.read_bytes() for f in release.iterdir()}
     argv = ["zsre", "--from-dir", str(release), "--out", str(out)]
     assert download_data.main(argv) == 0

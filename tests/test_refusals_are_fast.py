@@ -1,6 +1,6 @@
-"""Errors in seconds: --help and refused inputs never import torch, a typo in an override is one
-line with the closest name, a refused run leaves no folder (warnings or not), the toy model refuses unknown
-words before its pretraining, and max_valid_steps=0 means meta-training without validation."""
+"""Errors in seconds (docs/bad_input.md): --help and refused inputs never import torch, a typo in an
+override is one line with the closest name, a refused run leaves no folder (warnings or not), the toy model
+refuses unknown words before its pretraining, and max_valid_steps=0 means meta-training without validation."""
 import json
 import math
 import os
@@ -13,10 +13,7 @@ from pipeline.cli import override_problem
 from pipeline.experiment import run
 from pipeline.preflight import check_config
 from pipeline.report import results_markdown, terminal_summary
-from tests.conftest import ROOT, make_cfg, qa_records, write_records
-from tests.test_checkpoint import train_cfg
-from tests.test_default import TINY_WORLD
-from tests.test_edit import FACTS
+from tests.helpers import MAYOR_FACTS, ROOT, TINY_WORLD, make_cfg, qa_records, train_cfg, write_records
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 HEAVY = ("torch", "transformers")
@@ -52,7 +49,7 @@ def test_benchmark_help_and_bad_arguments_do_not_import_torch():
 
 def test_bad_facts_are_refused_before_torch_and_leave_no_folder(tmp_path):
     """Hydra's default run directory, launched from the user's folder: the refusal removes it."""
-    (tmp_path / "bad.json").write_text(json.dumps([FACTS[0], {"prompt": "p"}]))
+    (tmp_path / "bad.json").write_text(json.dumps([MAYOR_FACTS[0], {"prompt": "p"}]))
     code, err, modules, _ = main_py(tmp_path, "mode=edit", "editor=ft", "edit.facts=bad.json", cwd=tmp_path)
     assert code == 2 and err == ["error: bad.json: record 1: field 'answer': missing"], err
     assert not modules & set(HEAVY)
@@ -87,7 +84,7 @@ def test_memit_statistics_file_missing_says_why_it_is_read(tmp_path):
 
 def test_refusal_after_warnings_leaves_no_folder(tmp_path):
     """The log then holds the warnings, which the terminal showed too: the folder goes all the same."""
-    facts = [{**FACTS[0], "rephrase": ["typo of rephrases"]}, {"prompt": "p"}]  # a warning, then a refusal
+    facts = [{**MAYOR_FACTS[0], "rephrase": ["typo of rephrases"]}, {"prompt": "p"}]  # a warning, then a refusal
     (tmp_path / "bad.json").write_text(json.dumps(facts))
     code, err, _, out = main_py(tmp_path, "mode=edit", "editor=ft", f"edit.facts={tmp_path / 'bad.json'}",
                                 f"hydra.run.dir={tmp_path / 'run'}")
