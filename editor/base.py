@@ -86,7 +86,7 @@ class Editor:
     trainable = False  # True for editors with meta-training (MALMEN, MEND)
     step = 0  # meta-training steps taken
     stats_time_s = 0.0  # seconds spent computing precomputed statistics (MEMIT, EMMET); 0 when cached
-    prefix = None  # model/prefix.PrefixCache of the run (MALMEN, MEND: trace and meta losses), or None
+    prefix = None  # model/prefix.PrefixStates of the run (MALMEN, MEND: trace and meta losses), or None
     timer = None  # name -> context manager that times a named phase (scripts/benchmark.py), or None
 
     def __init__(self, model: nn.Module, family: str, device: str | torch.device = "cpu"):

@@ -3,7 +3,7 @@
 One network per distinct weight shape (d_out, d_in), shared by every edited layer of that shape.
 Input z = concat(u, dL/dv) (d_in + d_out), normalised with running statistics shared by those layers;
 then `n_blocks` residual blocks h <- h + s_l * max(0, h A B + c) + t_l, each modulated by a per-layer
-scale s_l and shift t_l; the output splits back into a pseudo key u~ (d_in) and a pseudo value
+scale s_l and offset t_l; the output splits back into a pseudo key u~ (d_in) and a pseudo value
 gradient g~ (d_out). Per layer it also holds the learning rate eta (a plain parameter, as the paper's, or
 exp(log_lr) > 0 with editor.eta_param=log) and, for MALMEN, the regulariser lambda = exp(log_lambda) > 0. The block, its initialisation and the shared normaliser are those of
 the runs behind the paper's numbers (methods.md, "Where the paper is silent").
@@ -21,6 +21,16 @@ from torch import nn
 INPUT_VERSION = 2
 ETA_PARAMS = ("plain", "log")  # editor.eta_param: eta as it is (the paper's), or exp of a parameter (eta > 0)
 EPS = torch.finfo(torch.float32).eps  # 1.19e-7, added to the standard deviation (the authors' placement)
+# Tensors renamed after checkpoints were written, old name -> new: t_l, each block's per-layer offset, was `shift`,
+# the word this project keeps for S* and the parameter shifts. Checkpoints with the old names load unchanged.
+RENAMED = {"shift": "offset"}
+
+
+def rename_old_tensors(state: dict, prefix: str = "") -> None:
+    """In place: the tensors of the HyperNet at `prefix` in `state` that hold an old name (RENAMED) take the new one."""
+    for old, new in RENAMED.items():
+        if prefix + old in state and prefix + new not in state:
+            state[prefix + new] = state.pop(prefix + old)
 
 
 class RunningNorm(nn.Module):
@@ -72,12 +82,16 @@ class HyperNet(nn.Module):
         self.B = nn.Parameter(torch.zeros(n_blocks, rank, d))
         self.c = nn.Parameter(torch.zeros(n_blocks, d))
         self.scale = nn.Parameter(torch.ones(n_layers, n_blocks, d))
-        self.shift = nn.Parameter(torch.zeros(n_layers, n_blocks, d))
+        self.offset = nn.Parameter(torch.zeros(n_layers, n_blocks, d))
         if eta_param == "plain":  # the paper's: eta itself, which Adam can move through zero
             self.lr = nn.Parameter(torch.full((n_layers,), float(lr_init)))
         else:  # eta = exp(log_lr) > 0: Adam moves it by a factor, whatever its scale
             self.log_lr = nn.Parameter(torch.full((n_layers,), math.log(lr_init)))
         self.log_lambda = nn.Parameter(torch.full((n_layers,), math.log(lambda_init)))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        rename_old_tensors(state_dict, prefix)  # a checkpoint written before RENAMED
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def eta(self) -> torch.Tensor:
         """The per-layer learning rates eta (n_layers,)."""
@@ -101,9 +115,9 @@ class HyperNet(nn.Module):
         # unbind, not A[k]: the backward of one unbind writes each gradient once, where every A[k] would fill a
         # zero tensor of A's whole size (2 x 2112 x 1920 on SmolLM2) per block and call (stage 2: a third faster)
         blocks = zip(self.A.unbind(0), self.B.unbind(0), self.c.unbind(0), self.scale[layer].unbind(0),
-                     self.shift[layer].unbind(0))
-        for a, b, c, scale, shift in blocks:
-            h = h + scale * torch.clamp(h @ a @ b + c, min=0) + shift
+                     self.offset[layer].unbind(0))
+        for a, b, c, scale, offset in blocks:
+            h = h + scale * torch.clamp(h @ a @ b + c, min=0) + offset
         return h[:, :self.d_in], h[:, self.d_in:]
 
     def value_diffs(self, keys: torch.Tensor, grads: torch.Tensor, layer: int) -> torch.Tensor:

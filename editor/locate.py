@@ -239,7 +239,7 @@ class Suffixes:
 
 
 class TargetLoss:
-    """MEMIT's loss of the target offsets delta (b, d) of b requests, term by term per request.
+    """MEMIT's loss of delta (b, d), what b requests add to h to make z = h + delta, term by term per request.
 
     Built once per batch of requests on the unedited model: h (b, d), the output of `block` at the last
     subject token of each bare prompt; the P contexts of each request with its answer (row i * P + j)
@@ -271,7 +271,7 @@ class TargetLoss:
         return _upcast(self.kl.logits(rows, self.kl.suffix[rows], self.inject, delta)).log_softmax(-1)
 
     def __call__(self, delta: torch.Tensor, rows: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The terms (a,) of the requests `rows` (a,), CPU indices, whose offsets are delta (a, d):
+        """The terms (a,) of the requests `rows` (a,), CPU indices, whose deltas are delta (a, d):
         nll (mean over contexts of the answer's mean token NLL), kl (KL(p_delta || p)), reg (|delta| / |h|^2)."""
         ctx = (rows[:, None] * self.n_ctx + torch.arange(self.n_ctx)).flatten()  # (a * P,) request-major
         labels = self.labels[ctx]  # (a * P, S)
@@ -321,14 +321,14 @@ def optimise_targets(loss_fn: TargetLoss, *, n_steps: int, lr: float, kl_coef: f
 
 def target_vectors(model: nn.Module, tokenizer, reqs: list[Request], prefixes: list[str], block: nn.Module,
                    inject: nn.Module, *, n_steps: int, lr: float, kl_coef: float, norm_coef: float,
-                   clamp_factor: float, stop_loss: float, batch_size: int, device, cache=None
+                   clamp_factor: float, stop_loss: float, batch_size: int, device, store=None
                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """z = h + delta (n, d) after `block` at the last subject token of each bare prompt, `batch_size`
     requests at a time, and per request (n,) on the CPU: steps, loss and nll (`optimise_targets`) and
     delta_ratio = |delta| / |h| (at most clamp_factor, up to the float32 rounding of the clamp).
-    `cache` (editor/target_cache.TargetCache): requests already in it are not optimised again; the others
+    `store` (editor/target_store.TargetStore): requests already in it are not optimised again; the others
     are stored as each batch of them finishes."""
-    done = [cache.get(r) if cache is not None else None for r in reqs]  # per request: its values, or None
+    done = [store.get(r) if store is not None else None for r in reqs]  # per request: its values, or None
     todo = [i for i, v in enumerate(done) if v is None]
     for start in tqdm(range(0, len(todo), batch_size), desc="MEMIT targets", leave=False, dynamic_ncols=True):
         rows = todo[start: start + batch_size]
@@ -340,7 +340,7 @@ def target_vectors(model: nn.Module, tokenizer, reqs: list[Request], prefixes: l
         terms["z"] = loss_fn.h + delta  # (b, d)
         for j, i in enumerate(rows):
             done[i] = {k: v[j] for k, v in terms.items()}
-            if cache is not None:
-                cache.put(reqs[i], done[i])
+            if store is not None:
+                store.put(reqs[i], done[i])
     z = torch.stack([v["z"] for v in done]).to(device)  # (n, d)
     return z, {k: torch.stack([v[k] for v in done]).cpu() for k in ("steps", "loss", "nll", "delta_ratio")}

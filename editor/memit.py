@@ -27,7 +27,7 @@ from data.subjects import requests
 from editor.base import Editor, Shifts, apply_shifts, frac, maximum, mean, to_param_layout
 from editor.locate import context_prefixes, contexts, subject_states, target_vectors, template_mean
 from editor.stats import key_second_moments, model_fingerprint, sample_texts
-from editor.target_cache import TargetCache
+from editor.target_store import TargetStore
 from model.load import resolve_modules
 
 log = logging.getLogger(__name__)
@@ -95,13 +95,13 @@ class MEMIT(Editor):
         self.target_args = dict(n_steps=n_steps, lr=lr, kl_coef=kl_coef, norm_coef=norm_coef,
                                 clamp_factor=clamp_factor, stop_loss=stop_loss, batch_size=batch_size)
         self.batch_size = batch_size
-        self.target_cache = None  # set below, once the context prefixes are known  # the closed-form solves, whatever the model's dtype (as MEMIT's authors)
+        self.target_store = None  # set below, once the context prefixes are known
         model_id = model_id or f"random-{model_fingerprint(model)[:16]}"  # built here: named by its weights
         self.prefixes = context_prefixes(model, tokenizer, n_prefixes=n_prefixes, starts=list(prefix_starts),
                                          n_tokens=prefix_tokens, top_k=prefix_top_k, model_id=model_id,
                                          cache_dir=cache_dir, device=self.device)
-        if cache_targets:  # z per request, reused by a rerun of the same edit (editor/target_cache.py)
-            self.target_cache = TargetCache(cache_dir, {
+        if cache_targets:  # z per request, reused by a rerun of the same edit (editor/target_store.py)
+            self.target_store = TargetStore(cache_dir, {
                 "weights": model_fingerprint(model), "dtype": str(next(model.parameters()).dtype),
                 "inject": module.format(max(layers)), "prefixes": self.prefixes,
                 "settings": {k: v for k, v in self.target_args.items() if k != "batch_size"}})
@@ -172,8 +172,8 @@ class MEMIT(Editor):
                    "at_clamp": frac(ratio >= clamp * (1 - 1e-4)), "steps": mean(t["steps"]),
                    "nll_mean": mean(t["nll"]), "nll_max": maximum(t["nll"]),
                    "delta_ratio_mean": mean(ratio), "delta_ratio_max": maximum(ratio)}
-        if self.target_cache is not None:  # this editor's requests so far: read from the cache / optimised
-            targets["cache"] = {"hits": self.target_cache.hits, "computed": self.target_cache.computed}
+        if self.target_store is not None:  # this editor's requests so far: read from the store / optimised
+            targets["cache"] = {"hits": self.target_store.hits, "computed": self.target_store.computed}
         return {"targets": targets, "solve": solve}
 
     def edited_modules(self) -> list[str]:
@@ -191,7 +191,7 @@ class MEMIT(Editor):
         n, n_ctx = len(reqs), len(self.prefixes)
         texts, ends = contexts(reqs, self.prefixes)  # (n * P,) request-major, context 0 the bare prompt
         z, self.targets = target_vectors(self.model, self.tokenizer, reqs, self.prefixes, self.block,
-                                         self.inject, device=self.device, cache=self.target_cache,
+                                         self.inject, device=self.device, store=self.target_store,
                                          **self.target_args)  # (n, d)
         self.z = z
         shifts, self.solves, self.fit = {}, {}, {}

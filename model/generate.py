@@ -12,13 +12,13 @@ How each score is computed, and why that is greedy decoding:
 - ES_gen, GS_gen, LS_gen: from the logits of the teacher-forced pass, with no second pass (model/lm.exact).
   Greedy decoding emits each answer token as the argmax after the tokens before it; as long as it has been
   right, those are the gold tokens, so its answer equals the target iff every teacher-forced argmax does. The
-  same logits give both scores, through the prefix cache (model/prefix.py) where it applies.
+  same logits give both scores, from the prefix states (model/prefix.py) where they apply.
   tests/test_generate.py checks this against transformers' `generate` (batched, KV cache).
 - unchanged: the share of unrelated prompts whose greedy continuation after the edit, at the length of their
   answer, is token for token the one before it. Before the edit the continuation is decoded for real
-  (`greedy`: left-padded batches, `generate` with its KV cache; cached with the pre-edit scores,
+  (`greedy`: left-padded batches, `generate` with its KV cache; stored with the pre-edit scores,
   pipeline/pre_edit.py); after it, by the same induction, "unchanged" is `exact` on the tuple (prompt, that
-  continuation): one teacher-forced pass, through the prefix cache.
+  continuation): one teacher-forced pass, from the prefix states.
 - The FEVER classifier (family classifier) has no generation: its prediction is the argmax label, which is
   what ES, GS and LS already measure, so ES_gen, GS_gen and LS_gen are those values, not computed again, and
   "unchanged" is the share of unrelated claims whose predicted label the edit left as it was.

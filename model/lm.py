@@ -30,7 +30,7 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device | str) -> dic
 
 def _forward(model: nn.Module, batch: dict, family: str, params: dict | None, prefix=None):
     """The model's output on a batch, `params` overriding named parameters; with a `prefix`
-    (model/prefix.PrefixCache) the blocks below the first edited one run once per tuple."""
+    (model/prefix.PrefixStates) the blocks below the first edited one run once per tuple."""
     inputs = {k: batch[k] for k in INPUTS[family]}
 
     def call(**kwargs):
@@ -63,7 +63,7 @@ def logits_at(model: nn.Module, batch: dict, family: str, mask: torch.Tensor, pa
 def logits(model: nn.Module, batch: dict, family: str, params: dict | None = None, prefix=None) -> torch.Tensor:
     """The logits that losses and metrics read: (N, V) at the batch's N answer positions (`answer_mask`,
     row-major) for LMs, (B,) for the classifier; `params` overrides named parameters; `prefix`: a
-    model/prefix.PrefixCache, or None to run the whole model."""
+    model/prefix.PrefixStates, or None to run the whole model."""
     if family == "classifier":
         return _forward(model, batch, family, params, prefix)
     return logits_at(model, batch, family, answer_mask(batch, family), params, prefix)

@@ -1,20 +1,20 @@
-"""The hidden states below the first edited block, computed once per tuple.
+"""The prefix states: the hidden states below the first edited block, computed once per tuple.
 
 An edit changes only the edited modules, so every block below the first edited one computes, for a
 tuple, exactly what it computed the last time that tuple went through: the hidden state entering the
-first edited block depends on the tuple's tokens and the frozen lower weights alone. `PrefixCache`
-keeps that state per tuple and runs the model from it. For the call the lower blocks are swapped for a
+first edited block depends on the tuple's tokens and the frozen lower weights alone. `PrefixStates`
+holds that state per tuple and runs the model from it. For the call the lower blocks are swapped for a
 pass-through and the state goes in as `inputs_embeds`, so the model's own code still builds the
 attention mask and the positions, runs the upper blocks, the final norm and the output head.
 
 Which families start from a hidden state exactly, in one place (`SPECS`):
   gpt2         its position embeddings, which the model adds to inputs_embeds, are zeroed for the call
-               (the cached state holds them already)
+               (the state the upper blocks start from holds them already)
   gptj, llama, qwen2, mistral   inputs_embeds is the first hidden state as it is
 The states also persist on disk (`PrefixStore`, config `prefix_store`): every run with the same weights below the
 first edited block reads what an earlier run, seed, editor or grid cell computed, so a tuple's lower blocks run
 once per machine, not once per process.
-Every other model runs whole, and `PrefixCache.reason` says why: T5 (its relative position bias is
+Every other model runs whole, and `PrefixStates.reason` says why: T5 (its relative position bias is
 computed by its first block and handed to the others, and its decoder reads the edited encoder through
 cross-attention), BERT (its embeddings add positions, token types and a LayerNorm to inputs_embeds),
 models dispatched over devices by accelerate (their hooks move tensors block by block).
@@ -61,7 +61,7 @@ class PassThrough(nn.Module):
 
 
 class Zero(nn.Module):
-    """An embedding that adds nothing: GPT-2's position embeddings, already inside the cached state."""
+    """An embedding that adds nothing: GPT-2's position embeddings, already inside the held state."""
 
     def __init__(self, embedding: nn.Embedding):
         super().__init__()
@@ -80,12 +80,12 @@ def first_block(prefix: str, edited: list[str]) -> int | None:
 
 
 class PrefixStore:
-    """The states on disk: one safetensors file per tuple under `root`/<fingerprint>-b<first block>/, named by the
-    sha256 of the tuple's tokens, in the dtype the model computed them in (float32 for float32 models: read back,
-    they are the same numbers). Shared by every process that runs the same lower weights: a file is written under
-    a temporary name and renamed into place, so two runs can fill one store side by side and neither reads a torn
-    file; a store of other weights or another first block is another folder, never read. At most `max_gb`: beyond
-    it, states are computed each time and not stored, and one warning says so."""
+    """The prefix states on disk: one safetensors file per tuple under `root`/<fingerprint>-b<first block>/, named
+    by the sha256 of the tuple's tokens, in the dtype the model computed them in (float32 for float32 models: read
+    back, they are the same numbers). Shared by every process that runs the same lower weights: a file is written
+    under a temporary name and renamed into place, so two runs can fill one store side by side and neither reads a
+    torn file; a store of other weights or another first block is another folder, never read. At most `max_gb`:
+    beyond it, states are computed each time and not stored, and one warning says so."""
 
     def __init__(self, root: str | Path, fingerprint: str, first: int, max_gb: float):
         self.dir, self.max_bytes = Path(root) / f"{fingerprint}-b{first}", max_gb * 2 ** 30
@@ -132,15 +132,16 @@ class PrefixStore:
         self.writes += 1
 
 
-class PrefixCache:
-    """Hidden states entering the first edited block, per tuple, on `device`, up to `max_gb`; beyond that the
-    lower blocks run again. `run` is what model/lm.py calls for every forward pass of an LM batch."""
+class PrefixStates:
+    """The prefix states: the hidden states entering the first edited block, one (T, d) per tuple, held in memory
+    on `device` up to `max_gb` (beyond that the lower blocks run again) and, with `store_dir`, read from and
+    written to a `PrefixStore` on disk. `run` is what model/lm.py calls for every forward pass of an LM batch."""
 
     def __init__(self, model: nn.Module, edited: list[str], device="cpu", max_gb: float = 2.0, enabled: bool = True,
                  store_dir: str | Path | None = None, store_gb: float = 20.0):
         self.model, self.device, self.max_bytes = model, torch.device(device), max_gb * 2 ** 30
         self.disk: PrefixStore | None = None  # the states on disk (store_dir; None: this process's only)
-        self.store: dict[tuple, torch.Tensor] = {}  # (fingerprint, first block, tokens) -> (T, d)
+        self.held: dict[tuple, torch.Tensor] = {}  # in memory: (fingerprint, first block, tokens) -> (T, d)
         self.hits = self.misses = self.bytes = self.not_kept = 0
         spec = SPECS.get(getattr(model.config, "model_type", None))
         self.reason = ("prefix_cache=false" if not enabled else "prefix_cache_gb=0" if max_gb == 0 else
@@ -196,7 +197,7 @@ class PrefixCache:
                 setattr(self.model.get_submodule(parent), child, module)
 
     def run(self, call, inputs: dict):
-        """call(**inputs) (the model's forward), from the cached states when every tuple of the batch has one;
+        """call(**inputs) (the model's forward), from the held states when every tuple of the batch has one;
         otherwise the whole model, keeping the states it passes through the first edited block."""
         if not self.active:
             return call(**inputs)
@@ -230,8 +231,8 @@ class PrefixCache:
 
     def _state(self, key: tuple) -> torch.Tensor | None:
         """The state of a tuple: held in memory, else read from the disk store (and then held), else None."""
-        if key in self.store or self.disk is None:
-            return self.store.get(key)
+        if key in self.held or self.disk is None:
+            return self.held.get(key)
         state = self.disk.get(key[2])
         if state is not None:
             self._keep(key, state)
@@ -240,19 +241,19 @@ class PrefixCache:
     def _keep(self, key: tuple, state: torch.Tensor) -> None:
         """Hold a state (T, d) in memory, up to max_gb; beyond it the tuple is read or computed again next time."""
         size = state.numel() * state.element_size()
-        if key in self.store:
+        if key in self.held:
             return
         if self.bytes + size > self.max_bytes:
             self.not_kept += 1
             return
-        self.store[key] = state.to(self.device, copy=True)
+        self.held[key] = state.to(self.device, copy=True)
         self.bytes += size
 
     def summary(self) -> dict:
         """results.json's `prefix_cache`: hits and misses (tuples), bytes and tuples held, passes whose state was not kept because
         it was full (prefix_cache_gb), the first edited block, and why it is off (null when on)."""
         disk = self.disk
-        return {"hits": self.hits, "misses": self.misses, "bytes": self.bytes, "tuples": len(self.store),
+        return {"hits": self.hits, "misses": self.misses, "bytes": self.bytes, "tuples": len(self.held),
                 "not_kept": self.not_kept, "first_block": self.first, "off": self.reason,
                 "store": None if disk is None else {"dir": str(disk.dir), "reads": disk.reads, "writes": disk.writes,
                                                     "bytes": disk.bytes, "not_stored": disk.refused}}

@@ -47,7 +47,7 @@ def trace(model: nn.Module, modules: dict[str, nn.Module], batches: list[dict], 
           ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Run the edit tuples, back-propagate L = -sum_i log p(y_i | x_i) (summed over every answer token:
     independent of the group, see above), and return per module keys (n, d_in) and value gradients
-    (n, d_out) of the selected tokens, in `dtype` on `cache_device`. `prefix`: model/prefix.PrefixCache or None."""
+    (n, d_out) of the selected tokens, in `dtype` on `cache_device`. `prefix`: model/prefix.PrefixStates or None."""
     keys = {n: [] for n in modules}
     grads = {n: [] for n in modules}
     for batch in batches:

@@ -6,7 +6,7 @@
   registry.py    the editors, read from config/editor/*.yaml (class, display name, meta-trained, located);
   experiment.py  the trainer and validation loop (run), the edit command (run_edit) and the builders;
   checkpoint.py  editor checkpoints: the checks that one fits the run, exact resumption;
-  pre_edit.py    the cache of pre-edit metrics;
+  pre_edit.py    the pre-edit scores, stored for later runs;
   edit_facts.py  the edit command's measuring and saving of the edited model;
   report.py      results.md, the terminal summary, the clean-up of a refused run's folder.
 

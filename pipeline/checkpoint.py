@@ -4,6 +4,8 @@ A checkpoint is one dict {net, opt, step, config, train_log, rng}, written atomi
 util.save_checkpoint and read by util.load_checkpoint (weights_only=True: a file cannot run code).
 `train_log` (the rows of results.json's `train`, one per meta-step taken) and `rng` (python, numpy,
 torch and CUDA generator states) are what resumption needs beyond the hyper-network and optimiser.
+Hyper-network tensors renamed since a checkpoint was written (editor/hypernet.RENAMED) are read under their
+new names, before the checks compare them with this run's.
 """
 import random
 from pathlib import Path
@@ -11,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from editor.hypernet import INPUT_VERSION
+from editor.hypernet import INPUT_VERSION, rename_old_tensors
 from model.trace import weight_shape
 from pipeline.edit_facts import BASE_KEYS, base_model
 from pipeline.preflight import check_checkpoint
@@ -119,6 +121,8 @@ def load_editor_checkpoint(path: str | Path, editor, config: dict, keys: tuple[s
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED):
         found = sorted(state) if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"{path} is not an editor checkpoint: expected keys {list(REQUIRED)}, found {found}")
+    for shape in {k.split(".")[0] for k in state["net"]}:  # tensors renamed since (editor/hypernet.RENAMED)
+        rename_old_tensors(state["net"], f"{shape}.")
     refuse_old_network(state["net"], path)
     refuse_old_inputs(state, path)
     (saved, saved_note), (current, note) = as_base(state["config"]), as_base(config)

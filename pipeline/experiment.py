@@ -29,12 +29,12 @@ from model.gguf_cache import ensure_gguf_model
 from model.generate import GENERATED, greedy, unchanged
 from model.lm import answer_hits, counterfact_scores
 from model.load import load_model, resolve_modules
-from model.prefix import PrefixCache
+from model.prefix import PrefixStates
 from model.toy import ensure_toy_model, world_tokenizer
 from pipeline.checkpoint import check_trained_m, load_editor_checkpoint, resume
 from pipeline.meta_train import read_curve, train
 from pipeline.edit_facts import base_model, edit_and_save, reload_overrides
-from pipeline.pre_edit import PreEditCache, pre_edit_key
+from pipeline.pre_edit import PreEditScores, pre_edit_key
 from pipeline.preflight import check_config, check_edit, check_editor
 from pipeline.registry import META_TRAINED
 from pipeline.report import METRICS, edit_markdown, results_markdown
@@ -98,9 +98,9 @@ def init_parameters(cls: type) -> set[str]:
             for p in inspect.signature(c.__init__).parameters} - {"self", "args", "kwargs", "model", "family"}
 
 
-def evaluate(model, group, family: str, device, prefix: PrefixCache | None = None, score_reduction: str = "sum",
+def evaluate(model, group, family: str, device, prefix: PrefixStates | None = None, score_reduction: str = "sum",
              generate: bool = False, before: list[list[int]] | None = None) -> tuple[dict, float]:
-    """ES, GS, LS of the model as it is now on one group of m edits (`prefix`: the run's cached lower blocks);
+    """ES, GS, LS of the model as it is now on one group of m edits (`prefix`: the run's prefix states);
     on CounterFact also its efficacy, paraphrase and neighborhood scores (`score_reduction`: data.score_reduction).
     `generate` (data.generate): also `generated` {ES, GS, LS, unchanged} (model/generate.py). Before the edit
     (`before` None) the unrelated prompts' greedy continuations are decoded and returned as `unrel_greedy`
@@ -169,28 +169,29 @@ def load(cfg: DictConfig) -> tuple[torch.nn.Module, object]:
         else cfg.model.device_map)  # null | auto | {module: device}
 
 
-def prefix_cache(cfg: DictConfig, model, editor: Editor) -> PrefixCache:
-    """The run's cache of hidden states below the lowest module `editor` changes (cfg.prefix_cache), kept on disk
-    for later runs too (cfg.prefix_store, under cache_dir/prefix_store/)."""
+def prefix_states(cfg: DictConfig, model, editor: Editor) -> PrefixStates:
+    """The run's prefix states: the hidden states below the lowest module `editor` changes, held in memory
+    (cfg.prefix_cache) and kept on disk for later runs too (cfg.prefix_store, under cache_dir/prefix_store/)."""
     device = cfg.editor.get("cache_device") or cfg.model_device
     store = Path(cfg.cache_dir) / "prefix_store" if cfg.get("prefix_store") else None
-    return PrefixCache(model, editor.edited_modules(), device, cfg.prefix_cache_gb, enabled=cfg.prefix_cache,
-                       store_dir=store, store_gb=cfg.get("prefix_store_gb", 20.0))
+    return PrefixStates(model, editor.edited_modules(), device, cfg.prefix_cache_gb, enabled=cfg.prefix_cache,
+                        store_dir=store, store_gb=cfg.get("prefix_store_gb", 20.0))
 
 
-def pre_edit_cache(cfg: DictConfig, model) -> PreEditCache:
-    """Where the pre-edit ES/GS/LS of this validation run are (or will be) cached (cfg.cache_pre_edit)."""
+def pre_edit_scores(cfg: DictConfig, model) -> PreEditScores:
+    """The pre-edit scores of this validation run: read from cache_dir/pre_edit/ or computed and written there
+    (cfg.cache_pre_edit)."""
     mc = OmegaConf.to_container(cfg.model, resolve=True)
     key = pre_edit_key(model=mc, model_device=cfg.model_device, data_path=cfg.data.valid_path,
                        data_format=cfg.data.format, n_edits=cfg.data.n_edits, seed=cfg.seed,
                        score_reduction=cfg.data.get("score_reduction"), generate=cfg.data.get("generate", False),
                        weights_hash=None if mc["name_or_path"] else model_fingerprint(model))
-    return PreEditCache(cfg.cache_dir, key, enabled=cfg.cache_pre_edit)
+    return PreEditScores(cfg.cache_dir, key, enabled=cfg.cache_pre_edit)
 
 
 def validate(cfg: DictConfig, model, editor: Editor, collator: Collator, logger: Logger,
-             pre_edit: PreEditCache, n_valid: int | None = None) -> tuple[list[dict], list[float], list[float]]:
-    """Per validation group of m edits: ES/GS/LS before editing (from `pre_edit` when cached), edit all
+             pre_edit: PreEditScores, n_valid: int | None = None) -> tuple[list[dict], list[float], list[float]]:
+    """Per validation group of m edits: ES/GS/LS before editing (from `pre_edit` when it holds them), edit all
     m at once, after; and each group's edit time in seconds (the shifts alone, not their evaluation)."""
     records = load_records(cfg.data.valid_path, cfg.data.format)
     m, device = cfg.data.n_edits, torch.device(cfg.model_device)
@@ -206,7 +207,7 @@ def validate(cfg: DictConfig, model, editor: Editor, collator: Collator, logger:
                                    dynamic_ncols=True)):
         spent = {"pre": 0.0}
 
-        def measure_before():  # run only when the pre-edit cache lacks group i
+        def measure_before():  # run only when the pre-edit scores lack group i
             scores, spent["pre"] = evaluate(model, group, cfg.model.family, device, editor.prefix, reduction, generate)
             return scores
         pre = dict(pre_edit.get(i, measure_before))
@@ -243,7 +244,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     model, tokenizer = load(cfg)
     collator = Collator(tokenizer, cfg.model.family)
     editor = build_editor(cfg, model, tokenizer=tokenizer)
-    editor.prefix = prefix_cache(cfg, model, editor)
+    editor.prefix = prefix_states(cfg, model, editor)
     config = OmegaConf.to_container(cfg, resolve=True)
     logger = Logger(cfg.logger, cfg.wandb.project, cfg.wandb.mode, config, run_dir)
     # editor.resume (main.py sets it for an interrupted run): continue the meta-training of run_dir/checkpoint.pt
@@ -252,7 +253,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     validating = cfg.max_valid_steps != 0  # 0: meta-training only
     if validating and not training and editor.trainable and cfg.editor.checkpoint:  # one hyper-network per m
         check_trained_m(editor.trained, cfg.data.n_edits, cfg.editor.checkpoint, cfg.editor.allow_other_m)
-    pre_edit = pre_edit_cache(cfg, model) if validating or training and cfg.get("eval_every") else None
+    pre_edit = pre_edit_scores(cfg, model) if validating or training and cfg.get("eval_every") else None
     curve = [c for c in read_curve(run_dir) if c["step"] <= len(done)] if done else []  # a resumed run's so far
 
     def learning_curve_point() -> dict:  # cfg.eval_every: the first cfg.eval_groups validation groups
@@ -278,7 +279,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "generate_time_s": gen_times if cfg.data.get("generate") else None,  # per group: what the generated scores added
         "stats_time_s": editor.stats_time_s,  # MEMIT/EMMET key statistics; 0 when loaded from the cache
         "peak_memory_mb": peak_memory_mb(device),
-        "prefix_cache": editor.prefix.summary(),  # hits, misses, bytes held (model/prefix.py)
+        "prefix_cache": editor.prefix.summary(),  # the prefix states: hits, misses, bytes held (model/prefix.py)
         "environment": started_from(environment, run_environment()),  # the README tables' provenance
     }
     if valid_log and "residual" in valid_log[0]:

@@ -2,7 +2,7 @@
 
 Before editing, the metrics of a validation group depend only on the model, the validation data, the
 tokenizer, m and how the records are grouped (the seed), not on the editor. A sweep over editors,
-ablations or hyper-parameters therefore measures them once: they are cached as JSON under
+ablations or hyper-parameters therefore measures them once: they are stored as JSON under
 cache_dir/pre_edit/<digest of the key>.json, one entry per group index (a longer validation run extends
 the file, a shorter one reads its prefix). The key (`pre_edit_key`) names the data by its bytes' sha256
 and the model by its folder's
@@ -45,9 +45,11 @@ def pre_edit_key(*, model: dict, model_device: str, data_path: str, data_format:
             "n_edits": n_edits, "seed": seed, "torch": torch.__version__}
 
 
-class PreEditCache:
-    """Per-group pre-edit metrics of one key; `computed` and `loaded` count this run's groups of each kind.
-    enabled=False (config cache_pre_edit: false): every group is computed, nothing is read or written."""
+class PreEditScores:
+    """The pre-edit scores of one key: per validation group, its ES/GS/LS before editing (and, with
+    data.generate, its generated scores and greedy continuations), read from and written to one JSON file;
+    `computed` and `loaded` count this run's groups of each kind. enabled=False (config cache_pre_edit:
+    false): every group is computed, nothing is read or written."""
 
     def __init__(self, cache_dir: str | Path, key: dict, enabled: bool = True):
         self.enabled = enabled

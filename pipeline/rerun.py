@@ -13,8 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.registry import FACTS, META_TRAINED
 
 # Keys that say where or how a run computes, not what it computes: a run that differs from a finished one only
-# in these would give its results (threads: the summation order of floats; the caches and the store, the
-# checkpoints' frequency, logging: the same numbers).
+# in these would give its results (threads: the summation order of floats; the pre-edit scores, the prefix states
+# and their store, the checkpoints' frequency, logging: the same numbers).
 NOT_RESULTS = ("threads", "data_dir", "cache_dir", "cache_pre_edit", "prefix_cache", "prefix_cache_gb", "prefix_store",
                "prefix_store_gb", "save_every", "save_every_minutes", "logger", "wandb", "edit", "editor.resume",
                *(f"editor.{k}" for k in FACTS if k != "name"))

@@ -20,11 +20,11 @@ Phases, timed through the editor's phase hooks (Editor.phase, editor/malmen.py):
   validation  pre-edit ES/GS/LS, edit (trace + solves + residual), post-edit ES/GS/LS, total
 Each phase is reported as wall seconds and CPU seconds of this process (CPU time stays stable under load where
 wall time does not). Peak RSS (CPU) or peak allocated memory (GPU) is the whole run's. --prefix-cache:
-  off / on   without / with the cached lower blocks (model/prefix.py); with on, --steps > 1 times several
-             meta-steps on the same group and reports the last (the first fills the cache, as the first epoch
-             does); both (the default) times each m both ways
+  off / on   without / with the prefix states, the lower blocks' outputs held per tuple (model/prefix.py); with
+             on, --steps > 1 times several meta-steps on the same group and reports the last (the first fills the
+             held states, as the first epoch does); both (the default) times each m both ways
   store      a first run against a later one: the first (cold) computes every tuple and fills a disk store (in a
-             temporary folder); the later (warm), a new cache with an empty memory, reads it, as every cell, seed
+             temporary folder); the later (warm), new prefix states with an empty memory, read it, as every cell, seed
              and editor of a grid after the first does (config prefix_store)
   cold, warm one of the two, the store in --store DIR: `--prefix-cache cold --store DIR`, then `--prefix-cache
              warm --store DIR` in another process, gives each its own peak memory
@@ -62,9 +62,9 @@ def arguments() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: the project's default)")
     p.add_argument("--batch-size", type=int, default=64, help="LM batch (tuples), as data/zsre.yaml")
     p.add_argument("--steps", type=int, default=2, help="meta-steps timed on one group; the last is reported (with "
-                   "the prefix cache: the first fills it, as epoch 1 does, the last reads it, as later epochs do)")
+                   "the prefix states: the first fills them, as epoch 1 does, the last reads them, as later epochs do)")
     p.add_argument("--prefix-cache", choices=("both", "on", "off", "store", "cold", "warm"), default="both",
-                   help="time without and/or with the cached lower blocks (model/prefix.py); store: a first run's "
+                   help="time without and/or with the prefix states (model/prefix.py); store: a first run's "
                    "meta-step and validation group (cold: every tuple computed, the disk store filled) against a "
                    "later run's (a new process: memory empty, the store warm); cold, warm: one of the two, with --store")
     p.add_argument("--store", type=Path, help="the disk store's folder for --prefix-cache cold or warm (run cold, then "
@@ -103,7 +103,7 @@ from data.groups import edit_groups  # noqa: E402
 from data.records import load_records  # noqa: E402
 from editor.base import apply_shifts  # noqa: E402
 from model.load import load_model  # noqa: E402
-from model.prefix import PrefixCache  # noqa: E402
+from model.prefix import PrefixStates  # noqa: E402
 from pipeline import experiment  # noqa: E402
 from pipeline.report import markdown_table  # noqa: E402
 from util import atomic_write, peak_memory_mb, seed_everything  # noqa: E402
@@ -195,17 +195,18 @@ def meta_row(timer: Timer) -> dict:
 
 
 def run(args, m: int, mode: str, store_dir: Path | None = None) -> dict:
-    """One meta-step and one validation group at m. mode: off (no cache), on (--steps steps, the last timed:
-    the memory cache filled by the ones before), cold (a first run: every tuple computed, the disk store at
-    `store_dir` filled) or warm (a later run: a new cache, memory empty, the store filled by cold)."""
+    """One meta-step and one validation group at m. mode: off (no prefix states), on (--steps steps, the last
+    timed: the states in memory filled by the ones before), cold (a first run: every tuple computed, the disk
+    store at `store_dir` filled) or warm (a later run: new prefix states, memory empty, the store filled by
+    cold)."""
     seed_everything(0)
     device = torch.device(args.device)
     cfg, model, tok = build_model(args.model, args.tokenizer, args.device, args.editor)
     editor = experiment.build_editor(cfg, model)
     stored = mode in ("cold", "warm")  # the meta-step's store and the validation group's: filled by cold
-    new_cache = lambda part: PrefixCache(model, editor.edited_modules(), device, enabled=mode != "off",  # noqa: E731
-                                         store_dir=store_dir / part if stored else None)
-    editor.prefix = new_cache("train")
+    new_states = lambda part: PrefixStates(model, editor.edited_modules(), device, enabled=mode != "off",  # noqa: E731
+                                           store_dir=store_dir / part if stored else None)
+    editor.prefix = new_states("train")
     records = load_records(args.data, args.format)
     collator = Collator(tok, cfg.model.family)
     group = next(iter(edit_groups(records[:m], m, args.batch_size, collator, seed=0, shuffle=False,
@@ -219,9 +220,9 @@ def run(args, m: int, mode: str, store_dir: Path | None = None) -> dict:
     timer.reset()
     family = cfg.model.family
     trained = editor.prefix.summary()
-    # a validation group: records not seen before (off, on, cold: an empty cache, filled by the pre-edit
-    # metrics) or seen by an earlier run (warm: a new cache that reads the store)
-    editor.prefix = new_cache("valid")
+    # a validation group: records not seen before (off, on, cold: no states held, filled by the pre-edit
+    # metrics) or seen by an earlier run (warm: new prefix states that read the store)
+    editor.prefix = new_states("valid")
     pre = timer.phase("pre-edit metrics", experiment.evaluate, model, group, family, device, editor.prefix)[0]
     shifts = timer.phase("edit", editor.edit, group.edit)
     with apply_shifts(model, shifts, editor.label):
@@ -288,7 +289,7 @@ def environment(args) -> str:
 def table(results: list[dict], args, env: str, gflops: float) -> str:
     phases_ = list(results[0]["phases"])
     weights = "random weights" if args.model in ("gpt2", "gpt-j") or args.model.startswith("tiny-") else "its weights"
-    name = {"off": "cache off", "on": "cache on", "cold": "first run (store cold)", "warm": "later run (store warm)"}
+    name = {"off": "prefix states off", "on": "prefix states on", "cold": "first run (store cold)", "warm": "later run (store warm)"}
     head = ["phase", *(h for r in results for h in (f"m = {r['m']}, {name[r['mode']]}: wall s", "CPU s"))]
     body = [[p, *(f"{v:.2f}" for r in results for v in r["phases"][p])] for p in phases_]
     body.append(["peak memory (GiB)", *(c for r in results for c in (f"{r['peak_mb'] / 1024:.2f}", ""))])
@@ -299,10 +300,11 @@ def table(results: list[dict], args, env: str, gflops: float) -> str:
                      *(c for r in results for c in (f"{r['floor']['flops'] / 1e9 / gflops:.2f}", ""))])
     lines = [f"**{args.editor.upper()}, model {args.model} ({weights}), device {args.device}, LM batch {args.batch_size}**",
              "", *markdown_table(head, body, right=True)]
-    notes = ("cache on: the meta-step is the last of --steps on one group, its lower blocks cached by the steps before. "
+    notes = ("prefix states on: the meta-step is the last of --steps on one group, from the lower blocks' states the "
+             "steps before held. "
              "first run / later run: the first run's meta-step computes every tuple and fills the disk store; the later "
-             "run's (a new cache, memory empty) reads it, as every cell, seed and editor of a grid after the first does. "
-             "The validation group starts from an empty memory cache (later run: the store warm). solve: factoring and "
+             "run's (new prefix states, memory empty) reads it, as every cell, seed and editor of a grid after the first does. "
+             "The validation group starts with no states in memory (later run: the store warm). solve: factoring and "
              "S* without the hyper-network; stage 1 backward: stage 1 less the edited forward and the KL reference. "
              "The floor: the LM matmuls from the first edited block up, at the measured rate of a float32 matmul of an "
              "FFN's shape (flop_floor). Peak memory is the process's, the largest so far.")

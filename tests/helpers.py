@@ -20,7 +20,7 @@ from data.collate import Collator
 from data.groups import edit_groups
 from data.records import EditRecord, read_objects
 from model.load import load_model
-from model.prefix import PrefixCache
+from model.prefix import PrefixStates
 from pipeline.experiment import build_editor, load
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -372,12 +372,12 @@ def max_rel_err(got: dict, ref: dict) -> float:
 
 
 def twins(model_name: str, data: str, editor_name: str):
-    """Two float64 editors with the same perturbed hyper-network, one with the prefix cache, one without."""
+    """Two float64 editors with the same perturbed hyper-network, one running from prefix states, one without."""
     cfg, model, editor, group = float64_setup(model_name, data, editor_name, m=6, lm_batch=4, editor_batch=5)
-    cached = build_editor(cfg, model, dtype=torch.float64)
-    cached.load_state_dict(editor.state_dict())
-    cached.prefix = PrefixCache(model, cached.edited_modules())
-    return cfg, model, editor, cached, group
+    prefixed = build_editor(cfg, model, dtype=torch.float64)
+    prefixed.load_state_dict(editor.state_dict())
+    prefixed.prefix = PrefixStates(model, prefixed.edited_modules())
+    return cfg, model, editor, prefixed, group
 
 
 def meta_grads(editor, group, end_to_end: bool) -> dict:

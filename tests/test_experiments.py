@@ -343,8 +343,8 @@ def test_speed_benchmark_runs_offline_on_a_tiny_model(tmp_path):
 
 
 def test_speed_benchmark_times_a_later_run_from_the_warm_store(tmp_path):
-    """--prefix-cache store: the first run computes every tuple and fills the disk store, the later one (a new
-    cache) reads every tuple from it; each meta-step phase and the FLOP floor are reported."""
+    """--prefix-cache store: the first run computes every tuple and fills the disk store, the later one (new
+    prefix states) reads every tuple from it; each meta-step phase and the FLOP floor are reported."""
     data = write_records(tmp_path / "zsre.json", qa_records(8), "zsre")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "scripts/benchmark.py", "--data", str(data), "--model", "tiny-llama",

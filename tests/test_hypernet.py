@@ -1,5 +1,6 @@
 """The hyper-network as the runs behind the paper's numbers built it (methods.md, "Where the paper
-is silent"): block h + s * max(0, h A B + c) + t, one input normaliser per weight shape."""
+is silent"): block h + s * max(0, h A B + c) + t, one input normaliser per weight shape; checkpoints written
+before its per-layer offset t was renamed (from `shift`) still load."""
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -18,7 +19,7 @@ def test_block_matches_a_hand_computation():
         net.B[0] = torch.tensor([[1.0, 0.0, -1.0], [0.0, 2.0, 1.0]])  # (r, d)
         net.c[0] = torch.tensor([0.5, -1.0, 0.0])
         net.scale[0, 0] = torch.tensor([2.0, 1.0, 1.0])
-        net.shift[0, 0] = torch.tensor([0.1, 0.2, 0.3])
+        net.offset[0, 0] = torch.tensor([0.1, 0.2, 0.3])
     # h = (1, -2, 0.5): h A = (1.5, -1.5); h A B + c = (2, -4, -3); max(0, .) = (2, 0, 0);
     # h + s * (2, 0, 0) + t = (1 + 4 + 0.1, -2 + 0.2, 0.5 + 0.3)
     key, grad = net(torch.tensor([[1.0, -2.0]]), torch.tensor([[0.5]]), layer=0)
@@ -36,6 +37,23 @@ def test_initial_block_is_the_identity_and_b_learns_from_the_first_step():
     (pk.sum() + (pg ** 2).sum()).backward()
     assert net.B.grad.abs().sum() > 0  # max(0, .) passes the gradient at exactly 0; relu would not
     assert net.c.grad.abs().sum() > 0
+
+
+def test_a_state_dict_with_the_old_name_of_the_offset_loads_with_the_same_outputs():
+    torch.manual_seed(0)
+    net = HyperNet(d_in=5, d_out=3, n_layers=2, rank=4, n_blocks=2, lr_init=1e-3, lambda_init=1.0)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p))  # every block away from the identity, the offset t included
+    net.norm.update(torch.randn(10, 8))
+    old = {("shift" if k == "offset" else k): v.clone() for k, v in net.state_dict().items()}  # as written before
+    assert "shift" in old and "offset" not in old
+    loaded = HyperNet(d_in=5, d_out=3, n_layers=2, rank=4, n_blocks=2, lr_init=1e-3, lambda_init=1.0)
+    loaded.load_state_dict(old)  # strict: nothing missing, nothing unexpected
+    keys, grads = torch.randn(6, 5), torch.randn(6, 3)
+    for layer in (0, 1):
+        for got, want in zip(loaded(keys, grads, layer), net(keys, grads, layer)):
+            assert torch.equal(got, want)
 
 
 @pytest.fixture
@@ -67,6 +85,21 @@ def test_validation_and_edits_leave_the_normaliser_alone(trained):
     editor.edit(group.edit)
     editor.edit_group(group)
     assert all(torch.equal(before[k], v) for k, v in editor.net.state_dict().items())
+
+
+def test_a_checkpoint_with_the_old_name_of_the_offset_passes_the_checks_and_loads(trained, tmp_path):
+    """pipeline/checkpoint.py compares a checkpoint's tensors with this run's by name: the old name is read as
+    the new one, and the loaded editor gives the same shifts."""
+    cfg, model, editor, group = trained
+    config = OmegaConf.to_container(cfg, resolve=True)
+    state = {**editor.state_dict(), "config": config}
+    state["net"] = {k.replace(".offset", ".shift"): v for k, v in state["net"].items()}  # as written before
+    save_checkpoint(state, tmp_path / "old.pt")
+    fresh = build_editor(cfg, model)
+    load_editor_checkpoint(tmp_path / "old.pt", fresh, config)
+    assert all(torch.equal(v, fresh.net.state_dict()[k]) for k, v in editor.net.state_dict().items())
+    got = fresh.edit(group.edit)
+    assert all(torch.equal(got[name], shift) for name, shift in editor.edit(group.edit).items())
 
 
 def test_checkpoints_with_per_layer_statistics_are_refused(trained, tmp_path):

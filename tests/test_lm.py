@@ -1,5 +1,5 @@
 """Logits only where losses and metrics read them: the same numbers as the full forward pass;
-length-sorted batches; pre-edit metrics cached once."""
+length-sorted batches; pre-edit scores computed once and reused."""
 import json
 
 import pytest
@@ -75,7 +75,7 @@ def test_pre_edit_metrics_are_computed_once_and_reused(tmp_path):
     assert second["pre_edit_source"]["computed"] == 0 and second["pre_edit_source"]["loaded"] == 1
     assert second["pre_edit"] == first["pre_edit"]
     fresh = run(smoke_cfg(tmp_path, "tiny-gpt2", "zsre", "ft", "max_valid_steps=null", "cache_pre_edit=false"),
-                tmp_path / "c")  # measured again: equal to what the cache gave
+                tmp_path / "c")  # measured again: equal to the stored pre-edit scores
     assert fresh["pre_edit_source"]["computed"] == 1 and fresh["pre_edit"] == first["pre_edit"]
     other_seed = run(smoke_cfg(tmp_path, "tiny-gpt2", "zsre", "ft", "max_valid_steps=null", "seed=1"),
                      tmp_path / "d")  # other groups: not reused

@@ -1,5 +1,5 @@
-"""MEMIT/EMMET's target vectors cached per request: a rerun reuses them, whatever the batching; a
-request not in the cache is optimised, and gives the z an uncached run gives; another setting shares nothing."""
+"""MEMIT/EMMET's target vectors stored per request: a rerun reuses them, whatever the batching; a
+request not in the store is optimised, and gives the z a run without a store gives; another setting shares nothing."""
 import torch
 
 from tests.helpers import F64, edited, world_cfg
@@ -14,13 +14,13 @@ def test_rerun_reuses_each_requests_z(world, tmp_path):
     assert again.diagnostics()["targets"]["cache"] == {"hits": 8, "computed": 0}
     assert torch.equal(again.z, first.z) and all(torch.equal(shifts[k], shifts2[k]) for k in shifts)
     plain, _, _, _ = edited(world_cfg(world, tmp_path / "other", "memit", *BASE, "editor.cache_targets=false"))
-    assert plain.target_cache is None
-    assert torch.allclose(plain.z, first.z, rtol=1e-10, atol=1e-12)  # what the cache holds is z
+    assert plain.target_store is None
+    assert torch.allclose(plain.z, first.z, rtol=1e-10, atol=1e-12)  # what the store holds is z
 
 
 def test_an_interrupted_edit_optimises_only_what_is_missing(world, tmp_path):
     first, _, _, _ = edited(world_cfg(world, tmp_path, "emmet", *BASE))
-    files = sorted(first.target_cache.folder.glob("*.pt"))
+    files = sorted(first.target_store.folder.glob("*.pt"))
     assert len(files) == 8
     for f in files[:3]:  # as if the run had stopped before these were written
         f.unlink()

@@ -1,4 +1,4 @@
-"""MEMIT/EMMET's target vectors z, cached per request on disk, so that an interrupted massive edit (one group of
+"""MEMIT/EMMET's target vectors z, stored per request on disk, so that an interrupted massive edit (one group of
 m = 512 takes about an hour on a CPU, most of it in the targets) continues where it stopped.
 
 A request's z does not depend on the other requests it is optimised with (editor/locate.optimise_targets:
@@ -23,9 +23,10 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
-class TargetCache:
-    """cache_dir/memit_targets/<digest of the setting>/<digest of the request>.pt, one file per request;
-    `hits` and `computed` count this editor's requests of each kind."""
+class TargetStore:
+    """The target vectors on disk: per request, its z (d,) and the terms of its optimisation (steps, loss, nll,
+    delta_ratio), one file cache_dir/memit_targets/<digest of the setting>/<digest of the request>.pt;
+    `hits` and `computed` count this editor's requests read from it and optimised."""
 
     def __init__(self, cache_dir: str | Path, setting: dict):
         self.folder = Path(cache_dir) / "memit_targets" / _digest(setting)[:20]
@@ -35,7 +36,7 @@ class TargetCache:
         return self.folder / f"{_digest([request.prompt, request.subject, request.answer])[:32]}.pt"
 
     def get(self, request) -> dict[str, torch.Tensor] | None:
-        """The cached z and terms of `request`, or None (not cached, or unreadable: computed again)."""
+        """The stored z and terms of `request`, or None (not stored, or unreadable: computed again)."""
         path = self.path(request)
         if not path.is_file():
             return None
