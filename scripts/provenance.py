@@ -128,7 +128,7 @@ def provenance(runs: list[Run]) -> str:
     loads = [e["load_1min"] for e in envs if isinstance(e.get("load_1min"), (int, float))]
     dates = sorted(str(e.get("date"))[:10] for e in envs)
     parts = [f"code {code}", " / ".join(machines),
-             (f"load {min(loads):.1f}" + (f"–{max(loads):.1f}" if max(loads) > min(loads) else "")) if loads
+             "load " + "–".join(dict.fromkeys(f"{x:.1f}" for x in (min(loads), max(loads)))) if loads
              else "load not recorded", dates[0] + (f" to {dates[-1]}" if dates[-1] != dates[0] else "")]
     missing = len(runs) - len(envs)
     return "; ".join(parts) + (f"; environment not recorded for {missing} of {len(runs)} runs" if missing else "")
