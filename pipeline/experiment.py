@@ -134,6 +134,15 @@ def mean_metrics(rows: list[dict]) -> dict[str, float] | None:
     return means
 
 
+def check_devices(cfg: DictConfig) -> None:
+    """A CUDA device asked for where torch sees none: one line, before any pretraining or loading (not a
+    traceback from deep in torch)."""
+    for key in ("model_device", "editor_device"):
+        if str(cfg.get(key) or "cpu").startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"{key}={cfg.get(key)}, but torch sees no CUDA GPU here (torch {torch.__version__}): "
+                             f"run on a machine with one, or with {key}=cpu")
+
+
 def materialize(cfg: DictConfig, facts: list[EditRecord] | None = None) -> None:
     """Generate the synthetic world and pretrain the toy LM when the config asks for them (cached).
     `facts` (mode=edit): refused before the pretraining if the toy LM's vocabulary lacks their words."""
@@ -234,6 +243,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     validation, and results carry no final or pre-edit metrics (None)."""
     start, cpu_start = time.time(), time.process_time()
     check_config(cfg)
+    check_devices(cfg)
     environment = run_environment()  # its commit: the code this run imports (results.json names it)
     set_threads(cfg.threads)  # before the toy LM's pretraining, whose weights depend on it
     materialize(cfg)
@@ -300,6 +310,7 @@ def run_edit(cfg: DictConfig, run_dir: Path, facts: list[EditRecord] | None = No
     if facts is None:
         check_config(cfg)
         facts = check_edit(cfg, run_dir)
+    check_devices(cfg)
     set_threads(cfg.threads)
     out_dir = Path(cfg.edit.out_dir or run_dir / "edited")
     materialize(cfg, facts)

@@ -133,7 +133,8 @@ def render(rows: list[dict], about: dict, times: bool, link: str | None = None) 
              *([secs(r["wall_s"]), secs(r["cpu_s"])] if times else [])] for r in rows]
     spread = "over seeds" if about["spread"] == "seeds" else "over the validation groups of every seed"
     lines = [f"{about['setting']}, mean (std {spread}; before editing: over seeds):", "", *markdown_table(head, body),
-             "", f"Command: `{about['command']}`" + (f", per row: {about['per_row']} (summary.csv: command)"
+             "", "Command: " + (f"first `{about['prepare']}`, then " if about.get("prepare") else "")
+             + f"`{about['command']}`" + (f", per row: {about['per_row']} (summary.csv: command)"
                                                     if about.get("per_row") else "")
              + (f" ({about['placeholders']})" if about.get("placeholders") else "") + ".", f"Provenance: {about['provenance']}." + (f" Data and each row's command: [{link}]({link})." if link
                                                             else "")]
@@ -147,7 +148,7 @@ def save(name: str, rows: list[dict], about: dict) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     fields = ["m", "row", "count", "seeds"] + [f"{k}{s}" for k in about["columns"] for s in ("", "_std")]
     fields += ["wall_s", "cpu_s", "command"]
-    num = lambda v, d=4: "" if v is None else ("nan" if not math.isfinite(v) else round(v, d))  # noqa: E731
+    num = lambda v, d=6: "" if v is None else ("nan" if not math.isfinite(v) else round(v, d))  # noqa: E731
     with open(folder / "summary.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, lineterminator="\n")
         writer.writeheader()
@@ -249,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the std in parentheses: over seeds (default), or over every validation group of every seed")
     t.add_argument("--times", action="store_true", help="add each row's wall and CPU seconds per run")
     t.add_argument("--made-by", metavar="CMD", help="the command that writes DIR, e.g. 'OUT=DIR scripts/real_lm.sh'")
+    t.add_argument("--prepare", metavar="CMD", help="the command that makes what the rows load (a meta-trained "
+                                                    "network), shown before the table's command")
     t.add_argument("--save", metavar="NAME", help="write the table to results/NAME (summary.csv, about.yaml)")
     r.add_argument("names", nargs="*", metavar="NAME", help="default: every results/NAME whose block the file has")
     for p in (t, r):
@@ -286,7 +289,9 @@ def main(argv: list[str] | None = None) -> int:
         rows, about = build_rows(runs, args.by, args.spread)
         commands = [r["command"] for r in rows if r["command"]]
         about["command"], about["per_row"] = (args.made_by, "") if args.made_by else one_command(commands)
-        text = " ".join(commands + [about["command"]])
+        if args.prepare:
+            about["prepare"] = args.prepare
+        text = " ".join(commands + [about["command"], args.prepare or ""])
         about["placeholders"] = "; ".join(
             ([f"DIR: the folder that `{args.made_by}` writes" if args.made_by else
               "DIR: the folder holding the runs and the files their commands name"] if "=DIR" in text else [])

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The paper's pipeline on a real pretrained LM (README "A real pretrained LM"): SmolLM2-135M on zsRE, on a CPU.
+# The paper's pipeline on a real pretrained LM (docs/experiments.md, "A real pretrained LM"): SmolLM2-135M on zsRE, on a CPU.
 #   1. split (once): the first N_TRAIN records of DATA -> train.json, the next N_VALID -> valid.json, disjoint
 #      (scripts/split_records.py; split.json records the source's sha256 and every index)
 #   2. the grid of config/experiment/real_lm_zsre.yaml at each m of M, each cell its own run directory

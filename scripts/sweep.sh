@@ -12,7 +12,16 @@
 # OUT [multirun/NAME/<date>]: rerun with the same OUT, the grid keeps its finished runs and resumes the
 # interrupted ones (main.py).
 set -uo pipefail; cd "$(dirname "$0")/.."
-name=${1:?usage: scripts/sweep.sh NAME [overrides ...] (NAME: config/experiment/NAME.yaml, table1 or fig9_memory)}
+usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }  # the header above
+case ${1:-} in
+  -h|--help) usage; exit 0;;
+  ""|-*) usage >&2; echo "error: give the result's NAME first" >&2; exit 2;;
+esac
+name=$1
+if [[ ! " table1 fig9_memory " == *" $name "* && ! -f config/experiment/$name.yaml ]]; then
+  echo "error: no result $name: choose table1, fig9_memory or one of $(ls config/experiment | sed 's/\.yaml$//' | tr '\n' ' ')" >&2
+  exit 2
+fi
 shift; dir=${OUT:-multirun/$name/$(date +%Y-%m-%d_%H-%M-%S)}; status=0
 sweep() { python main.py -m "$@" || status=$?; }
 bert=(); [ -z "${BERT_CHECKPOINT:-}" ] || bert=(model.checkpoint="$BERT_CHECKPOINT")

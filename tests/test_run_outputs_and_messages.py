@@ -140,6 +140,14 @@ def test_refused_cli_run_leaves_no_run_directory(tmp_path):
     assert not (tmp_path / "run").exists()  # no folder holding only .hydra/ and an empty log
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_a_cuda_device_without_a_gpu_is_one_line_before_any_pretraining(tmp_path):
+    code, err = cli(tmp_path, "experiment=toy", "model_device=cuda", f"cache_dir={tmp_path / 'cache'}")
+    assert code == 2 and err.count("\n") == 1 and "model_device=cuda, but torch sees no CUDA GPU here" in err, err
+    assert not (tmp_path / "cache").exists()  # the toy LM was not pretrained first
+    assert not (tmp_path / "run").exists()
+
+
 def test_ctrl_c_before_the_first_checkpoint_offers_no_resume(tmp_path):
     """SIGINT once meta-training has started, long before its first checkpoint (step 100000)."""
     cfg = train_cfg(tmp_path)
