@@ -29,6 +29,7 @@ import csv
 import math
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.report import markdown_table  # noqa: E402
 from scripts.provenance import command, one_command, out_dir, provenance  # noqa: E402
 from scripts.runs import (COUNTERFACT, GENERATED, METRICS, AggregateError, Run, find_runs, label, mean_std,  # noqa: E402
-                          row_order, summarize)
+                          row_order, summarize, write_csv)
 from util import atomic_write  # noqa: E402
 
 BEFORE = "before editing"
@@ -56,7 +57,6 @@ def _get(config: dict, dotted: str):
 def read_runs(dirs: list[Path], by: list[str]) -> list[Run]:
     """Every run under dirs (each once), its `result` replaced by the values of the `by` keys, so that a run of
     `python main.py` and the same setting in a sweep fall in one row."""
-    from dataclasses import replace
     paths = {}
     for d in dirs:
         for run in find_runs(d):
@@ -146,17 +146,10 @@ def save(name: str, rows: list[dict], about: dict) -> Path:
     """results/NAME/summary.csv and about.yaml."""
     folder = RESULTS / name
     folder.mkdir(parents=True, exist_ok=True)
-    fields = ["m", "row", "count", "seeds"] + [f"{k}{s}" for k in about["columns"] for s in ("", "_std")]
-    fields += ["wall_s", "cpu_s", "command"]
-    num = lambda v, d=6: "" if v is None else ("nan" if not math.isfinite(v) else round(v, d))  # noqa: E731
-    with open(folder / "summary.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, lineterminator="\n")
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({"m": r["m"], "row": r["row"], "count": r["count"], "seeds": r["seeds"],
-                             **{f"{k}{s}": num(r["cells"][k][i]) for k in about["columns"]
-                                for i, s in ((0, ""), (1, "_std"))},
-                             "wall_s": num(r["wall_s"], 0), "cpu_s": num(r["cpu_s"], 0), "command": r["command"]})
+    write_csv([{"m": r["m"], "row": r["row"], "count": r["count"], "seeds": r["seeds"],
+                **{f"{k}{s}": r["cells"][k][i] for k in about["columns"] for i, s in ((0, ""), (1, "_std"))},
+                "wall_s": r["wall_s"], "cpu_s": r["cpu_s"], "command": r["command"]} for r in rows],
+              folder / "summary.csv", digits=6)
     atomic_write(folder / "about.yaml", yaml.safe_dump(about, sort_keys=False, allow_unicode=True, width=1000))
     return folder
 

@@ -157,11 +157,11 @@ def long_table(runs: list[Run]) -> list[dict]:
     return records
 
 
-def levels_before(records: list[dict], tol: float = 1e-6) -> dict[tuple, dict[str, tuple[float, float, int]]]:
+def levels_before(records: list[dict], tol: float = 1e-6) -> dict[tuple, dict[str, tuple[float, float]]]:
     """The one rule for "before editing": per setting (result, model, data, m), each metric's level as (mean, std
     over seeds, seeds). The runs of one seed edit the same validation groups, so their levels must agree (within
     `tol`): runs that disagree are refused (AggregateError naming both); a setting's level is the mean over its
-    seeds. A metric some run of the setting lacks has no level."""
+    seeds, with its std over them. A metric some run of the setting lacks has no level."""
     per_seed: dict[tuple, dict[str, dict[int, tuple[float, Run]]]] = {}
     runs: dict[tuple, set] = {}  # setting -> its runs' paths
     having: dict[tuple, set] = {}  # (setting, metric) -> the paths of the runs with a level of it
@@ -180,7 +180,7 @@ def levels_before(records: list[dict], tol: float = 1e-6) -> dict[tuple, dict[st
                                  "groups (another max_valid_steps or validation file) or measured them otherwise; put "
                                  "them in separate tables")
         seen.setdefault(r.seed, (rec["value"], r))
-    return {setting: {k: (float(np.mean([v for v, _ in s.values()])), float(np.std([v for v, _ in s.values()])), len(s))
+    return {setting: {k: (float(np.mean([v for v, _ in s.values()])), float(np.std([v for v, _ in s.values()])))
                       for k, s in metrics.items() if having[setting, k] == runs[setting]}  # every run has it
             for setting, metrics in per_seed.items()}
 
@@ -225,7 +225,7 @@ def summarize(runs: list[Run], spread: str = "seeds") -> list[dict]:
         row["n_groups"] = sum(r.n_groups for r in group) if all(r.groups for r in group) else None
         level = before.get(key[:3] + (key[5],), {})
         for stat in SCORES:
-            row[f"pre_{stat}_mean"], row[f"pre_{stat}_std"] = level.get(stat, (None, None, 0))[:2]
+            row[f"pre_{stat}_mean"], row[f"pre_{stat}_std"] = level.get(stat, (None, None))
         rows.append(row)
     return rows
 
@@ -237,12 +237,13 @@ def _rounded(value, digits: int = 4):
     return value
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
-    """summary.csv, rounded for reading; absent stats (the residual of editors without one) are empty cells."""
+def write_csv(rows: list[dict], path: Path, digits: int = 4) -> None:
+    """A summary CSV, rounded to `digits` decimals for reading; absent stats (the residual of editors without one)
+    are empty cells."""
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
         writer.writeheader()
-        writer.writerows({k: _rounded(v) for k, v in row.items()} for row in rows)
+        writer.writerows({k: _rounded(v, digits) for k, v in row.items()} for row in rows)
 
 
 # ----- naming and printing rows -----------------------------------------------------------------------------------
